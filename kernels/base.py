@@ -1,0 +1,125 @@
+"""The operator interface: what the substitute pass puts where softmax attention was.
+
+An operator is an `nn.Module` built from a matched site with `Op.from_site(site, **params)`. The converted
+graph calls it as `op(**inputs)` with the site's bound values (see `Operator.inputs`) and gets back a
+tensor shaped like the attention output it replaces, `[batch, num_heads, seq, v_head_dim]`.
+
+Every operator has three forms over the same math:
+- `naive(**inputs)`: the plainest correct form (quadratic or token-by-token); the test oracle.
+- `chunked(**inputs, state=None) -> (out, state)`: linear in T, for training and prefill.
+- `step(state, **inputs_at_one_position) -> (out, state)` with `init_state(batch, dtype, device)`: decode.
+`forward` is `chunked` without the state.
+
+Inputs an operator can ask for (names of site bindings; shapes `[B, heads, T, dim]` unless said):
+    q, k, v          as fed to softmax attention (after RoPE; k/v may already be repeated for GQA)
+    k_kv, v_kv       k and v before the GQA repeat (num_kv_heads heads)
+    q_pre_rope       q before rotary embedding
+    k_pre_rope       k before rotary embedding (num_kv_heads heads)
+    mask             the attention mask the site received (bool or additive)
+    hidden           the attention block's input hidden states `[B, T, d_model]`
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lincompile.errors import MatchError
+
+# When a site lacks a binding, the operator may use another one instead; the report notes it.
+FALLBACKS = {
+    "q_pre_rope": ("q", "no rotary embedding found at this site: using q as is"),
+    "k_pre_rope": ("k_kv", "no rotary embedding found at this site: using k as is"),
+    "k_kv": ("k", None),
+    "v_kv": ("v", None),
+}
+
+
+class Operator(nn.Module):
+    """Base class: subclasses set `name`, `params` (defaults), `inputs` and implement the three forms."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}  # spec `params:` are checked against these defaults
+    inputs: ClassVar[tuple[str, ...]] = ("q", "k", "v")
+    optional_inputs: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, v_head_dim: int | None = None,
+                 scale: float | None = None, **params):
+        super().__init__()
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise TypeError(f"{self.name}: unknown params {sorted(unknown)}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.config = {**self.params, **params}
+        self.notes: list[str] = []
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def bind(cls, site) -> tuple[dict[str, str], list[str]]:
+        """Map each input this operator needs to a binding the site has (with fallbacks and notes)."""
+        mapping, notes = {}, []
+        for name in cls.inputs + cls.optional_inputs:
+            source, note = name, None
+            while source not in site.bindings and source in FALLBACKS:
+                source, fallback_note = FALLBACKS[source]
+                note = note or fallback_note
+            if source in site.bindings:
+                mapping[name] = source
+                if note:
+                    notes.append(note)
+            elif name in cls.inputs:
+                raise MatchError(f'op "{cls.name}" needs "{name}", which was not found at site {site.module} '
+                                 f"(found: {', '.join(sorted(site.bindings))})")
+        return mapping, notes
+
+    @classmethod
+    def from_site(cls, site, **params) -> "Operator":
+        """Build the operator for a matched site, initialised from what the site knows."""
+        a = site.attrs
+        op = cls(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
+                 v_head_dim=a.get("v_head_dim"), scale=a.get("scale"), **params)
+        op.init_from_site(site)
+        return op
+
+    def init_from_site(self, site) -> None:
+        """Hook for operators that initialise new parameters from the site's weights."""
+
+    def extra_repr(self) -> str:
+        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
+        return f"heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}" + (f", {cfg}" if cfg else "")
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.chunked(**inputs)[0]
+
+    def naive(self, **inputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def chunked(self, state=None, **inputs):
+        raise NotImplementedError
+
+    def init_state(self, batch: int, dtype=torch.float32, device=None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, state, **inputs):
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------
+    def expand_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """Repeat kv heads up to the query heads (head h reads kv head h // group), as GQA does."""
+        return repeat_heads(x, self.num_heads)
+
+
+def repeat_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    h = x.shape[1]
+    if h == num_heads:
+        return x
+    if num_heads % h:
+        raise ValueError(f"cannot repeat {h} kv heads to {num_heads} query heads")
+    return x.repeat_interleave(num_heads // h, dim=1)

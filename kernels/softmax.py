@@ -1,0 +1,73 @@
+"""`softmax`: softmax attention re-implemented through the operator machinery (the identity conversion).
+
+    o = softmax(scale · q kᵀ [→ softcap] + mask) v
+
+Converting every site with `softmax` must reproduce the original logits (fp32, max abs ≤ 1e-5): it proves
+that capture, match, substitute and emit lose nothing. Uses the site's q, k, v, mask as fed to attention,
+and its scale / logit softcap. The `step` form keeps a full KV cache, so hybrid models that keep softmax
+layers can decode too (state grows with T: that is what the other operators remove).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Operator, repeat_heads
+from .registry import register
+
+
+@register
+class Softmax(Operator):
+    name = "softmax"
+    summary = "softmax attention as the original computes it (identity conversion, full KV cache)"
+    inputs = ("q", "k", "v")
+    optional_inputs = ("mask",)
+
+    def __init__(self, *args, softcap: float | None = None, is_causal: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.softcap = softcap
+        self.is_causal = is_causal
+
+    @classmethod
+    def from_site(cls, site, **params):
+        a = site.attrs
+        return cls(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
+                   v_head_dim=a.get("v_head_dim"), scale=a.get("scale"), softcap=a.get("softcap"),
+                   is_causal=bool(a.get("is_causal", False)), **params)
+
+    def forward(self, q, k, v, mask=None):
+        if self.softcap is None:
+            k, v = repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                                  is_causal=self.is_causal and mask is None)
+        return self.naive(q, k, v, mask)
+
+    def naive(self, q, k, v, mask=None):
+        k, v = repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1])
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        T, S = q.shape[2], k.shape[2]
+        if mask is None and self.is_causal:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return (scores.float().softmax(-1).to(q.dtype)) @ v
+
+    def chunked(self, q, k, v, mask=None, state=None):
+        if state is not None:
+            k = torch.cat([state["k"].to(k.dtype), k], dim=2)
+            v = torch.cat([state["v"].to(v.dtype), v], dim=2)
+            if mask is None:
+                T, S = q.shape[2], k.shape[2]
+                mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        return self.naive(q, k, v, mask), {"k": k, "v": v}
+
+    def init_state(self, batch, dtype=torch.float32, device=None):
+        return {"k": torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=dtype, device=device),
+                "v": torch.zeros(batch, self.num_kv_heads, 0, self.v_head_dim, dtype=dtype, device=device)}
+
+    def step(self, state, q, k, v, mask=None):
+        out, state = self.chunked(q[:, :, None], k[:, :, None], v[:, :, None], state=state)
+        return out[:, :, 0], state

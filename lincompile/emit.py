@@ -1,0 +1,137 @@
+"""Emit: write a converted model to a directory atomically, and load it back.
+
+OUT/
+  model.safetensors     every tensor of the converted graph module (operators' new parameters included)
+  spec.yaml             the spec as applied, defaults filled in, versions in the header
+  config.json           the original model's config (architecture to rebuild from)
+  tokenizer files, generation_config.json (when the model has them)
+  report.json / report.md
+  lincompile.json       format version, source model, how it was captured
+
+The directory is written next to its destination under a temporary name and renamed into place, so an
+interrupted run leaves nothing half-written. `load` rebuilds the graph from config + spec (capture, match,
+substitute on a randomly initialised model of the same architecture) and then loads the saved tensors:
+no original weights and no network needed, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .errors import LincompileError, UsageError
+
+FORMAT_VERSION = 1
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _unique_tensors(state: dict) -> dict:
+    """safetensors refuses aliased tensors (tied embeddings): keep one name per storage, record the rest."""
+    out, seen, aliases = {}, {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous()
+    return out, aliases
+
+
+def save(converted, path, overwrite: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists: pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        tensors, aliases = _unique_tensors(converted.graph_module.state_dict())
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lincompile": str(FORMAT_VERSION)})
+        versions = converted.report.get("versions", {})
+        header = "".join(f"# {k} {v}\n" for k, v in versions.items())
+        (tmp / "spec.yaml").write_text(f"# spec as applied by lincompile\n{header}" +
+                                       yaml.safe_dump(converted.spec.resolved(), sort_keys=False), encoding="utf-8")
+        converted.config.to_json_file(str(tmp / "config.json"))
+        if converted.tokenizer is not None:
+            converted.tokenizer.save_pretrained(str(tmp))
+        generation = getattr(converted, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(str(tmp))
+        meta = {"format_version": FORMAT_VERSION, "model": converted.report.get("model"),
+                "attn_implementation": converted.spec.capture.attn_implementation,
+                "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else "float32",
+                "aliases": aliases, "versions": versions}
+        (tmp / "lincompile.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        from .report import render_markdown
+
+        (tmp / "report.json").write_text(json.dumps(converted.report, indent=2, default=str), encoding="utf-8")
+        (tmp / "report.md").write_text(render_markdown(converted.report), encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load(path, allow_code: bool = False, device: str = "cpu"):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from .models import build_from_config
+    from .pipeline import ConvertedModel, convert
+    from .spec import Spec
+
+    root = Path(path)
+    meta_file = root / "lincompile.json"
+    if not meta_file.exists():
+        raise UsageError(f"{root} is not a lincompile output directory (no lincompile.json)")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LincompileError(f"{root}: output format {meta.get('format_version')} is not supported by this version")
+    spec = Spec.from_yaml(root / "spec.yaml")
+    config = AutoConfig.from_pretrained(str(root))
+    model = build_from_config(config, dtype=meta.get("dtype", "float32"), attn_implementation=meta["attn_implementation"])
+    rebuilt = convert(model, spec, allow_code=allow_code, source=meta.get("model"), verify=False)
+    gm = rebuilt.graph_module
+    state = load_file(str(root / "model.safetensors"), device=device)
+    for alias, name in meta.get("aliases", {}).items():
+        state[alias] = state[name]
+    missing, unexpected = gm.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LincompileError(f"{root}/model.safetensors does not fit the rebuilt graph: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    gm.to(device)
+    tokenizer = None
+    if any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(root))
+    report = json.loads((root / "report.json").read_text(encoding="utf-8")) if (root / "report.json").exists() else {}
+    del model
+    return ConvertedModel(gm, spec, rebuilt.sites, config, tokenizer=tokenizer, report=report,
+                          history=rebuilt.history, allow_code=allow_code)

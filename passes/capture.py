@@ -1,0 +1,95 @@
+"""Pass `capture`: the model as a torch.fx graph, via torch.export (non-strict, dynamic batch and length).
+
+`torch.fx.symbolic_trace` cannot trace transformers 5 models; `torch.export.export(strict=False)` can. We
+export the eval-mode model with `use_cache=False` and tensor-only outputs (logits), keep the graph *before*
+`run_decompositions()` (so attention is still one sdpa node or a recognisable eager chain), tag every node
+with its module path and layer index, and check the graph against the eager model on a probe batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from lincompile.errors import CaptureError
+from lincompile.graph import ROOT, layer_index, module_path
+
+
+class CausalLMWrapper(nn.Module):
+    """input_ids -> logits: the function we export (no cache, no dict outputs)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        setattr(self, ROOT, lm)
+
+    def forward(self, input_ids):
+        return getattr(self, ROOT)(input_ids=input_ids, use_cache=False).logits
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    model: nn.Module
+    probe: torch.Tensor
+    reference_logits: torch.Tensor
+    max_abs_diff: float
+    max_seq_len: int
+    notes: list[str] = field(default_factory=list)
+
+
+def probe_ids(vocab_size: int, batch: int, length: int, device="cpu", seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=g).to(device)
+
+
+def set_attn_implementation(model: nn.Module, impl: str) -> str | None:
+    """Switch the model's attention code path; returns a note when it has to fall back to eager."""
+    if getattr(model.config, "_attn_implementation", None) == impl:
+        return None
+    try:
+        model.set_attn_implementation(impl)
+    except (AttributeError, ValueError) as err:
+        if impl != "eager" and "does not support" in str(err):
+            # Some architectures (e.g. with logit softcapping) have no sdpa path: their eager chain is matched.
+            model.set_attn_implementation("eager")
+            return f"{type(model).__name__} has no {impl} attention path: captured with eager"
+        first = str(err).strip().splitlines()[0]
+        raise CaptureError(f'cannot switch the model to attn_implementation "{impl}": {first}') from None
+    return None
+
+
+def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5) -> Captured:
+    """Export `model` and verify the captured graph reproduces its logits on a probe batch."""
+    model.eval()
+    notes = [n for n in [set_attn_implementation(model, cfg.attn_implementation)] if n]
+    config = model.config
+    max_len = cfg.max_seq_len
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and limit > 0:
+        max_len = min(max_len, limit)
+    probe_len = min(cfg.probe_len, max_len)
+    probe = probe_ids(config.vocab_size, cfg.probe_batch, probe_len, device)
+    wrapper = CausalLMWrapper(model).eval()
+    dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=4096),
+                          1: torch.export.Dim("seq", min=2, max=max(max_len, probe_len + 1))}}
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, (probe,), dynamic_shapes=dims, strict=False)
+    except Exception as err:  # torch.export raises many types; the first line is what the user needs
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CaptureError(f"torch.export failed on {type(model).__name__}: {first}") from err
+    gm = program.module()
+    for node in gm.graph.nodes:
+        path = module_path(node)
+        node.meta["lincompile_module"] = path
+        node.meta["lincompile_layer"] = layer_index(path)
+    with torch.no_grad():
+        reference = wrapper(probe)
+        got = gm(probe)
+    diff = (got.float() - reference.float()).abs().max().item()
+    if not diff <= tolerance:
+        raise CaptureError(f"captured graph does not reproduce the model: max abs logit diff {diff:.3g} > {tolerance:g}")
+    return Captured(gm=gm, model=model, probe=probe, reference_logits=reference, max_abs_diff=diff, max_seq_len=max_len,
+                    notes=notes)

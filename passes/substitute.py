@@ -1,0 +1,93 @@
+"""Pass `substitute`: replace each selected site's softmax attention by an operator module.
+
+Each operator is built with `Op.from_site(site, **params)` (initialised from the site's own weights) and
+added to the graph module under `ops.<site module path>`; a `call_module` node takes the site's bound values
+as keyword arguments and replaces every use of the attention output. The matched nodes left without users
+are removed (dropout counts as impure for dead-code elimination, so it is removed explicitly), then the graph
+is linted and recompiled. Layers whose rule says `op: keep` stay softmax (the inter-layer hybrid).
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from lincompile.graph import short_op
+from lincompile.kernels import registry
+
+OPS_ROOT = "ops"
+
+
+def op_class(op_name: str, allow_code: bool = False):
+    if ":" in op_name:
+        return registry.load_user_op(op_name, allow_code)
+    return registry.get(op_name)
+
+
+def submodule_name(site) -> str:
+    return f"{OPS_ROOT}.{site.module}" if site.module else f"{OPS_ROOT}.site_{site.output.name}"
+
+
+def substitute(gm: fx.GraphModule, assignments, allow_code: bool = False) -> dict[str, object]:
+    """Replace sites in place. `assignments`: [(site, rule)]. Returns {submodule name: operator}."""
+    graph = gm.graph
+    added = {}
+    for site, rule in assignments:
+        if rule.op == "keep":
+            site.op = "keep"
+            continue
+        cls = op_class(rule.op, allow_code)
+        mapping, notes = cls.bind(site)
+        op = cls.from_site(site, **rule.params)
+        op.notes.extend(notes)
+        site.notes.extend(n for n in notes if n not in site.notes)
+        name = submodule_name(site)
+        gm.add_submodule(name, op)
+        with graph.inserting_before(site.output):
+            node = graph.call_module(name, kwargs={arg: site.bindings[src] for arg, src in mapping.items()})
+        node.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        node.meta["lincompile_module"] = site.module
+        node.meta["lincompile_layer"] = site.layer
+        node.meta["lincompile_op"] = cls.name
+        site.output.replace_all_uses_with(node)
+        _remove_dead(graph, site.nodes + [site.output])
+        site.op = cls.name
+        site.replacement = node
+        added[name] = op
+    clean_graph(gm)
+    return added
+
+
+def _remove_dead(graph: fx.Graph, nodes) -> None:
+    """Erase matched nodes that no longer have users, consumers first (asserts on them go too)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(set(nodes), key=lambda n: order.get(n, -1), reverse=True):
+        if n not in order:
+            continue
+        for u in list(n.users):
+            if short_op(u) == "_assert_tensor_metadata":
+                graph.erase_node(u)
+        if not n.users:
+            graph.erase_node(n)
+
+
+def clean_graph(gm: fx.GraphModule) -> None:
+    """Dead-code elimination that also drops metadata asserts and dropouts whose values nobody uses."""
+    graph = gm.graph
+    while True:
+        removed = False
+        for n in reversed(list(graph.nodes)):
+            if n.op != "call_function":
+                continue
+            if short_op(n) == "_assert_tensor_metadata":
+                src = n.args[0] if n.args else None
+                if isinstance(src, fx.Node) and all(short_op(u) == "_assert_tensor_metadata" for u in src.users):
+                    graph.erase_node(n)
+                    removed = True
+            elif short_op(n) in ("dropout", "native_dropout") and not n.users:
+                graph.erase_node(n)
+                removed = True
+        removed |= graph.eliminate_dead_code()
+        if not removed:
+            break
+    graph.lint()
+    gm.recompile()

@@ -1,0 +1,1 @@
+"""Built-in specs (installed as `lincompile.specs`, YAML files as package data)."""
