@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from lincompile.errors import UsageError, did_you_mean
 
 _OPS: dict[str, type] = {}
-# Modules holding the built-in operators; imported on first use so `lincompile --help` stays light.
-_BUILTIN_MODULES = ("softmax", "liger_gla", "liger_attention")
+# Every module of this package is imported on first use (operators register themselves on import), so
+# adding an operator is adding a file; `lincompile --help` stays light because nothing is imported before.
 _loaded = False
 
 
@@ -24,8 +25,10 @@ def _load_builtins():
     global _loaded
     if not _loaded:
         _loaded = True
-        for mod in _BUILTIN_MODULES:
-            importlib.import_module(f"lincompile.kernels.{mod}")
+        from lincompile import kernels
+
+        for info in pkgutil.iter_modules(kernels.__path__):
+            importlib.import_module(f"lincompile.kernels.{info.name}")
 
 
 def names() -> list[str]:

@@ -1,15 +1,14 @@
 """User-declared attention patterns ("patterns are data"): validate a spec's `patterns:` and match them.
 
-A pattern is a small dataflow graph of named nodes (each allowing one or more ATen op names), edges between
-them (producer -> consumer, optionally at an argument position), optional nodes (alone or in named groups)
-and named captures (`q`, `k`, `v`, `output`, `mask`, `scale`, `softcap`) read off the matched nodes. The
-syntax reference with a worked example is `specs/PATTERNS.md`.
+A pattern is a small dataflow graph: named nodes (op alternatives, optional alone or in groups), edges
+(producer -> consumer, optionally at an argument position) and captures (q, k, v, output, mask, scale,
+softcap) read off the matched nodes. Reference with a worked example: specs/PATTERNS.md.
 
-Matching: each combination of present/absent optional groups is compiled to a networkx DiGraph (absent nodes
-are bypassed: producer -> consumer), largest first. The captured graph becomes a DiGraph of its
-call_function nodes whose op occurs in the pattern (nothing else can be part of a match). For every node that
-can play the pattern's rarest required node we match only its neighbourhood (the pattern's radius), with
-networkx's DiGraphMatcher (subgraph monomorphism); the first variant whose captures all resolve wins.
+Matching: every combination of present/absent optional groups is compiled to a networkx DiGraph (absent nodes
+bypassed: producer -> consumer), fullest first. The captured graph becomes a DiGraph of the call_function
+nodes whose op occurs in the pattern (nothing else can take part in a match); around each candidate for the
+pattern's rarest required node we run DiGraphMatcher (subgraph monomorphism) on the neighbourhood within the
+pattern's radius only. The first variant whose captures all resolve wins.
 """
 
 from __future__ import annotations
@@ -42,10 +41,9 @@ NODE_CAPTURES = ("output", "q", "k", "v", "mask")  # must resolve to graph nodes
 MAX_OPTIONAL_GROUPS = 6  # 2^6 = 64 variants: more would make matching slow and the pattern hard to read
 MAX_NEAR_MISSES = 10
 IGNORED_OPS = ("_assert_tensor_metadata",)  # side nodes that only check metadata: never part of the dataflow
-# Ops users commonly mean; only for "did you mean" hints (dir(torch.ops.aten) lists just the loaded ones).
-COMMON_OPS = ("matmul", "bmm", "baddbmm", "mul", "div", "add", "sub", "softmax", "_softmax", "_safe_softmax",
-              "to", "_to_copy", "type_as", "dropout", "native_dropout", "transpose", "permute", "tanh", "where",
-              "masked_fill", "scaled_dot_product_attention", "view", "reshape", "expand", "contiguous", "linear")
+# For "did you mean" hints only: dir(torch.ops.aten) lists just the ops loaded so far.
+COMMON_OPS = ("matmul bmm baddbmm mul div add sub softmax _softmax _safe_softmax to _to_copy type_as dropout "
+              "native_dropout transpose permute tanh where masked_fill scaled_dot_product_attention").split()
 
 _NAME = re.compile(r"[A-Za-z_]\w*")
 _ENDPOINT = re.compile(r"\s*([A-Za-z_]\w*)(?:\.args\[(\d+)\])?\s*")
@@ -156,8 +154,8 @@ def _parse_node(name, body, path, loc) -> PNode:
 
 def _check_op(op, path, loc) -> str:
     """Normalise an op name to what graph.short_op reports, rejecting names that can't occur."""
-    if not isinstance(op, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", op) or op.endswith("."):
-        raise loc.error(path, f'op "{op}" must be an op name like "matmul" or "aten.softmax"')
+    if not isinstance(op, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)?", op):
+        raise loc.error(path, f'op "{op}" must be an op name like "matmul" or "aten.softmax" (no overload)')
     ns, _, short = op.rpartition(".")
     if ns in ("", "aten"):
         # ATen names are checked now so typos fail before a model is loaded; operator.* covers getitem & co.
@@ -220,7 +218,7 @@ def _parse_capture(cap, expr, path, loc, nodes):
 
 
 def _required_node(name, path, loc, nodes, what) -> str:
-    if name not in nodes:
+    if not isinstance(name, str) or name not in nodes:
         raise loc.error(path, f'{what}: undefined node "{name}"{did_you_mean(name, nodes)}')
     if nodes[name].group is not None:
         raise loc.error(path, f'{what}: node "{name}" is optional; it must be a required node')
