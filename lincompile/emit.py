@@ -29,12 +29,19 @@ from .errors import LincompileError, UsageError
 FORMAT_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,6 +70,7 @@ def save(converted, path, overwrite: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         tensors, aliases = _unique_tensors(converted.graph_module.state_dict())
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lincompile": str(FORMAT_VERSION)})
         versions = converted.report.get("versions", {})
@@ -84,6 +92,8 @@ def save(converted, path, overwrite: bool = False) -> Path:
 
         (tmp / "report.json").write_text(json.dumps(converted.report, indent=2, default=str), encoding="utf-8")
         (tmp / "report.md").write_text(render_markdown(converted.report), encoding="utf-8")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~_umask())
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -68,8 +68,7 @@ class Pattern:
     variants: list[nx.DiGraph] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------------------------------
-# Validation and compilation (no model needed)
+# Validation and compilation (no model needed) -----------------------------------------------------
 
 
 def validate_pattern(name: str, body, path: tuple, loc: "Located") -> None:
@@ -81,16 +80,14 @@ def compile_pattern(name: str, body, path: tuple, loc: "Located") -> Pattern:
     from .spec import _check_keys, _expect, _type_name
 
     if not isinstance(body, dict):
-        raise loc.error(path, f'pattern "{name}" must be a mapping with nodes, edges and captures, '
-                              f"got {_type_name(body)}")
+        raise loc.error(path, f'pattern "{name}" must be a mapping (nodes, edges, captures), got {_type_name(body)}')
     _check_keys(body, KEYS, path, loc, f'pattern "{name}"')
     _expect(body.get("description", ""), str, path + ("description",), loc, "description")
     if "nodes" not in body:
         raise loc.error(path, f'pattern "{name}" needs "nodes" (name -> {{op: ...}})')
-    raw_nodes = _expect(body["nodes"], dict, path + ("nodes",), loc, "nodes")
-    if not raw_nodes:
+    if not _expect(body["nodes"], dict, path + ("nodes",), loc, "nodes"):
         raise loc.error(path + ("nodes",), "nodes is empty")
-    nodes = {n: _parse_node(n, b, path + ("nodes", n), loc) for n, b in raw_nodes.items()}
+    nodes = {n: _parse_node(n, b, path + ("nodes", n), loc) for n, b in body["nodes"].items()}
     edges = []
     for i, item in enumerate(_expect(body.get("edges", []), list, path + ("edges",), loc, "edges")):
         edges += _parse_edge(item, path + ("edges", i), loc, nodes)
@@ -104,9 +101,8 @@ def compile_pattern(name: str, body, path: tuple, loc: "Located") -> Pattern:
     if missing:
         raise loc.error(path + ("captures",), f'pattern "{name}" does not capture "{missing[0]}" '
                                               f"(required: {', '.join(REQUIRED_CAPTURES)})")
-    pat.anchor = pat.captures["output"][0]
-    if "anchor" in body:
-        pat.anchor = _required_node(body["anchor"], path + ("anchor",), loc, nodes, "anchor")
+    pat.anchor = _node_ref(body["anchor"], path + ("anchor",), loc, nodes, "anchor") if "anchor" in body \
+        else pat.captures["output"][0]
     _compile_variants(pat, path, loc)
     return pat
 
@@ -119,8 +115,7 @@ def _parse_node(name, body, path, loc) -> PNode:
     if isinstance(body, (str, list)):
         body = {"op": body}  # shorthand: `probs: softmax` or `probs: [softmax, _softmax]`
     if not isinstance(body, dict):
-        raise loc.error(path, f'node "{name}" must be an op name, a list of op names or a mapping, '
-                              f"got {_type_name(body)}")
+        raise loc.error(path, f'node "{name}" must be an op, a list of ops or a mapping, got {_type_name(body)}')
     _check_keys(body, NODE_KEYS, path, loc, f'node "{name}"')
     if "op" not in body:
         raise loc.error(path, f'node "{name}" needs "op" (an ATen op name such as matmul, or a list of them)')
@@ -131,13 +126,13 @@ def _parse_node(name, body, path, loc) -> PNode:
            for i, o in enumerate(raw_ops)]
     group = body.get("optional", False)
     if not isinstance(group, (bool, str)) or group == "":
-        raise loc.error(path + ("optional",), "optional must be true/false or a group name (nodes in a group "
-                                              "are present or absent together)")
+        raise loc.error(path + ("optional",), "optional must be true, false or a group name (a group's nodes "
+                                              "come and go together)")
     group = (name if group is True else group) or None
     args = body.get("args", {})
     if not isinstance(args, dict):
-        raise loc.error(path + ("args",), "args must map argument positions to allowed constants, "
-                                          f"like {{1: [-1, 3]}}, got {_type_name(args)}")
+        raise loc.error(path + ("args",), f"args must map argument positions to constants ({{1: [-1, 3]}}), "
+                                          f"got {_type_name(args)}")
     allowed = {}
     for pos, value in args.items():
         if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0:
@@ -146,8 +141,7 @@ def _parse_node(name, body, path, loc) -> PNode:
         values = tuple(value) if isinstance(value, list) else (value,)
         for v in values:
             if not isinstance(v, (int, float, str, bool, type(None))):
-                raise loc.error(path + ("args", pos), f"args[{pos}] must be a constant or a list of constants, "
-                                                      f"got {_type_name(v)}")
+                raise loc.error(path + ("args", pos), f"args[{pos}] must be constants, got {_type_name(v)}")
         allowed[pos] = values
     return PNode(frozenset(ops), group, allowed)
 
@@ -161,8 +155,7 @@ def _check_op(op, path, loc) -> str:
         # ATen names are checked now so typos fail before a model is loaded; operator.* covers getitem & co.
         if not hasattr(torch.ops.aten, short) and not hasattr(operator, short):
             hint = did_you_mean(short, set(COMMON_OPS) | set(dir(torch.ops.aten)))
-            raise loc.error(path, f'op "{op}" is not an ATen op{hint}; use the short name (matmul, softmax, '
-                                  "to, ...) or name its namespace (mylib.my_op)")
+            raise loc.error(path, f'op "{op}" is not an ATen op{hint} (ops of other namespaces: mylib.my_op)')
     return short
 
 
@@ -180,47 +173,36 @@ def _parse_edge(item, path, loc, nodes) -> list[tuple[str, str, int | None]]:
     for j, (part, where) in enumerate(zip(parts, paths)):
         m = _ENDPOINT.fullmatch(part)
         if not m:
-            raise loc.error(where, f'edge endpoint "{part.strip()}" must be a node name, or name.args[i] for '
-                                   "the argument position it consumes at")
+            raise loc.error(where, f'edge endpoint "{part.strip()}" must be a node name or name.args[i]')
         if m.group(1) not in nodes:
-            raise loc.error(where, f'edge names undefined node "{m.group(1)}"{did_you_mean(m.group(1), nodes)}; '
-                                   f"nodes: {', '.join(nodes)}")
+            raise loc.error(where, f'edge names undefined node "{m.group(1)}"{did_you_mean(m.group(1), nodes)}')
         if j == 0 and m.group(2) is not None:
-            raise loc.error(where, f'"{part.strip()}": the first node of an edge produces, it has no argument '
-                                   "position")
+            raise loc.error(where, f'"{part.strip()}": the first node of an edge only produces (no .args[i])')
         ends.append((m.group(1), None if m.group(2) is None else int(m.group(2))))
-    for (a, _), (b, _) in zip(ends, ends[1:]):
-        if a == b:
-            raise loc.error(path, f'edge from "{a}" to itself: patterns are acyclic dataflow')
     return [(a, b, pos) for (a, _), (b, pos) in zip(ends, ends[1:])]
 
 
 def _parse_capture(cap, expr, path, loc, nodes):
     if cap not in CAPTURES:
-        raise loc.error(path, f'unknown capture "{cap}"{did_you_mean(cap, CAPTURES)}; captures: '
-                              f"{', '.join(CAPTURES)}", at_key=True)
+        raise loc.error(path, f'unknown capture "{cap}"{did_you_mean(cap, CAPTURES)}; captures: {", ".join(CAPTURES)}',
+                        at_key=True)
     if cap in ("scale", "softcap") and isinstance(expr, (int, float)) and not isinstance(expr, bool):
         return float(expr)  # a declared constant
-    if not isinstance(expr, str) or not _EXPR.fullmatch(expr.strip()):
-        raise loc.error(path, f'capture {cap}: "{expr}" must be node, node.args[i] or node.kwargs[name] '
-                              f"(chained, as in scores.args[1].args[0])"
-                              + (", or a number" if cap in ("scale", "softcap") else ""))
-    m = _EXPR.fullmatch(expr.strip())
-    node = m.group(1)
-    if node not in nodes:
-        raise loc.error(path, f'capture {cap}: undefined node "{node}"{did_you_mean(node, nodes)}')
+    if not isinstance(expr, str) or not (m := _EXPR.fullmatch(expr.strip())):
+        number = ", or a number" if cap in ("scale", "softcap") else ""
+        raise loc.error(path, f'capture {cap}: "{expr}" must be node, node.args[i] or node.kwargs[name], '
+                              f"chained as in scores.args[1].args[0]{number}")
+    node = _node_ref(m.group(1), path, loc, nodes, f"capture {cap}", required=cap in REQUIRED_CAPTURES)
     steps = tuple((kind, int(key) if kind == "args" else key) for kind, key in _STEP.findall(m.group(2)))
     if cap == "output" and steps:
         raise loc.error(path, f'capture output: "{expr}" must name a pattern node (the attention result)')
-    if cap in REQUIRED_CAPTURES:
-        _required_node(node, path, loc, nodes, f"capture {cap}")
     return node, steps
 
 
-def _required_node(name, path, loc, nodes, what) -> str:
+def _node_ref(name, path, loc, nodes, what, required=True) -> str:
     if not isinstance(name, str) or name not in nodes:
         raise loc.error(path, f'{what}: undefined node "{name}"{did_you_mean(name, nodes)}')
-    if nodes[name].group is not None:
+    if required and nodes[name].group is not None:
         raise loc.error(path, f'{what}: node "{name}" is optional; it must be a required node')
     return name
 
@@ -238,7 +220,8 @@ def _compile_variants(pat: Pattern, path, loc):
     graph = nx.DiGraph((a, b) for a, b, _ in pat.edges)
     graph.add_nodes_from(pat.nodes)
     if not nx.is_directed_acyclic_graph(graph):
-        cycle = " -> ".join(a for a, _ in nx.find_cycle(graph))
+        cycle = [a for a, _ in nx.find_cycle(graph)]
+        cycle = " -> ".join(cycle + cycle[:1])
         raise loc.error(path + ("edges",), f'edges form a cycle ({cycle}): patterns are acyclic dataflow')
     groups = list(dict.fromkeys(n.group for n in pat.nodes.values() if n.group is not None))
     if len(groups) > MAX_OPTIONAL_GROUPS:
@@ -248,13 +231,10 @@ def _compile_variants(pat: Pattern, path, loc):
         gone = {g for g, f in zip(groups, flags) if f}
         absent = [n for n, p in pat.nodes.items() if p.group in gone]
         g = nx.DiGraph()
-        for n, p in pat.nodes.items():
-            if n not in absent:
-                g.add_node(n, name=n, ops=p.ops, args=p.args)
-        for a, b, pos in _rewire(pat.edges, absent):
-            g.add_edge(a, b, args=g.edges[a, b]["args"] if g.has_edge(a, b) else frozenset())
-            if pos is not None:
-                g.edges[a, b]["args"] |= {pos}
+        g.add_nodes_from((n, {"name": n}) for n in pat.nodes if n not in absent)
+        for a, b, pos in _rewire(pat.edges, absent):  # edge attr `args`: positions the consumer must take it at
+            old = g.edges[a, b]["args"] if g.has_edge(a, b) else frozenset()
+            g.add_edge(a, b, args=old | ({pos} if pos is not None else set()))
         if not nx.is_weakly_connected(g):
             parts = " | ".join(", ".join(sorted(c)) for c in nx.weakly_connected_components(g))
             without = f" without optional {', '.join(sorted(absent))}" if absent else ""
@@ -264,79 +244,75 @@ def _compile_variants(pat: Pattern, path, loc):
     pat.variants.sort(key=len, reverse=True)  # stable: more present nodes first, so the fullest match wins
 
 
-# --------------------------------------------------------------------------------------------------
-# Matching
+# Matching -------------------------------------------------------------------------------------------
 
 
-def match_user_pattern(gm: "fx.GraphModule", name: str, body):
-    """All sites of a user pattern in the captured graph, and near misses (anchor op matched, chain broke)."""
+def match_user_pattern(gm: fx.GraphModule, name: str, body):
+    """All sites of a user pattern in the captured graph, and near misses (rarest node matched, chain broke)."""
     from .spec import Located  # spec imports this module
 
     pat = compile_pattern(name, body, ("patterns", name), Located("<spec>"))
     target = _target_graph(gm, frozenset().union(*(p.ops for p in pat.nodes.values())))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    required = [n for n, p in pat.nodes.items() if p.group is None]
-    root = min(required, key=lambda n: sum(1 for t in target if _node_ok(target.nodes[t], pat.nodes[n])))
+    cands = {p: sorted((t for t in target if _node_ok(target.nodes[t], pat.nodes[p])), key=order.get)
+             for p in pat.nodes}
+    root = min((n for n, p in pat.nodes.items() if p.group is None), key=lambda n: len(cands[n]))
     radius = max(max(nx.single_source_shortest_path_length(v.to_undirected(as_view=True), root).values())
                  for v in pat.variants)
     sites, failed, both_ways = {}, {}, target.to_undirected(as_view=True)
-    for cand in sorted((t for t in target if _node_ok(target.nodes[t], pat.nodes[root])), key=order.get):
-        # A view, not nx.ego_graph: that deep-copies node attributes, and ours hold fx nodes (fake tensors).
+    for cand in cands[root]:
+        # A subgraph view, not nx.ego_graph: that deep-copies node attributes, and ours hold fx nodes.
         ego = target.subgraph(nx.single_source_shortest_path_length(both_ways, cand, cutoff=radius))
-        found = None
-        for variant in pat.variants:
-            if not all(any(_node_ok(ego.nodes[t], pat.nodes[p]) for t in ego) for p in variant):
-                continue  # some pattern node has no candidate here: skip the search
-            def node_match(t, p, cand=cand):  # noqa: E306 - binds this candidate to the root
-                return _node_ok(t, pat.nodes[p["name"]]) and (p["name"] != root or t["node"] is cand)
-            matcher = DiGraphMatcher(ego, variant, node_match, lambda t, p: p["args"] <= t["pos"])
-            for mapping in matcher.subgraph_monomorphisms_iter():
-                of = {p: t for t, p in mapping.items()}
-                values, reason = _resolve(pat, of)
-                if reason:
-                    failed.setdefault(of[pat.anchor], reason)
-                    continue
-                found = (of, values)
-                break
-            if found:
-                break
-        if found is None or found[0][pat.captures["output"][0]] in sites:
+        found = _first_match(pat, ego, root, cand, failed)
+        if found is None or found[1]["output"] in sites:
             continue
         of, values = found
-        anchor = of[pat.anchor]
-        path = module_path(anchor) or ""
-        matched = set(of.values())
-        matched |= {u for n in of.values() for u in n.users if short_op(u) in IGNORED_OPS}
+        path = module_path(of[pat.anchor]) or ""
+        matched = set(of.values()) | {u for n in of.values() for u in n.users if short_op(u) in IGNORED_OPS}
         site = Site(module=path, layer=layer_index(path), pattern=name, output=values["output"],
                     nodes=sorted(matched, key=order.get))
         site.bindings.update({k: values[k] for k in ("q", "k", "v", "mask") if k in values})
         site.attrs.update({k: values[k] for k in ("scale", "scale_node", "softcap") if k in values})
         sites[site.output] = site
+    # Near misses: candidates for the rarest node (softmax, typically) left out of every site.
     covered = {n for s in sites.values() for n in s.nodes}
     misses = []
-    for cand in sorted((t for t in target if _node_ok(target.nodes[t], pat.nodes[pat.anchor])), key=order.get):
-        if cand in covered or len(misses) >= MAX_NEAR_MISSES:
-            continue
-        reason = failed.get(cand) or _explain(pat, target, cand)
-        if reason:
+    for cand in cands[root]:
+        reason = None if cand in covered else failed.get(cand) or _explain(pat, target, root, cand)
+        if reason and len(misses) < MAX_NEAR_MISSES:
             misses.append(NearMiss(cand.name, module_path(cand), f'pattern "{name}": {reason}'))
     return sorted(sites.values(), key=lambda s: order[s.output]), misses
+
+
+def _first_match(pat: Pattern, ego: nx.DiGraph, root: str, cand, failed: dict):
+    """(pattern node -> fx node, capture values) for the fullest variant that matches with `root` at `cand`;
+    capture failures are remembered in `failed` (by candidate) for the near-miss report."""
+    def node_match(t, p):
+        return _node_ok(t, pat.nodes[p["name"]]) and (p["name"] != root or t["node"] is cand)
+
+    for variant in pat.variants:
+        if not all(any(_node_ok(ego.nodes[t], pat.nodes[p]) for t in ego) for p in variant):
+            continue  # some pattern node has no candidate here: skip the search
+        matcher = DiGraphMatcher(ego, variant, node_match, lambda t, p: p["args"] <= t["pos"])
+        for mapping in matcher.subgraph_monomorphisms_iter():
+            of = {p: t for t, p in mapping.items()}
+            values, reason = _resolve(pat, of)
+            if reason is None:
+                return of, values
+            failed.setdefault(cand, reason)
+    return None
 
 
 def _target_graph(gm, ops) -> nx.DiGraph:
     """call_function nodes whose op occurs in the pattern; edge attr `pos` = the consumer's arg positions."""
     g = nx.DiGraph()
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and short_op(n) in ops and short_op(n) not in IGNORED_OPS:
-            g.add_node(n, op=short_op(n), node=n)
+    g.add_nodes_from((n, {"op": short_op(n), "node": n}) for n in gm.graph.nodes if n.op == "call_function"
+                     and short_op(n) in ops and short_op(n) not in IGNORED_OPS)
     for n in g:
-        inputs = [(i, a) for i, a in enumerate(n.args)] + list(n.kwargs.items())
-        for pos, a in inputs:
+        for pos, a in list(enumerate(n.args)) + list(n.kwargs.items()):
             for x in (a if isinstance(a, (list, tuple)) else [a]):
                 if isinstance(x, fx.Node) and x in g:
-                    if not g.has_edge(x, n):
-                        g.add_edge(x, n, pos=set())
-                    g.edges[x, n]["pos"].add(pos)
+                    g.add_edge(x, n, pos=g.edges[x, n]["pos"] | {pos} if g.has_edge(x, n) else {pos})
     return g
 
 
@@ -349,13 +325,11 @@ def _node_ok(t: dict, p: PNode) -> bool:
 
 
 def _same(actual, wanted) -> bool:
-    if isinstance(actual, fx.Node):
-        return False
     if isinstance(wanted, bool) or isinstance(actual, bool) or wanted is None:
         return actual is wanted
     if isinstance(wanted, (int, float)):
         return isinstance(actual, (int, float)) and actual == wanted
-    return str(actual) in (wanted, f"torch.{wanted}")  # dtypes and other objects by their printed name
+    return not isinstance(actual, fx.Node) and str(actual) in (wanted, f"torch.{wanted}")  # dtypes by name
 
 
 def _resolve(pat: Pattern, of: dict) -> tuple[dict, str | None]:
@@ -377,9 +351,9 @@ def _resolve(pat: Pattern, of: dict) -> tuple[dict, str | None]:
             if (kind == "args" and key >= len(seq)) or (kind == "kwargs" and key not in seq):
                 return {}, f"capture {cap}: {value.name} ({short_op(value)}) has no {kind}[{key}]"
             value = seq[key]
+        if cap in NODE_CAPTURES and not isinstance(value, fx.Node):
+            return {}, f"capture {cap}: {text} is {value!r}, not a tensor node"
         if cap in NODE_CAPTURES:
-            if not isinstance(value, fx.Node):
-                return {}, f"capture {cap}: {text} is {value!r}, not a tensor node"
             values[cap] = value
             continue
         number = const_value(value)
@@ -396,10 +370,10 @@ def _resolve(pat: Pattern, of: dict) -> tuple[dict, str | None]:
     return values, None
 
 
-def _explain(pat: Pattern, g: nx.DiGraph, cand) -> str | None:
-    """Greedy walk from an anchor candidate along the pattern's edges: where the chain breaks, or None
-    when not even the anchor's neighbours match (an unrelated node with the same op: not worth a report)."""
-    of, used, absent = {pat.anchor: cand}, {cand}, set()
+def _explain(pat: Pattern, g: nx.DiGraph, root: str, cand) -> str | None:
+    """Greedy walk from a root candidate along the pattern's edges: where the chain breaks, or None when not
+    even the root's neighbours match (an unrelated node with the same op: not worth a report)."""
+    of, used, absent = {root: cand}, {cand}, set()
     while True:
         for a, b, pos in _rewire(pat.edges, absent):
             if (a in of) == (b in of):
@@ -414,14 +388,12 @@ def _explain(pat: Pattern, g: nx.DiGraph, cand) -> str | None:
                 used.add(hits[0])
             elif pat.nodes[other].group is not None:
                 absent |= {n for n, p in pat.nodes.items() if p.group == pat.nodes[other].group}
-                for n in absent & set(of) - {pat.anchor}:
+                for n in absent & set(of) - {root}:
                     used.discard(of.pop(n))
             else:
-                if len(of) < 2:
-                    return None
-                ops = "|".join(sorted(pat.nodes[other].ops))
-                how = "consumes" if known == a else "feeds"
-                return f'chain breaks at "{other}": no {ops} node {how} {t.name} (matched as "{known}")'
+                ops, how = "|".join(sorted(pat.nodes[other].ops)), "consumes" if known == a else "feeds"
+                return None if len(of) < 2 else \
+                    f'chain breaks at "{other}": no {ops} node {how} {t.name} (matched as "{known}")'
             break
         else:
             return None if len(of) < 2 else "structure matched in part; argument positions or captures differ"

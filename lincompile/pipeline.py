@@ -39,6 +39,8 @@ def snapshot(gm) -> list[dict]:
                      "target": str(n.target), "module": n.meta.get("lincompile_module", module_path(n)),
                      "layer": n.meta.get("lincompile_layer"),
                      "args": [a.name for a in n.all_input_nodes]})
+        if n.op == "call_module" and "lincompile_op" in n.meta:
+            rows[-1]["opname"] = f"lincompile.{n.meta['lincompile_op']}"
     return rows
 
 
