@@ -53,8 +53,15 @@ class Located:
         return SpecError(message, self.file, line, col)
 
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 def _walk(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, loc: Located):
     loc.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
+        # Only plain data: tags that would build Python objects (or anything else) are refused.
+        raise SpecError(f"invalid YAML: tag {node.tag} is not allowed in a spec", loc.file,
+                        node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:

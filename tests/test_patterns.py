@@ -113,7 +113,7 @@ def test_builtin_custom_pattern_spec_validates():
     assert spec.capture.attn_implementation == "eager"
     assert spec.rules[0].pattern == "eager_attention" and spec.rules[0].op == "liger_attention"
     assert spec.rules[0].params == {"window": 64}
-    assert "user-declared pattern" in builtin_description("custom-pattern")
+    assert builtin_description("custom-pattern").startswith("Custom pattern: eager softmax attention")
 
 
 # --------------------------------------------------------------------------------------------------

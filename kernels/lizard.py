@@ -1,0 +1,165 @@
+"""`lizard`: Lizard attention, gated Hedgehog linear attention plus a sliding window with learned sinks.
+
+Gated branch (no RoPE: pre-rotary q, k), per query head h, with x_t the attention block's input:
+
+    log γ_t = logsigmoid(W_γ[h] · x_t + b_γ[h])                 one scalar gate per head and token
+    S_t = γ_t S_{t−1} + φ_k(k_t) v_tᵀ,   z_t = γ_t z_{t−1} + φ_k(k_t)
+    g_t = φ_q(q_t)ᵀ S_t / max(φ_q(q_t)ᵀ z_t, 1e-6)
+
+Window branch (RoPE'd q, k as fed, the model's scale), over the last w positions and m learned sink
+logits τ_{h,1..m} that have no values (they only take attention mass away, like the attention sinks of
+pretrained models):
+
+    u_t = Σ_{t−w < s ≤ t} exp(scale · q_t·k_s) v_s / [Σ_{t−w < s ≤ t} exp(scale · q_t·k_s) + Σ_j exp(τ_j)]
+
+Output: o_t = g_t + α_h · u_t.
+
+φ_q, φ_k: Hedgehog feature maps (kernels/hedgehog.py), one [D, F] matrix per query head, W = I at init.
+The gate projection is d_model → num_heads (one gate per head rather than the paper's single d_model×1
+column: heads can keep different memory lengths); W_γ starts at 0 and b_γ at logit(γ₀) with γ₀ spread
+evenly over [0.95, 0.99] across heads, so at init every token decays the state by γ₀ (memories of
+~20–100 tokens) and healing learns how the gate depends on the input. Log-gates are clamped at
+kernels/gla.py's LOG_GATE_MIN in every form. Sinks start at τ = 0, α at 1.
+The gated branch runs through kernels/gla.py with the scalar log-gate broadcast over the 2F feature
+channels and v augmented with a ones column, whose output is the normaliser φ_q(q_t)ᵀ z_t.
+Decode state: the [2F, Dv+1] GLA state per query head (fp32) and a w-slot ring of RoPE'd keys/values.
+Shapes: q / q_pre_rope `[B, Hq, T, D]`, k_kv / k_pre_rope / v_kv `[B, Hkv, T, D]`, hidden `[B, T, d_model]`
+-> `[B, Hq, T, Dv]`.
+New parameters: 2 · Hq · D · F (φ) + Hq · d_model + Hq (gate) + Hq · m (sinks) + Hq (α).
+Paper: Van Nguyen et al., "Lizard: An Efficient Linearization Framework for Large Language Models", 2025.
+Bindings: q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lincompile.errors import MatchError
+from lincompile.graph import shape
+
+from .base import Operator
+from .gla import gla_chunked, gla_naive, gla_step
+from .hedgehog import HedgehogFeatureMap
+from .lolcats import feature_dim_of
+from .registry import register
+from .swa import window_mask
+from .swa_sinks import ring_init, ring_push, ring_scores, unblock, window_scores
+
+GATE_INIT = (0.95, 0.99)  # initial per-token decay, spread over the heads
+DEN_MIN = 1e-6  # φ_q·z > 0 always, but can underflow when feature maps saturate on disjoint coordinates
+
+
+@register
+class Lizard(Operator):
+    name = "lizard"
+    summary = "Lizard: gated Hedgehog linear attention (learned per-token gate) + SWA-128 with 4 learned sinks"
+    params = {"window": 128, "num_sinks": 4, "feature_dim": None, "chunk": 64}
+    inputs = ("q", "k_kv", "v_kv", "q_pre_rope", "k_pre_rope", "hidden")
+
+    def __init__(self, *args, hidden_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config["window"] < 1:
+            raise ValueError("window must be at least 1")
+        if self.config["num_sinks"] < 0:
+            raise ValueError("num_sinks must be at least 0")
+        # Without a site (tests, direct use) d_model defaults to num_heads · head_dim, the usual layout.
+        self.hidden_size = hidden_size or self.num_heads * self.head_dim
+        H, F_ = self.num_heads, feature_dim_of(self)
+        self.phi_q = HedgehogFeatureMap(H, self.head_dim, F_)
+        self.phi_k = HedgehogFeatureMap(H, self.head_dim, F_)
+        self.gate_weight = nn.Parameter(torch.empty(H, self.hidden_size))
+        self.gate_bias = nn.Parameter(torch.empty(H))
+        self.sink_logits = nn.Parameter(torch.empty(H, self.config["num_sinks"]))
+        self.alpha = nn.Parameter(torch.empty(H))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.phi_q.reset_parameters()
+        self.phi_k.reset_parameters()
+        with torch.no_grad():
+            g0 = torch.linspace(*GATE_INIT, self.num_heads) if self.num_heads > 1 else torch.tensor([GATE_INIT[0]])
+            self.gate_weight.zero_()
+            self.gate_bias.copy_(torch.log(g0 / (1 - g0)))
+            self.sink_logits.zero_()
+            self.alpha.fill_(1.0)
+
+    @classmethod
+    def from_site(cls, site, **params):
+        hidden = site.bindings.get("hidden")
+        if hidden is None or not shape(hidden):
+            raise MatchError(f'op "{cls.name}" needs "hidden" (the attention input [batch, seq, d_model]) to size '
+                             f"its gate, which was not found at site {site.module}")
+        a = site.attrs
+        op = cls(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
+                 v_head_dim=a.get("v_head_dim"), scale=a.get("scale"), hidden_size=int(shape(hidden)[-1]), **params)
+        op.init_from_site(site)
+        return op
+
+    def init_from_site(self, site):
+        # W_γ = 0 and the rest are constants: nothing is read from the pretrained weights but their device.
+        weight = site.weight("q_proj")
+        if weight is not None:
+            self.to(device=weight.device)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", d_model={self.hidden_size}"
+
+    # ----------------------------------------------------------------------------------------------
+    def gla_inputs(self, q_pre_rope, k_pre_rope, v_kv, hidden):
+        """(φ_q(q), φ_k(k), [v, 1], log γ broadcast over the features), all `[B, Hq, T, ·]` fp32."""
+        fq, fk = self.phi_q(q_pre_rope), self.phi_k(self.expand_kv(k_pre_rope))
+        v = self.expand_kv(v_kv).float()
+        v_aug = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        logit = torch.einsum("b...d,hd->bh...", hidden.float(), self.gate_weight.float())
+        logit = logit + self.gate_bias.float().reshape(1, -1, *([1] * (logit.dim() - 2)))
+        return fq, fk, v_aug, F.logsigmoid(logit)[..., None].expand_as(fk)
+
+    def _mix(self, lin, win):
+        """g + α·u from the GLA output on [v, 1] (numerator, normaliser) and the window branch."""
+        gated = lin[..., :-1] / lin[..., -1:].clamp_min(DEN_MIN)
+        return gated + self.alpha.float().reshape(1, -1, *([1] * (gated.dim() - 2))) * win
+
+    def _with_sinks(self, scores):
+        """Softmax over [window scores, sink logits]; the window's part only (the sinks have no values)."""
+        m = self.config["num_sinks"]
+        sinks = self.sink_logits.float().reshape(1, -1, *([1] * (scores.dim() - 3)), m)
+        sinks = sinks.expand(*scores.shape[:-1], m)
+        return torch.cat([scores, sinks], dim=-1).softmax(-1)[..., :scores.shape[-1]]
+
+    def naive(self, q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden):
+        lin = gla_naive(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden))[0]
+        k, v = self.expand_kv(k_kv).float(), self.expand_kv(v_kv).float()
+        T = q.shape[2]
+        scores = ((q.float() @ k.transpose(-1, -2)) * self.scale).masked_fill(
+            ~window_mask(T, self.config["window"], q.device), float("-inf"))
+        return self._mix(lin, self._with_sinks(scores) @ v).to(q.dtype)
+
+    def init_state(self, batch, dtype=torch.float32, device=None):
+        state = ring_init(batch, self.num_kv_heads, self.config["window"], self.head_dim, self.v_head_dim, dtype,
+                          device)
+        state["gla"] = torch.zeros(batch, self.num_heads, 2 * self.phi_k.feature_dim, self.v_head_dim + 1,
+                                   device=device)
+        return state
+
+    def chunked(self, q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden, state=None):
+        B, H, T, _ = q.shape
+        if state is None:
+            state = self.init_state(B, k_kv.dtype, q.device)
+        if T == 0:
+            return q.new_zeros(B, H, 0, self.v_head_dim), state
+        fq, fk, fv, g = self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden)
+        lin, S = gla_chunked(fq, fk, fv, g, scale=1.0, chunk=self.config["chunk"], initial_state=state["gla"])
+        scores, vals = window_scores(q, k_kv, v_kv, state, self.scale)
+        win = unblock(self._with_sinks(scores) @ vals, T)
+        return self._mix(lin, win).to(q.dtype), {**ring_push(state, k_kv, v_kv), "gla": S}
+
+    def step(self, state, q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden):
+        lin, S = gla_step(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden), state["gla"])
+        ring = ring_push(state, k_kv[:, :, None], v_kv[:, :, None])
+        scores, vals = ring_scores(q, ring, self.scale)
+        win = torch.einsum("bhs,bhsv->bhv", self._with_sinks(scores), vals)
+        return self._mix(lin, win).to(q.dtype), {**ring, "gla": S}

@@ -1,0 +1,145 @@
+"""The command line end to end on a tiny model directory, and every bad input with its one-line error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lincompile.cli import main
+
+from conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    return path
+
+
+def run(*args, stdout_only=False):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, (result.stdout if stdout_only else result.output)
+
+
+def one_line_error(code, output, expected_code, needle):
+    assert code == expected_code, output
+    lines = [line for line in output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], output
+    assert "Traceback" not in output
+
+
+def test_apply_identity_writes_everything(model_dir, tmp_path):
+    out = tmp_path / "out"
+    code, output = run("apply", "identity", model_dir, "-o", out)
+    assert code == 0, output
+    assert "sites: 2 found, softmax: 2" in output
+    for name in ("model.safetensors", "spec.yaml", "config.json", "report.json", "report.md", "lincompile.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    for key in ("model", "spec", "sites", "capture_max_abs_diff", "site_rel_error", "timings_s", "versions"):
+        assert key in report
+    assert set(report["timings_s"]) >= {"load", "capture", "match", "substitute", "verify", "save"}
+    assert report["sites"][0] == {"module": "model.layers.0.self_attn", "layer": 0, "pattern": "sdpa", "op": "softmax"}
+    assert report["site_rel_error"]["model.layers.1.self_attn"] < 1e-6
+    assert "torch" in (out / "spec.yaml").read_text()  # versions recorded with the resolved spec
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_existing_output_needs_overwrite(model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    one_line_error(*run("apply", "identity", model_dir, "-o", out), 2, "already exists: pass --overwrite")
+    code, output = run("apply", "identity", model_dir, "-o", out, "--overwrite")
+    assert code == 0, output
+
+
+def test_load_in_fresh_process_reproduces_logits(model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run("apply", "liger-attention", model_dir, "-o", out)[0] == 0
+    import lincompile
+
+    ids = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(1))
+    expected = lincompile.load(out)(ids)
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch, lincompile\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        f"m = lincompile.load({str(out)!r})\n"
+        f"torch.save(m(ids).detach(), {str(tmp_path / 'logits.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    got = torch.load(tmp_path / "logits.pt")
+    assert torch.equal(got, expected.detach())
+
+
+def test_match_dry_run_table(model_dir):
+    code, output = run("match", "liger-attention", model_dir)
+    assert code == 0, output
+    assert "2 sites" in output and "model.layers.1.self_attn" in output and "causal" in output
+    code, output = run("match", "liger-attention", model_dir, "--json", stdout_only=True)
+    data = json.loads(output)
+    assert [s["layer"] for s in data["sites"]] == [0, 1]
+    assert data["sites"][0]["bindings"]["k_pre_rope"] != "absent"
+
+
+def test_validate_and_specs():
+    code, output = run("validate", "liger-attention")
+    assert code == 0 and output.startswith("ok:")
+    code, output = run("specs")
+    assert code == 0 and "liger-attention" in output and "identity" in output
+    code, output = run("specs", "show", "identity")
+    assert code == 0 and "op: softmax" in output
+    one_line_error(*run("specs", "show", "identty"), 2, 'did you mean "identity"')
+
+
+def test_spec_errors_exit_2(tmp_path, model_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - op: softmax\n    layers: [7]\n")
+    one_line_error(*run("apply", bad, model_dir, "-o", tmp_path / "o"), 2,
+                   f"{bad}:3:13: layer 7 is out of range: the model has attention layers 0-1")
+    bad.write_text("rules:\n  - op: softmax\n    modules: 'nothing\\..*'\n")
+    one_line_error(*run("apply", bad, model_dir, "-o", tmp_path / "o"), 2, "selects no site")
+    bad.write_text("rules: [\n")
+    one_line_error(*run("validate", bad), 2, "invalid YAML")
+    one_line_error(*run("validate", tmp_path / "missing.yaml"), 2, "spec file not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_errors(tmp_path):
+    one_line_error(*run("apply", "identity", tmp_path / "no-such-model", "-o", tmp_path / "o"), 2, "model not found")
+    from transformers import ViTConfig
+
+    vit = tmp_path / "vit"
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(vit)
+    one_line_error(*run("apply", "identity", vit, "-o", tmp_path / "o"), 2, "is not a causal LM")
+
+
+def test_no_attention_found(tmp_path, model_dir):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("capture: {attn_implementation: eager}\nrules:\n  - pattern: sdpa\n    op: softmax\n")
+    one_line_error(*run("apply", spec, model_dir, "-o", tmp_path / "o"), 2, "0 sites matched; patterns tried: sdpa")
+
+
+def test_custom_op_needs_allow_code(tmp_path, model_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    one_line_error(*run("apply", "custom-op", model_dir, "-o", tmp_path / "o"), 2, "pass --allow-code")
+    code, output = run("apply", "custom-op", model_dir, "-o", tmp_path / "o", "--allow-code")
+    assert code == 0, output
+    # The tempered softmax starts at temperature 1: identical to the original.
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert max(report["site_rel_error"].values()) < 1e-6
+
+
+def test_help_everywhere():
+    for cmd in ([], ["apply"], ["match"], ["diff"], ["validate"], ["specs"]):
+        code, output = run(*cmd, "--help")
+        assert code == 0 and "Usage" in output

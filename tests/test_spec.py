@@ -1,0 +1,125 @@
+"""Spec loading and validation: every error names file:line:col and says what was expected."""
+
+from __future__ import annotations
+
+import pytest
+
+from lincompile.errors import SpecError
+from lincompile.spec import LayerSelector, Spec, builtin_specs, load_yaml
+
+
+def parse(text: str) -> Spec:
+    return Spec.from_dict(*load_yaml(text, "t.yaml"))
+
+
+def error(text: str) -> str:
+    with pytest.raises(SpecError) as info:
+        parse(text)
+    return str(info.value)
+
+
+def test_minimal_spec_and_defaults():
+    spec = parse("rules:\n  - op: liger_attention\n")
+    assert spec.name == "t"
+    assert spec.capture.attn_implementation == "sdpa"
+    rule = spec.rules[0]
+    assert rule.pattern == "softmax_attention" and rule.layers.kind == "all" and rule.mask == ("any",)
+    resolved = spec.resolved()
+    assert resolved["rules"][0]["params"]["window"] == 64  # defaults filled in
+    assert parse_roundtrip(resolved).rules[0].params["window"] == 64
+
+
+def parse_roundtrip(data):
+    return Spec.from_dict(data)
+
+
+@pytest.mark.parametrize("name", builtin_specs())
+def test_builtin_specs_validate(name):
+    spec = Spec.builtin(name)
+    assert spec.rules
+    assert spec.raw  # each comes with its description comment (checked by `lincompile specs`)
+
+
+def test_invalid_yaml_points_at_line():
+    msg = error("rules:\n  - op: [liger\n")
+    assert msg.startswith("t.yaml:3:") and "invalid YAML" in msg
+
+
+def test_unknown_key_did_you_mean():
+    msg = error("rules:\n  - op: softmax\n    layer: all\n")
+    assert msg.startswith("t.yaml:3:5:") and 'unknown key "layer"' in msg and 'did you mean "layers"' in msg
+
+
+def test_unknown_top_level_key():
+    assert 'did you mean "rules"' in error("rule:\n  - op: softmax\n")
+
+
+def test_unknown_op_did_you_mean():
+    msg = error("rules:\n  - op: liger_atention\n")
+    assert msg.startswith("t.yaml:2:9:") and 'did you mean "liger_attention"' in msg
+
+
+def test_unknown_pattern():
+    msg = error("rules:\n  - op: softmax\n    pattern: spda\n")
+    assert msg.startswith("t.yaml:3:14:") and 'did you mean "sdpa"' in msg
+
+
+def test_unknown_param_and_wrong_param_type():
+    assert 'unknown param "windw"' in error("rules:\n  - op: liger_attention\n    params: {windw: 3}\n")
+    msg = error("rules:\n  - op: liger_attention\n    params: {window: big}\n")
+    assert msg.startswith("t.yaml:3:") and "must be an integer, got a string" in msg
+
+
+def test_wrong_types():
+    assert "rules must be a list, got a mapping" in error("rules: {op: softmax}\n")
+    assert "capture.attn_implementation" in error("capture: {attn_implementation: flash}\nrules:\n  - op: softmax\n")
+    assert "a spec must be a mapping" in error("- 1\n- 2\n")
+
+
+def test_missing_rules_and_empty():
+    assert 'no "rules"' in error("name: x\n")
+    assert "empty" in error("")
+
+
+def test_duplicate_key():
+    assert 'duplicate key "op"' in error("rules:\n  - op: softmax\n    op: softmax\n")
+
+
+def test_python_tags_are_refused():
+    msg = error("rules:\n  - op: !!python/object/apply:os.system ['true']\n")
+    assert "invalid YAML" in msg
+
+
+def test_layer_selectors():
+    have = list(range(10))
+    assert LayerSelector.parse("all").select(have) == have
+    assert LayerSelector.parse([0, 3, "5-7"]).select(have) == [0, 3, 5, 6, 7]
+    assert LayerSelector.parse({"except": [0, "8-9"]}).select(have) == list(range(1, 8))
+    assert LayerSelector.parse({"every": 4, "offset": 3}).select(have) == [3, 7]
+    with pytest.raises(SpecError, match="out of range"):
+        LayerSelector.parse([12]).select(have)
+
+
+def test_bad_layer_selectors():
+    assert "every >= 1" in error("rules:\n  - op: softmax\n    layers: {every: 0}\n")
+    assert 'layer "x"' in error("rules:\n  - op: softmax\n    layers: [x]\n")
+    assert "empty" in error("rules:\n  - op: softmax\n    layers: ['9-3']\n")
+
+
+def test_custom_op_format():
+    assert parse("rules:\n  - op: pkg.mod:Cls\n").rules[0].op == "pkg.mod:Cls"
+    assert "package.module:ClassName" in error("rules:\n  - op: 'pkg.mod:'\n")
+
+
+def test_bad_regex():
+    assert "not a valid regular expression" in error("rules:\n  - op: softmax\n    modules: '(['\n")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        Spec.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_unknown_builtin():
+    with pytest.raises(SpecError, match='did you mean "liger-attention"'):
+        Spec.resolve("liger-atention")
