@@ -123,7 +123,7 @@ def vgla_chunked(q, k, v, g, scale: float = 1.0, chunk: int = 64, initial_state=
 def _chunked(q, k, v, g, scale, chunk, initial_state, sub_chunk, value_gated):
     B, H, T, K = q.shape
     Hk, V = k.shape[1], v.shape[-1]
-    G, dtype = _groups(q, k), q.dtype
+    G = _groups(q, k)
     S = _zero_state(q, k, v, initial_state)
     if T == 0:
         return q.new_zeros(B, H, 0, V), S
@@ -132,11 +132,32 @@ def _chunked(q, k, v, g, scale, chunk, initial_state, sub_chunk, value_gated):
     if not scalar and C > sub_chunk:
         C -= C % sub_chunk  # sub-chunks must tile the chunk (and stay ≤ 16 long for the factorisation)
     c = C if scalar else min(sub_chunk, C)
-    n, pad = C // c, (-T) % C
+    # Work through the sequence a segment of chunks at a time, carrying the state: the temporaries stay
+    # small enough to live in cache (and to be reused by the allocator instead of page-faulted in afresh).
+    per_chunk = B * H * C * max(K, V, 4 * C)
+    seg = C * max(1, SEGMENT_ELEMENTS // per_chunk)
+    outs = []
+    for t0 in range(0, T, seg):
+        piece = (x[:, :, t0:t0 + seg] for x in (q, k, v, g) if x is not None)
+        o, S = _segment(*piece, *((None,) if g is None else ()), S, C, c, scale, value_gated, scalar)
+        outs.append(o)
+    return (torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]), S
+
+
+# Elements per segment: about 4 MB of fp32 per temporary, chosen by measurement on CPU (see benchmarks/ops.py).
+SEGMENT_ELEMENTS = 1 << 20
+
+
+def _segment(q, k, v, g, S, C, c, scale, value_gated, scalar):
+    """Chunked GLA over one segment (any length) starting from state S: (o in q.dtype, S)."""
+    B, H, T, K = q.shape
+    Hk, V = k.shape[1], v.shape[-1]
+    G, n, pad = H // Hk, C // c, (-T) % C
     N = (T + pad) // C
-    g = q.new_zeros(B, Hk, T, 1) if g is None else clamp_log_gate(g)
+    g = q.new_zeros(B, Hk, T, 1, dtype=torch.float32) if g is None else clamp_log_gate(g)
     # Padding at the end: zero keys add nothing to the state and zero log-gates do not decay it.
-    q, k, v, g = (F.pad(x.float(), (0, 0, 0, pad)) for x in (q, k, v, g))
+    dtype = q.dtype
+    q, k, v, g = (F.pad(x.float(), (0, 0, 0, pad)) if pad else x.float() for x in (q, k, v, g))
     # Queries as [B, Hk, N, n, G, c, K]: the G heads of a kv group become rows of the same matmuls.
     qf = q.reshape(B, Hk, G, N, n, c, K).permute(0, 1, 3, 4, 2, 5, 6).contiguous()
     k, v = k.reshape(B, Hk, N, C, K), v.reshape(B, Hk, N, C, V)
@@ -178,51 +199,54 @@ def _intra_scalar(qf, k, v, g, scale):
 def _intra_channel(qf, k, v, g, scale, value_gated):
     """Per-channel gates (on K, or on V when value_gated) with sub-chunk reference points."""
     B, Hk, N, n, G, c, K = qf.shape
-    C, V = n * c, v.shape[-1]
-    bl = g.cumsum(-2)  # [B, Hk, N, n, c, X]: log-decay from the start of each sub-chunk (≤ 0, ≥ -80)
-    tot = bl[:, :, :, :, -1]  # [B, Hk, N, n, X]: log-decay over each whole sub-chunk
-    r = tot.cumsum(-2)  # r[j] = log-decay from the chunk start to the end of sub-chunk j
-    # Reference points: the start of each sub-chunk (r_i = r[i-1], r_0 = 0), then the chunk end.
-    refs = torch.cat([torch.zeros_like(r[:, :, :, :1]), r], dim=3)  # [B, Hk, N, n+1, X]
-    starts = refs[:, :, :, :n]
+    C = n * c
+    bl = g.cumsum(-2)  # [B, Hk, N, n, c, X]: log-decay from the start of each sub-chunk, in [-80, 0]
+    tot = bl[:, :, :, :, -1:]  # [B, Hk, N, n, 1, X]: log-decay over each whole sub-chunk
+    r = tot.cumsum(3)  # r_j: log-decay from the chunk start to the end of sub-chunk j
     e_bl = bl.exp()
-    gated = k if not value_gated else v  # the operand whose channels carry the gates
-    items = gated.reshape(B, Hk, N, n, c, -1)
-
-    def to_ref(i, upto):
-        """Sub-chunks [0, upto) decayed to reference i: x_s · exp(refs_i - starts_j - bl_s)."""
-        e = (refs[:, :, :, i, None, None] - starts[:, :, :, :upto, None]) - bl[:, :, :, :upto]
-        return (items[:, :, :, :upto] * e.exp()).reshape(B, Hk, N, upto * c, -1)
-
+    # The gated operand (k, or v when value-gated), decayed to the start of its own sub-chunk (diagonal
+    # blocks: factor exp(-bl) ≤ e^80) and to the end of its sub-chunk (everything else: factor ≤ 1).
+    x = (k if not value_gated else v).reshape(B, Hk, N, n, c, -1)
+    x_diag = x / e_bl
+    x_end = x_diag * tot.exp()
+    # exp(start_i - r_j) for j < i, start_i = r_{i-1}: carries sub-chunk j's end to sub-chunk i's start.
+    starts = torch.cat([torch.zeros_like(r[:, :, :, :1]), r[:, :, :, :-1]], dim=3)  # [B, Hk, N, n, 1, X]
+    carry = (starts.unsqueeze(4) - r.unsqueeze(3)).clamp(max=0.0).exp()  # [B, Hk, N, n(i), n(j), 1, X]
+    e_start = starts.exp()
     rows = G * c
-    o_parts = []
+
+    intra = []
     for i in range(n):
         end = (i + 1) * c
+        # Keys (or values) of sub-chunks 0..i as seen from the start of sub-chunk i.
+        xi = x_diag[:, :, :, i] if i == 0 else torch.cat(
+            [(x_end[:, :, :, :i] * carry[:, :, :, i, :i]).reshape(B, Hk, N, i * c, -1), x_diag[:, :, :, i]], dim=3)
         qi = qf[:, :, :, i].reshape(B, Hk, N, rows, K)
-        # Causal mask of the diagonal sub-block (columns of earlier sub-chunks are all visible).
         col = torch.arange(end, device=qf.device)
         row = torch.arange(c, device=qf.device).repeat(G)
-        hide = (col[None, :] - i * c) > row[:, None]  # [G·c, end]
+        hide = (col[None, :] - i * c) > row[:, None]  # causal mask of the diagonal block, [G·c, end]
         if not value_gated:
-            eq = (e_bl[:, :, :, i] * scale).repeat(1, 1, 1, G, 1)  # q_t exp(b_t - r_i), ≤ 1
-            A = ((qi * eq) @ to_ref(i, i + 1).transpose(-1, -2)).masked_fill(hide, 0.0)
-            o_parts.append((A @ v[:, :, :, :end], qi * eq * starts[:, :, :, i, None].exp(), None))
+            q_hat = qi * e_bl[:, :, :, i].repeat(1, 1, 1, G, 1)  # q_t exp(b_t - start_i), ≤ 1
+            A = (q_hat @ xi.transpose(-1, -2)).masked_fill(hide, 0.0)
+            intra.append((A @ v[:, :, :, :end], q_hat * e_start[:, :, :, i]))
         else:
-            A = ((qi * scale) @ k[:, :, :, :end].transpose(-1, -2)).masked_fill(hide, 0.0)
-            eo = e_bl[:, :, :, i].repeat(1, 1, 1, G, 1)  # exp(b_t - r_i) on the output channels
-            o_parts.append((A @ to_ref(i, i + 1), qi * scale, eo))
-    # State update: everything decayed to the chunk end (reference n).
-    ends = to_ref(n, n)  # [B, Hk, N, C, X]
+            A = (qi @ k[:, :, :, :end].transpose(-1, -2)).masked_fill(hide, 0.0)
+            intra.append((A @ xi, qi))
+    # State update: everything decayed to the chunk end.
+    to_end = (r[:, :, :, -1:] - r).exp()  # [B, Hk, N, n, 1, X]
+    ends = (x_end * to_end).reshape(B, Hk, N, C, -1)
     local = k.transpose(-1, -2) @ ends if value_gated else ends.transpose(-1, -2) @ v
-    decay_chunk = refs[:, :, :, n].exp()  # [B, Hk, N, X]
+    decay_chunk = r[:, :, :, -1, 0].exp()  # [B, Hk, N, X]
 
     def finish(S_in):
         outs = []
-        for i, (intra, q_in, eo) in enumerate(o_parts):
-            if eo is None:  # key-gated: q_t exp(b_t) S_in
-                outs.append(intra + q_in @ S_in)
-            else:  # value-gated: exp(b_t) ⊙ (q_t S_in), with exp(b_t) = exp(bl_t) exp(r_i)
-                outs.append(eo * (intra + (q_in @ S_in) * starts[:, :, :, i, None].exp()))
-        return torch.stack(outs, dim=3).reshape(B, Hk, N, n, G, c, -1)
+        for i, (o_intra, q_in) in enumerate(intra):
+            if not value_gated:  # o_t += q_t exp(b_t) S_in
+                outs.append(o_intra + q_in @ S_in)
+            else:  # o_t = exp(b_t - start_i) ⊙ (intra + exp(start_i) ⊙ (q_t S_in))
+                o = o_intra + (q_in @ S_in) * e_start[:, :, :, i]
+                outs.append(o * e_bl[:, :, :, i].repeat(1, 1, 1, G, 1))
+        o = torch.stack(outs, dim=3).reshape(B, Hk, N, n, G, c, -1)
+        return o * scale if scale != 1.0 else o
 
     return finish, local, decay_chunk

@@ -17,6 +17,15 @@ import torch
 from torch import nn
 
 
+def resolve_feature_dim(value, head_dim: int) -> int:
+    """The operators' `feature_dim` param: a positive integer, or null for head_dim."""
+    if value is None:
+        return head_dim
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"feature_dim must be a positive integer (or null for head_dim), got {value!r}")
+    return value
+
+
 class HedgehogFeatureMap(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
         super().__init__()

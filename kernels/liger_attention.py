@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 
-from .gla import gla_chunked, gla_naive, gla_step
+from .gla import gla_naive, gla_step
+from .opaque import gla_chunked
 from .liger_gla import LigerGLA
 from .registry import register
-from .swa import swa_chunked, swa_init_state, swa_naive, swa_step
+from .opaque import swa_chunked
+from .swa import swa_init_state, swa_naive, swa_step
 
 
 @register

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import Operator
-from .gla import gla_chunked, gla_naive, gla_step
+from .gla import gla_naive, gla_step
+from .opaque import gla_chunked
 from .registry import register
 
 FEATURE_MAPS = {

@@ -32,8 +32,6 @@ Bindings: q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,8 +41,7 @@ from lincompile.graph import shape
 
 from .base import Operator
 from .gla import gla_chunked, gla_naive, gla_step
-from .hedgehog import HedgehogFeatureMap
-from .lolcats import feature_dim_of
+from .hedgehog import HedgehogFeatureMap, resolve_feature_dim
 from .registry import register
 from .swa import window_mask
 from .swa_sinks import ring_init, ring_push, ring_scores, unblock, window_scores
@@ -68,7 +65,7 @@ class Lizard(Operator):
             raise ValueError("num_sinks must be at least 0")
         # Without a site (tests, direct use) d_model defaults to num_heads · head_dim, the usual layout.
         self.hidden_size = hidden_size or self.num_heads * self.head_dim
-        H, F_ = self.num_heads, feature_dim_of(self)
+        H, F_ = self.num_heads, resolve_feature_dim(self.config["feature_dim"], self.head_dim)
         self.phi_q = HedgehogFeatureMap(H, self.head_dim, F_)
         self.phi_k = HedgehogFeatureMap(H, self.head_dim, F_)
         self.gate_weight = nn.Parameter(torch.empty(H, self.hidden_size))

@@ -36,21 +36,12 @@ from torch import nn
 
 from .base import Operator
 from .gla import gla_chunked, gla_step
-from .hedgehog import HedgehogFeatureMap
+from .hedgehog import HedgehogFeatureMap, resolve_feature_dim
 from .registry import register
 from .swa import window_mask
 from .swa_sinks import ring_init, ring_push, ring_scores, unblock, window_scores
 
 GAMMA_INIT = 0.1  # LoLCATs' window factor starts small: the linear term carries weight from the first step
-
-
-def feature_dim_of(op: Operator) -> int:
-    f = op.config["feature_dim"]
-    if f is None:
-        return op.head_dim
-    if isinstance(f, bool) or not isinstance(f, int) or f < 1:
-        raise ValueError(f"feature_dim must be a positive integer (or null for head_dim), got {f!r}")
-    return f
 
 
 @register
@@ -64,7 +55,7 @@ class LoLCATs(Operator):
         super().__init__(*args, **kwargs)
         if self.config["window"] < 1:
             raise ValueError("window must be at least 1")
-        F = feature_dim_of(self)
+        F = resolve_feature_dim(self.config["feature_dim"], self.head_dim)
         self.phi_q = HedgehogFeatureMap(self.num_heads, self.head_dim, F)
         self.phi_k = HedgehogFeatureMap(self.num_heads, self.head_dim, F)
         self.window_logit = nn.Parameter(torch.empty(self.num_heads))

@@ -28,6 +28,36 @@ class CausalLMWrapper(nn.Module):
         return getattr(self, ROOT)(input_ids=input_ids, use_cache=False).logits
 
 
+class PositionsWrapper(CausalLMWrapper):
+    """(input_ids, position_ids) -> logits: positions are an input, so RoPE / learned positions follow them.
+
+    Used by the runtime (prefill/decode at any offset). The all-ones attention mask is there because, given
+    position_ids and no mask, transformers infers packed sequences from the positions; it changes nothing else.
+    """
+
+    def forward(self, input_ids, position_ids):
+        return getattr(self, ROOT)(input_ids=input_ids, position_ids=position_ids,
+                                   attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+
+
+def _sizes_from_input_ids(gm: fx.GraphModule) -> None:
+    """Read batch/length sizes from input_ids, not position_ids (export may pick either: they are equal).
+
+    Then only RoPE / position embeddings depend on position_ids, and the match pass can still evaluate
+    masks from input_ids alone.
+    """
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    ids, pos = placeholders["input_ids"], placeholders["position_ids"]
+    for node in list(pos.users):
+        if node.op == "call_function" and node.target == torch.ops.aten.sym_size.int:
+            with gm.graph.inserting_after(ids):
+                size = gm.graph.call_function(torch.ops.aten.sym_size.int, (ids, *node.args[1:]))
+            size.meta.update(node.meta)
+            node.replace_all_uses_with(size)
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
 @dataclass
 class Captured:
     gm: fx.GraphModule
@@ -60,8 +90,11 @@ def set_attn_implementation(model: nn.Module, impl: str) -> str | None:
     return None
 
 
-def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5) -> Captured:
-    """Export `model` and verify the captured graph reproduces its logits on a probe batch."""
+def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5, positions: bool = False) -> Captured:
+    """Export `model` and verify the captured graph reproduces its logits on a probe batch.
+
+    `positions=True` exports `(input_ids, position_ids)` instead of `(input_ids)` (see PositionsWrapper).
+    """
     model.eval()
     notes = [n for n in [set_attn_implementation(model, cfg.attn_implementation)] if n]
     config = model.config
@@ -71,23 +104,29 @@ def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5) -> Cap
         max_len = min(max_len, limit)
     probe_len = min(cfg.probe_len, max_len)
     probe = probe_ids(config.vocab_size, cfg.probe_batch, probe_len, device)
-    wrapper = CausalLMWrapper(model).eval()
+    wrapper = (PositionsWrapper if positions else CausalLMWrapper)(model).eval()
     dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=4096),
                           1: torch.export.Dim("seq", min=2, max=max(max_len, probe_len + 1))}}
+    inputs = (probe,)
+    if positions:
+        dims["position_ids"] = dims["input_ids"]
+        inputs = (probe, torch.arange(probe_len, device=probe.device).expand_as(probe))
     try:
         with torch.no_grad():
-            program = torch.export.export(wrapper, (probe,), dynamic_shapes=dims, strict=False)
+            program = torch.export.export(wrapper, inputs, dynamic_shapes=dims, strict=False)
     except Exception as err:  # torch.export raises many types; the first line is what the user needs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CaptureError(f"torch.export failed on {type(model).__name__}: {first}") from err
     gm = program.module()
+    if positions:
+        _sizes_from_input_ids(gm)
     for node in gm.graph.nodes:
         path = module_path(node)
         node.meta["lincompile_module"] = path
         node.meta["lincompile_layer"] = layer_index(path)
     with torch.no_grad():
-        reference = wrapper(probe)
-        got = gm(probe)
+        reference = wrapper(*inputs)
+        got = gm(*inputs)
     diff = (got.float() - reference.float()).abs().max().item()
     if not diff <= tolerance:
         raise CaptureError(f"captured graph does not reproduce the model: max abs logit diff {diff:.3g} > {tolerance:g}")

@@ -1,0 +1,100 @@
+"""Perplexity and next-token accuracy, side by side with the original model.
+
+Windows are non-overlapping: the token stream is cut into `context`-token windows (the tail that does not
+fill one is dropped) and every window predicts its own tokens 1..context−1 from the ones before, so each
+token is scored once and with at most `context` − 1 tokens of history. PPL = exp(mean NLL over all scored
+tokens); accuracy = the fraction whose argmax prediction is the next token. The same windows are scored
+for the converted model and for the original, so the two are directly comparable:
+
+    recovery = converted accuracy / original accuracy,   ppl_ratio = converted PPL / original PPL
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+
+
+@torch.no_grad()
+def block_metrics(forward, blocks: torch.Tensor, batch_size: int = 1, device: str = "cpu") -> dict:
+    """NLL/accuracy over `blocks` [N, T] scored as independent windows; `forward(ids) -> logits`."""
+    nll, correct, count = 0.0, 0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size].to(device)
+        logits = forward(ids)[:, :-1].float()
+        targets = ids[:, 1:]
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += targets.numel()
+    loss = nll / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "acc": correct / max(count, 1), "tokens": count}
+
+
+def windows(stream: torch.Tensor, context: int, max_tokens: int | None = None) -> torch.Tensor:
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    n = stream.numel() // context
+    if n == 0:
+        raise UsageError(f"the evaluation text has {stream.numel()} tokens: shorter than one window of {context}")
+    return stream[: n * context].view(n, context)
+
+
+def hf_forward(model):
+    """logits of a plain HF causal LM, no cache (the same function the converted graph was captured from)."""
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+def evaluate(models: dict, stream: torch.Tensor, contexts: list[int], max_tokens: int | None = None,
+             batch_size: int = 1, device: str = "cpu", progress=None) -> dict:
+    """{"context": {"512": {"ppl", "acc", "tokens", "seconds", "original": {...}, "recovery", "ppl_ratio"}}}.
+
+    `models`: {"converted": forward, "original": forward} (either may be missing).
+    """
+    out: dict = {"context": {}}
+    for ctx in contexts:
+        blocks = windows(stream, ctx, max_tokens)
+        row: dict = {}
+        for name, fwd in models.items():
+            if progress:
+                progress(f"{name} @ {ctx}: {len(blocks)} window(s)")
+            t0 = time.perf_counter()
+            m = block_metrics(fwd, blocks, batch_size=batch_size, device=device)
+            m["seconds"] = round(time.perf_counter() - t0, 2)
+            m.pop("loss")
+            if name == "converted":
+                row.update(m)
+            else:
+                row[name] = m
+        if "acc" in row and "original" in row:
+            row["recovery"] = row["acc"] / row["original"]["acc"] if row["original"]["acc"] else None
+            row["ppl_ratio"] = row["ppl"] / row["original"]["ppl"]
+        out["context"][str(ctx)] = row
+    return out
+
+
+def table_lines(result: dict) -> list[str]:
+    """The text table `lincompile eval` prints."""
+    header = ["context", "PPL", "acc", "orig PPL", "orig acc", "PPL ratio", "recovery", "tokens"]
+    rows = []
+    for ctx, r in result["context"].items():
+        o = r.get("original", {})
+        rows.append([ctx, _f(r.get("ppl")), _f(r.get("acc"), 3), _f(o.get("ppl")),
+                     _f(o.get("acc"), 3), _f(r.get("ppl_ratio"), 3), _pct(r.get("recovery")),
+                     str(r.get("tokens", o.get("tokens", "")))])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    return ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in [header] + rows]
+
+
+def _f(x, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.3g}"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"

@@ -1,0 +1,157 @@
+"""A converted model directory (OUT, as `lincompile apply` writes it) seen from healing and evaluation.
+
+OUT/model.safetensors holds `lm.<HF name>` (the original weights) and `ops.<site>.<param>` (operator
+parameters). Healing changes some of them (merged LoRA weights, trained operator parameters); before the
+first change it copies their pre-heal values to OUT/heal/original.safetensors, once. So the directory always
+knows two models:
+- the *base* every heal starts from: model.safetensors overlaid with original.safetensors (a second heal
+  replaces the first instead of stacking on it; a resumed heal rebuilds exactly what it started from);
+- the *original* softmax model: the base's `lm.*` tensors loaded into the architecture of config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..emit import FORMAT_VERSION, _umask
+from ..errors import LincompileError, UsageError
+
+ORIGINAL = "original.safetensors"
+LM, OPS = "lm.", "ops."
+
+
+class OutDir:
+    def __init__(self, root):
+        self.root = Path(root)
+        meta = self.root / "lincompile.json"
+        if not meta.is_file():
+            raise UsageError(f"{self.root} is not a lincompile output directory (no lincompile.json)")
+        self.meta = json.loads(meta.read_text(encoding="utf-8"))
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise LincompileError(f"{self.root}: output format {self.meta.get('format_version')} is not supported")
+        self.heal_dir = self.root / "heal"
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def spec(self):
+        from ..spec import Spec
+
+        return Spec.from_yaml(self.root / "spec.yaml")
+
+    @property
+    def config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self.root))
+
+    @property
+    def report(self) -> dict:
+        path = self.root / "report.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    def tokenizer(self):
+        if not any((self.root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.root))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """model.safetensors as written (aliases of tied weights resolved)."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(self.root / "model.safetensors"))
+        for alias, name in self.meta.get("aliases", {}).items():
+            state[alias] = state[name]
+        return state
+
+    def originals(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.heal_dir / ORIGINAL
+        return load_file(str(path)) if path.exists() else {}
+
+    def base_tensors(self) -> dict[str, torch.Tensor]:
+        """What every heal starts from (see the module docstring)."""
+        return {**self.tensors(), **self.originals()}
+
+    def keep_originals(self, keys) -> None:
+        """Record the pre-heal value of each of `keys` not recorded yet (atomically, before anything changes)."""
+        current, have = self.tensors(), self.originals()
+        missing = [k for k in keys if k not in have]
+        if not missing:
+            return
+        unknown = [k for k in missing if k not in current]
+        if unknown:
+            raise LincompileError(f"{self.root}/model.safetensors has no tensor {unknown[0]}")
+        self.heal_dir.mkdir(parents=True, exist_ok=True)
+        save_tensors_atomic(self.heal_dir / ORIGINAL, {**have, **{k: current[k] for k in missing}})
+
+    def write_tensors(self, updates: dict[str, torch.Tensor]) -> None:
+        """Replace some tensors of model.safetensors (same names and shapes), atomically."""
+        state = self.tensors()
+        aliases = self.meta.get("aliases", {})
+        for name, value in updates.items():
+            name = aliases.get(name, name)
+            if name not in state:
+                raise LincompileError(f"{self.root}/model.safetensors has no tensor {name}")
+            if tuple(state[name].shape) != tuple(value.shape):
+                raise LincompileError(f"{name}: shape {tuple(value.shape)} does not fit {tuple(state[name].shape)}")
+            state[name] = value.detach().to(state[name].dtype).cpu()
+        for alias in aliases:
+            state.pop(alias, None)
+        save_tensors_atomic(self.root / "model.safetensors", state,
+                            metadata={"format": "pt", "lincompile": str(FORMAT_VERSION)})
+
+    # ----------------------------------------------------------------------------------------------
+    def site_projections(self) -> list[str]:
+        """Module paths of the q/k/v/o projections of every converted (not kept) site, from report.json."""
+        details = self.report.get("site_details")
+        if not details:
+            raise LincompileError(f"{self.root}/report.json has no site_details: cannot tell the converted layers' "
+                                  "projections; give heal.lora.targets explicitly")
+        out = []
+        for site in details:
+            if site.get("op") == "keep":
+                continue
+            for key in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                path = site.get(key)
+                if path and path not in out:
+                    out.append(path)
+        if not out:
+            raise LincompileError(f"{self.root}: no q/k/v/o projection was found at the converted sites; give "
+                                  "heal.lora.targets explicitly")
+        return out
+
+    def build_lm(self, state: dict[str, torch.Tensor] | None = None, device: str = "cpu"):
+        """The HF model of config.json with the `lm.*` tensors of `state` (default: the base) loaded."""
+        from ..models import build_from_config
+
+        state = self.base_tensors() if state is None else state
+        model = build_from_config(self.config, dtype=self.meta.get("dtype", "float32"),
+                                  attn_implementation=self.meta.get("attn_implementation", "sdpa"))
+        lm_state = {k[len(LM):]: v for k, v in state.items() if k.startswith(LM)}
+        missing, _ = model.load_state_dict(lm_state, strict=False)
+        if missing:
+            raise LincompileError(f"{self.root}/model.safetensors does not fit config.json: missing lm.{missing[0]}")
+        return model.to(device).eval()
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
