@@ -128,6 +128,7 @@ def _chunked(q, k, v, g, scale, chunk, initial_state, sub_chunk, value_gated):
     if T == 0:
         return q.new_zeros(B, H, 0, V), S
     scalar = g is None or g.shape[-1] == 1
+    value_gated = value_gated and not scalar  # one gate per head: both forms are the same
     C = max(1, min(chunk, T))
     if not scalar and C > sub_chunk:
         C -= C % sub_chunk  # sub-chunks must tile the chunk (and stay ≤ 16 long for the factorisation)
@@ -162,17 +163,31 @@ def _segment(q, k, v, g, S, C, c, scale, value_gated, scalar):
     qf = q.reshape(B, Hk, G, N, n, c, K).permute(0, 1, 3, 4, 2, 5, 6).contiguous()
     k, v = k.reshape(B, Hk, N, C, K), v.reshape(B, Hk, N, C, V)
     if scalar:
-        o, local, decay = _intra_scalar(qf, k, v, g.reshape(B, Hk, N, C, 1), scale)
+        parts = _intra_scalar(qf, k, v, g.reshape(B, Hk, N, C, 1), scale)
     else:
-        o, local, decay = _intra_channel(qf, k, v, g.reshape(B, Hk, N, n, c, -1), scale, value_gated)
+        parts = _intra_channel(qf, k, v, g.reshape(B, Hk, N, n, c, -1), scale, value_gated)
+    intra, q_in, x_out, decay, post = parts  # [B,Hk,N,R,V], [B,Hk,N,R,K], [B,Hk,N,C,X], [B,Hk,N,X]
 
-    # Across chunks: a sequential scan of the [K, V] state, then each chunk reads the state it started from.
-    states = []
-    for i in range(N):
-        states.append(S)
-        S = (S * decay[:, :, i, None, :] if value_gated else S * decay[:, :, i, :, None]) + local[:, :, i]
-    o = o(torch.stack(states, dim=2))  # [B, Hk, N, n, G, c, V]
-    o = o.permute(0, 1, 4, 2, 3, 5, 6).reshape(B, H, N * C, V)[:, :, :T]
+    # Across chunks: a sequential scan that reads the state each chunk starts from, then updates it with
+    # what the chunk adds (all keys decayed to the chunk end). Per chunk these are a few [K, V]-sized ops.
+    outs = []
+    for j in range(N):
+        if value_gated:
+            outs.append(q_in[:, :, j] @ S)
+            S = torch.baddbmm((S * decay[:, :, j, None, :]).flatten(0, 1), k[:, :, j].transpose(-1, -2).flatten(0, 1),
+                              x_out[:, :, j].flatten(0, 1)).view(S.shape)
+        else:
+            outs.append(torch.baddbmm(intra[:, :, j].flatten(0, 1), q_in[:, :, j].flatten(0, 1),
+                                      S.flatten(0, 1)).view(intra[:, :, j].shape))
+            S = torch.baddbmm((S * decay[:, :, j, :, None]).flatten(0, 1), x_out[:, :, j].transpose(-1, -2).flatten(0, 1),
+                              v[:, :, j].flatten(0, 1)).view(S.shape)
+    if value_gated:
+        o = post(intra, torch.stack(outs, dim=2))
+        o = o.reshape(B, Hk, N, n, G, c, V).permute(0, 1, 4, 2, 3, 5, 6)
+    else:
+        # Stacked straight into [B, Hk, G, N, n, c, V]: the output layout, one copy.
+        o = torch.stack([x.view(B, Hk, n, G, c, V).transpose(2, 3) for x in outs], dim=3)
+    o = o.reshape(B, H, N * C, V)[:, :, :T]
     return o.to(dtype), S
 
 
@@ -185,68 +200,62 @@ def _intra_scalar(qf, k, v, g, scale):
     decay = (b - b.transpose(-1, -2)).masked_fill(~tri, float("-inf")).exp()  # exp(b_t - b_s), t ≥ s
     q_rows = qf.reshape(B, Hk, N, G * C, K)
     A = (q_rows @ k.transpose(-1, -2)) * (decay * scale).repeat(1, 1, 1, G, 1)  # [B, Hk, N, G·C, C]
-    o_intra = A @ v
     q_in = q_rows * (b.exp() * scale).repeat(1, 1, 1, G, 1)  # q_t · exp(b_t)
-    local = (k * (b_last - b).exp()).transpose(-1, -2) @ v  # what each chunk adds to the state
-    decay_chunk = b_last[:, :, :, 0].exp()  # [B, Hk, N, 1], broadcast over the state
-
-    def finish(S_in):
-        return (o_intra + q_in @ S_in).reshape(B, Hk, N, 1, G, C, -1)
-
-    return finish, local, decay_chunk
+    x_out = k * (b_last - b).exp()  # keys decayed to the chunk end
+    return A @ v, q_in, x_out, b_last[:, :, :, 0].exp(), None
 
 
 def _intra_channel(qf, k, v, g, scale, value_gated):
-    """Per-channel gates (on K, or on V when value_gated) with sub-chunk reference points."""
+    """Per-channel gates (on K, or on V when value_gated) with sub-chunk reference points.
+
+    Key-gated rows of sub-chunk i: o_t = Σ_{s ≤ t, same chunk} (q_t e^{b_t - start_i}) · (k_s e^{start_i - b_s}) v_s
+    (+ the state read q_t e^{b_t} S_in in the scan). Keys of earlier sub-chunks j reach start_i as
+    k_s e^{r_j - b_s} (to the end of j, ≤ 1) times e^{start_i - r_j} (≤ 1); keys of sub-chunk i itself as
+    k_s e^{-bl_s} (≤ e^80). Value-gated: the same factors on v_s and on the output instead of q_t, k_s.
+    """
     B, Hk, N, n, G, c, K = qf.shape
     C = n * c
     bl = g.cumsum(-2)  # [B, Hk, N, n, c, X]: log-decay from the start of each sub-chunk, in [-80, 0]
     tot = bl[:, :, :, :, -1:]  # [B, Hk, N, n, 1, X]: log-decay over each whole sub-chunk
     r = tot.cumsum(3)  # r_j: log-decay from the chunk start to the end of sub-chunk j
-    e_bl = bl.exp()
-    # The gated operand (k, or v when value-gated), decayed to the start of its own sub-chunk (diagonal
-    # blocks: factor exp(-bl) ≤ e^80) and to the end of its sub-chunk (everything else: factor ≤ 1).
-    x = (k if not value_gated else v).reshape(B, Hk, N, n, c, -1)
-    x_diag = x / e_bl
-    x_end = x_diag * tot.exp()
-    # exp(start_i - r_j) for j < i, start_i = r_{i-1}: carries sub-chunk j's end to sub-chunk i's start.
-    starts = torch.cat([torch.zeros_like(r[:, :, :, :1]), r[:, :, :, :-1]], dim=3)  # [B, Hk, N, n, 1, X]
-    carry = (starts.unsqueeze(4) - r.unsqueeze(3)).clamp(max=0.0).exp()  # [B, Hk, N, n(i), n(j), 1, X]
-    e_start = starts.exp()
-    rows = G * c
+    starts = torch.cat([torch.zeros_like(r[:, :, :, :1]), r[:, :, :, :-1]], dim=3)  # start_i = r_{i-1}
+    carry = (starts.unsqueeze(4) - r.unsqueeze(3)).clamp(max=0.0).exp()  # [B,Hk,N,n(i),n(j),1,X], j < i used
+    e_bl, e_start = bl.exp(), starts.exp()
+    x = (v if value_gated else k).reshape(B, Hk, N, n, c, -1)  # the operand whose channels carry the gates
+    x_diag = x / e_bl  # decayed back to the start of its sub-chunk (≤ e^80 · |x|)
+    x_end = x_diag * tot.exp()  # decayed to the end of its sub-chunk (≤ |x|)
+    if value_gated:
+        q_hat = qf * scale if scale != 1.0 else qf
+    else:
+        q_hat = qf * (e_bl * scale if scale != 1.0 else e_bl).unsqueeze(4)  # q_t e^{b_t - start_i} (≤ 1)
 
+    rows = G * c
+    hide = torch.ones(c, c, dtype=torch.bool, device=qf.device).triu(1).repeat(G, 1)  # [G·c, c], s > t
     intra = []
     for i in range(n):
-        end = (i + 1) * c
-        # Keys (or values) of sub-chunks 0..i as seen from the start of sub-chunk i.
-        xi = x_diag[:, :, :, i] if i == 0 else torch.cat(
-            [(x_end[:, :, :, :i] * carry[:, :, :, i, :i]).reshape(B, Hk, N, i * c, -1), x_diag[:, :, :, i]], dim=3)
-        qi = qf[:, :, :, i].reshape(B, Hk, N, rows, K)
-        col = torch.arange(end, device=qf.device)
-        row = torch.arange(c, device=qf.device).repeat(G)
-        hide = (col[None, :] - i * c) > row[:, None]  # causal mask of the diagonal block, [G·c, end]
+        qi = q_hat[:, :, :, i].reshape(B, Hk, N, rows, K)
+        # Earlier sub-chunks, carried to the start of sub-chunk i.
+        y = (x_end[:, :, :, :i] * carry[:, :, :, i, :i]).reshape(B, Hk, N, i * c, -1) if i else None
         if not value_gated:
-            q_hat = qi * e_bl[:, :, :, i].repeat(1, 1, 1, G, 1)  # q_t exp(b_t - start_i), ≤ 1
-            A = (q_hat @ xi.transpose(-1, -2)).masked_fill(hide, 0.0)
-            intra.append((A @ v[:, :, :, :end], q_hat * e_start[:, :, :, i]))
+            A = (qi @ x_diag[:, :, :, i].transpose(-1, -2)).masked_fill(hide, 0.0)
+            if i:
+                A = torch.cat([qi @ y.transpose(-1, -2), A], dim=-1)
+            intra.append(A @ v[:, :, :, :(i + 1) * c])
         else:
-            A = (qi @ k[:, :, :, :end].transpose(-1, -2)).masked_fill(hide, 0.0)
-            intra.append((A @ xi, qi))
-    # State update: everything decayed to the chunk end.
-    to_end = (r[:, :, :, -1:] - r).exp()  # [B, Hk, N, n, 1, X]
-    ends = (x_end * to_end).reshape(B, Hk, N, C, -1)
-    local = k.transpose(-1, -2) @ ends if value_gated else ends.transpose(-1, -2) @ v
+            A = qi @ k[:, :, :, :(i + 1) * c].transpose(-1, -2)
+            o = A[..., i * c:].masked_fill(hide, 0.0) @ x_diag[:, :, :, i]
+            intra.append(o if not i else o + A[..., :i * c] @ y)
+    intra = torch.stack(intra, dim=3).reshape(B, Hk, N, n * rows, -1)
+    ends = (x_end * (r[:, :, :, -1:] - r).exp()).reshape(B, Hk, N, C, -1)  # decayed to the chunk end
     decay_chunk = r[:, :, :, -1, 0].exp()  # [B, Hk, N, X]
+    if not value_gated:  # the state read q_t e^{b_t} S_in
+        q_in = (q_hat * e_start.unsqueeze(4)).reshape(B, Hk, N, n * rows, K)
+        return intra, q_in, ends, decay_chunk, None
 
-    def finish(S_in):
-        outs = []
-        for i, (o_intra, q_in) in enumerate(intra):
-            if not value_gated:  # o_t += q_t exp(b_t) S_in
-                outs.append(o_intra + q_in @ S_in)
-            else:  # o_t = exp(b_t - start_i) ⊙ (intra + exp(start_i) ⊙ (q_t S_in))
-                o = o_intra + (q_in @ S_in) * e_start[:, :, :, i]
-                outs.append(o * e_bl[:, :, :, i].repeat(1, 1, 1, G, 1))
-        o = torch.stack(outs, dim=3).reshape(B, Hk, N, n, G, c, -1)
-        return o * scale if scale != 1.0 else o
+    def post(o_intra, o_state):
+        """o_t = e^{b_t - start_i} ⊙ (intra + e^{start_i} ⊙ q_t S_in), rows [n, G, c]."""
+        shape = (B, Hk, N, n, G, c, -1)
+        o = o_intra.view(shape) + o_state.view(shape) * e_start.unsqueeze(4)
+        return o * e_bl.unsqueeze(4)
 
-    return finish, local, decay_chunk
+    return intra, q_hat.reshape(B, Hk, N, n * rows, K), ends, decay_chunk, post

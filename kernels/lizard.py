@@ -78,7 +78,7 @@ class Lizard(Operator):
         self.phi_q.reset_parameters()
         self.phi_k.reset_parameters()
         with torch.no_grad():
-            g0 = torch.linspace(*GATE_INIT, self.num_heads) if self.num_heads > 1 else torch.tensor([GATE_INIT[0]])
+            g0 = torch.linspace(*GATE_INIT, self.num_heads)  # one head: 0.95
             self.gate_weight.zero_()
             self.gate_bias.copy_(torch.log(g0 / (1 - g0)))
             self.sink_logits.zero_()

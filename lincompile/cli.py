@@ -264,3 +264,4 @@ def specs_show(name):
 
 if __name__ == "__main__":
     main()
+from . import cli_heal  # noqa: E402,F401

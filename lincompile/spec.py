@@ -258,6 +258,7 @@ class Spec:
     source: str = "<dict>"
     raw: dict = field(default_factory=dict)
     located: Located | None = None
+    heal: Any = None  # HealConfig (lincompile/heal/config.py) when the spec has a heal: section
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -296,7 +297,7 @@ class Spec:
         loc = loc or Located("<dict>")
         if not isinstance(data, dict):
             raise loc.error((), f"a spec must be a mapping of sections, got {_type_name(data)}")
-        _check_keys(data, ("version", "name", "description", "capture", "patterns", "rules", "fuse", "verify"),
+        _check_keys(data, ("version", "name", "description", "capture", "patterns", "rules", "fuse", "verify", "heal"),
                     (), loc, "the spec")
         if data.get("version", 1) != 1:
             raise loc.error(("version",), f"spec version {data.get('version')} is not supported (expected 1)")
@@ -320,6 +321,9 @@ class Spec:
         _check_keys(verify, ("tolerance",), ("verify",), loc, "verify")
         tol = _expect(verify.get("tolerance", 1e-5), (int, float), ("verify", "tolerance"), loc, "verify.tolerance")
         spec.verify_tolerance = float(tol)
+        if "heal" in data:
+            from .heal.config import parse_heal
+            spec.heal = parse_heal(data["heal"], loc)
         return spec
 
     # ----------------------------------------------------------------------------------------------
@@ -350,6 +354,8 @@ class Spec:
             out["patterns"] = copy.deepcopy(self.patterns)
         out.update({"rules": rules, "fuse": {"backend": self.fuse_backend},
                     "verify": {"tolerance": self.verify_tolerance}})
+        if self.heal is not None:
+            out["heal"] = self.heal.resolved()
         return out
 
 

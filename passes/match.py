@@ -340,8 +340,7 @@ def _scores_chain(x):
         if is_op(x, "mul", "div") and len(x.args) == 2:
             a, b = x.args
             c = const_value(b)
-            if c is None and is_op(strip(b), "full", "scalar_tensor", "sqrt", "lift_fresh_copy") is False and \
-                    isinstance(b, fx.Node) and shape(b) == ():
+            if c is None and isinstance(b, fx.Node) and shape(b) == ():
                 scale_node = b  # a 0-d tensor computed in the graph: evaluated on the probe later
                 c = 1.0
             if c is not None:

@@ -115,8 +115,11 @@ _LORA_KEYS = _STAGE_KEYS + ("r", "alpha", "dropout", "targets", "train_ops", "di
 _DATA_KEYS = ("train", "eval", "seq_len", "holdout", "seed", "tokenizer", "eval_blocks")
 
 
-def parse_heal(raw, loc: Located, base_dir: Path | None = None, path: tuple = ("heal",)) -> HealConfig:
-    """Validate a `heal:` mapping. `base_dir`: where relative data paths start (None: keep them as given)."""
+def parse_heal(raw, loc: Located, base_dir: Path | str | None = "auto", path: tuple = ("heal",)) -> HealConfig:
+    """Validate a `heal:` mapping. `base_dir`: where relative data paths start; "auto": the directory of the
+    spec file when `loc.file` is one, else they stay as given (relative to the working directory)."""
+    if base_dir == "auto":
+        base_dir = Path(loc.file).resolve().parent if Path(loc.file).is_file() else None
     raw = {} if raw is None else _expect(raw, dict, path, loc, "heal")
     _check_keys(raw, ("data", "transfer", "lora", "eval_every", "checkpoint_every", "log_every", "seed"), path, loc,
                 "heal")

@@ -1,0 +1,247 @@
+"""`lincompile heal` and `lincompile eval`, and healing after `lincompile apply` when the spec has a heal: section.
+
+    lincompile heal OUT --data ../shared/data/austen --steps 150 --lr 1e-3
+    lincompile heal OUT --resume                      # after an interruption: continues the saved run
+    torchrun --nproc-per-node 2 -m lincompile heal OUT --data text/ --batch-size 1
+    lincompile eval OUT --data persuasion.txt --context 512 2048 --json
+
+Settings come from (later wins): the defaults, the heal: section of OUT/spec.yaml (or of --config FILE), the
+flags. Errors are one line (exit 2 for usage, 1 at run time), as for every lincompile command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .cli import main
+from .errors import UsageError
+
+# flag -> (section, field) of HealConfig; None values are "not given"
+_FLAGS = {
+    "steps": ("lora", "steps"), "tokens": ("lora", "tokens"), "lr": ("lora", "lr"),
+    "transfer_steps": ("transfer", "steps"), "transfer_tokens": ("transfer", "tokens"),
+    "transfer_lr": ("transfer", "lr"), "r": ("lora", "r"), "alpha": ("lora", "alpha"),
+    "dropout": ("lora", "dropout"), "distill": ("lora", "distill.weight"),
+    "temperature": ("lora", "distill.temperature"), "seq_len": ("data", "seq_len"),
+    "holdout": ("data", "holdout"), "tokenizer": ("data", "tokenizer"), "eval_every": (None, "eval_every"),
+    "checkpoint_every": (None, "checkpoint_every"), "seed": (None, "seed"),
+}
+_BOTH_STAGES = ("batch_size", "grad_accum", "warmup", "clip")
+
+
+def load_heal_section(path: Path):
+    """The heal: section of a spec (or any YAML with one) as a HealConfig; defaults when it has none."""
+    from .heal.config import HealConfig, parse_heal
+    from .spec import load_yaml
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    data, loc = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(data, dict) or data.get("heal") is None:
+        return HealConfig()
+    return parse_heal(data["heal"], loc)
+
+
+def _apply_flags(cfg, flags: dict, data, eval_data, stage: str):
+    if data:
+        cfg.data.train = [str(Path(p).resolve()) if not p.startswith("hf:") else p for p in data]
+    if eval_data:
+        cfg.data.eval = [str(Path(p).resolve()) if not p.startswith("hf:") else p for p in eval_data]
+    for flag, (section, name) in _FLAGS.items():
+        value = flags.get(flag)
+        if value is None:
+            continue
+        target = cfg if section is None else getattr(cfg, section)
+        if name.startswith("distill."):
+            target, name = target.distill, name.split(".", 1)[1]
+        setattr(target, name, value)
+        if name in ("steps", "tokens"):  # a budget given one way replaces the other
+            setattr(target, "tokens" if name == "steps" else "steps", None)
+    for flag in _BOTH_STAGES:
+        if flags.get(flag) is not None:
+            setattr(cfg.transfer, flag, flags[flag])
+            setattr(cfg.lora, flag, flags[flag])
+    if stage != "all":
+        cfg.transfer.enabled, cfg.lora.enabled = stage == "transfer", stage == "lora"
+    return cfg
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--data", multiple=True, help="Training text: file, directory, .jsonl or hf:NAME (repeatable).")
+@click.option("--eval-data", multiple=True, help="Held-out text (default: the end of --data is held out).")
+@click.option("--config", "config_file", type=click.Path(), help="YAML whose heal: section replaces OUT/spec.yaml's.")
+@click.option("--stage", type=click.Choice(["all", "transfer", "lora"]), default="all", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), help="LoRA optimizer steps.")
+@click.option("--tokens", type=click.IntRange(min=1), help="LoRA token budget (instead of --steps).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="LoRA learning rate.")
+@click.option("--transfer-steps", type=click.IntRange(min=1), help="Attention-transfer steps.")
+@click.option("--transfer-tokens", type=click.IntRange(min=1), help="Attention-transfer token budget.")
+@click.option("--transfer-lr", type=click.FloatRange(min=0, min_open=True), help="Attention-transfer learning rate.")
+@click.option("--r", type=click.IntRange(min=1), help="LoRA rank.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="LoRA alpha (scaling alpha / r).")
+@click.option("--dropout", type=click.FloatRange(0, 0.99), help="LoRA dropout.")
+@click.option("--distill", type=click.FloatRange(0, 1), help="Weight of KL distillation from the original model.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), help="Distillation temperature.")
+@click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per training block.")
+@click.option("--holdout", type=click.FloatRange(0, 0.5), help="Fraction of --data held out for evaluation.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-batch per process.")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per optimizer step.")
+@click.option("--warmup", type=click.IntRange(min=0), help="Warm-up steps (both stages).")
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), help="Max gradient norm (both stages).")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate on held-out blocks every N steps.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), help="Checkpoint every N steps.")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of LoRA initialisation and dropout.")
+@click.option("--tokenizer", type=click.Choice(["auto", "bytes"]), help="bytes: UTF-8 bytes as token ids.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted heal in OUT with its saved settings.")
+@click.option("--restart", is_flag=True, help="Discard an unfinished heal in OUT and start over.")
+@click.option("--device", default="cpu", show_default=True, help="torch device (cuda: one GPU per process).")
+@click.option("--allow-code", is_flag=True, help="Allow specs with user Python operators.")
+@click.option("--no-progress", is_flag=True, help="No progress bar or log lines.")
+def heal(out, data, eval_data, config_file, stage, resume, restart, device, allow_code, no_progress, **flags):
+    """Heal the converted model in OUT: attention transfer, then LoRA; OUT becomes the healed model."""
+    from .heal.outdir import OutDir
+    from .heal.run import heal as run_heal
+
+    outdir = OutDir(out)
+    given = [k for k, v in flags.items() if v is not None] + (["data"] if data else []) + \
+        (["eval_data"] if eval_data else []) + (["config"] if config_file else []) + \
+        (["stage"] if stage != "all" else [])
+    if resume:
+        if restart:
+            raise UsageError("--resume and --restart contradict each other")
+        if given:
+            names = ", ".join("--" + g.replace("_", "-") for g in given)
+            raise UsageError(f"--resume continues the saved run with its settings; remove {names}")
+        run_heal(out, None, resume=True, device=device, allow_code=allow_code, progress=not no_progress, log=_log)
+        return
+    cfg = load_heal_section(Path(config_file) if config_file else outdir.root / "spec.yaml")
+    cfg = _apply_flags(cfg, flags, data, eval_data, stage)
+    if not cfg.data.train:
+        raise UsageError("no healing data: pass --data PATH (or set heal.data.train in the spec)")
+    run_heal(out, cfg, restart=restart, device=device, allow_code=allow_code, progress=not no_progress, log=_log)
+
+
+def _log(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)  # stays clear of a running progress bar
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class _SpacedContexts(click.Command):
+    """Accept `--context 512 2048` (as the docs write it) by rewriting it to repeated options first."""
+
+    def parse_args(self, ctx, args):
+        fixed, i = [], 0
+        while i < len(args):
+            fixed.append(args[i])
+            if args[i] == "--context":
+                i += 1
+                values = []
+                while i < len(args) and args[i].isdigit():
+                    values.append(args[i])
+                    i += 1
+                if values:
+                    fixed[-1:] = [x for v in values for x in ("--context", v)]
+                continue
+            i += 1
+        return super().parse_args(ctx, fixed)
+
+
+@main.command("eval", cls=_SpacedContexts)
+@click.argument("model")
+@click.option("--data", multiple=True, required=True, help="Held-out text: file, directory, .jsonl or hf:NAME.")
+@click.option("--context", "contexts", multiple=True, type=click.IntRange(min=2), help="Window length(s) [512].")
+@click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens of the text.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--adapter", is_flag=True, help="OUT: load the LoRA adapters unmerged (heal/adapter).")
+@click.option("--no-original", is_flag=True, help="OUT: skip the original model.")
+@click.option("--tokenizer", type=click.Choice(["auto", "bytes"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--allow-code", is_flag=True, help="Allow specs with user Python operators.")
+def eval_cmd(model, data, contexts, max_tokens, batch_size, adapter, no_original, tokenizer, as_json, device,
+             allow_code):
+    """Perplexity and next-token accuracy of MODEL (a converted OUT dir, or any model) on held-out text.
+
+    For an OUT directory the original model is scored on the same windows, with recovery (accuracy ratio)
+    and the PPL ratio.
+    """
+    from .heal.data import get_tokenizer, read_documents, tokenize
+    from .heal.evaluate import evaluate, hf_forward, table_lines
+
+    contexts = list(contexts) or [512]
+    docs = read_documents(list(data))
+    models, tok, vocab = _eval_models(model, adapter, no_original, device, allow_code)
+    stream = tokenize(docs, get_tokenizer(tok, tokenizer, vocab))
+    fwd = {k: (m.train(False) if k == "converted" else hf_forward(m)) for k, m in models.items()}
+    result = evaluate(fwd, stream, contexts, max_tokens=max_tokens, batch_size=batch_size, device=device,
+                      progress=None if as_json else (lambda s: click.echo(f"scoring {s}", err=True)))
+    result["model"] = model
+    result["data"] = list(data)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for line in table_lines(result):
+        click.echo(line)
+
+
+def _eval_models(ref: str, adapter: bool, no_original: bool, device: str, allow_code: bool):
+    """{"converted": ..., "original": ...} for an OUT dir; {"original": model} for any other model."""
+    if (Path(ref) / "lincompile.json").is_file():
+        from . import load
+        from .heal.lora import load_adapter
+        from .heal.outdir import OutDir
+
+        outdir = OutDir(ref)
+        converted = load_adapter(ref, allow_code, device) if adapter else load(ref, allow_code=allow_code, device=device)
+        models = {"converted": converted}
+        if not no_original:
+            models["original"] = outdir.build_lm(device=device)
+        return models, outdir.tokenizer(), outdir.config.vocab_size
+    if adapter:
+        raise UsageError(f"--adapter needs a lincompile output directory; {ref} is not one")
+    from .models import load_model
+
+    loaded = load_model(ref, device=device)
+    return {"original": loaded.model}, loaded.tokenizer, loaded.model.config.vocab_size
+
+
+# --------------------------------------------------------------------------------------------------
+# `lincompile apply` heals afterwards when its spec has a heal: section with data. The command itself lives
+# in cli.py; its callback is wrapped here so that healing stays out of the compiler's CLI module.
+
+_apply = main.commands["apply"]
+_apply_callback = _apply.callback
+_apply.params.append(click.Option(["--no-heal"], is_flag=True, help="Skip the spec's heal: section."))
+
+
+def _apply_then_heal(no_heal=False, **kwargs):
+    result = _apply_callback(**kwargs)
+    from .spec import Spec
+
+    spec = Spec.resolve(kwargs["spec"])
+    cfg = getattr(spec, "heal", None)
+    if cfg is None or no_heal:
+        return result
+    if not cfg.data.train:
+        click.echo(f"note: the spec has a heal: section without heal.data.train: run `lincompile heal "
+                   f"{kwargs['out']} --data PATH`", err=True)
+        return result
+    from .heal.run import heal as run_heal
+
+    run_heal(kwargs["out"], cfg, restart=True, device=kwargs.get("device", "cpu"),
+             allow_code=kwargs.get("allow_code", False), progress=not kwargs.get("as_json"), log=_log)
+    if not kwargs.get("as_json"):
+        click.echo(f"healed {kwargs['out']}")
+    return result
+
+
+_apply.callback = _apply_then_heal
