@@ -10,7 +10,8 @@ Window branch (RoPE'd q, k as fed, the model's scale), over the last w positions
 logits τ_{h,1..m} that have no values (they only take attention mass away, like the attention sinks of
 pretrained models):
 
-    u_t = Σ_{t−w < s ≤ t} exp(scale · q_t·k_s) v_s / [Σ_{t−w < s ≤ t} exp(scale · q_t·k_s) + Σ_j exp(τ_j)]
+    u_t = Σ_{s ∈ W(t)} exp(scale · q_t·k_s) v_s / [Σ_{s ∈ W(t)} exp(scale · q_t·k_s) + Σ_j exp(τ_j)],
+    W(t) = {t−w < s ≤ t}
 
 Output: o_t = g_t + α_h · u_t.
 
@@ -20,8 +21,11 @@ column: heads can keep different memory lengths); W_γ starts at 0 and b_γ at l
 evenly over [0.95, 0.99] across heads, so at init every token decays the state by γ₀ (memories of
 ~20–100 tokens) and healing learns how the gate depends on the input. Log-gates are clamped at
 kernels/gla.py's LOG_GATE_MIN in every form. Sinks start at τ = 0, α at 1.
-The gated branch runs through kernels/gla.py with the scalar log-gate broadcast over the 2F feature
-channels and v augmented with a ones column, whose output is the normaliser φ_q(q_t)ᵀ z_t.
+The gated branch runs through kernels/gla.py (its one-gate-per-head path, log-gate shaped [..., 1]) with v
+augmented with a ones column, whose output is the normaliser φ_q(q_t)ᵀ z_t.
+The window branch takes its sums from swa_sinks.window_sums (exponents relative to the window max c_t) and
+adds the sinks against max(c_t, max_j τ_j), so every exponent is ≤ 0 whatever the sink logits learn. Both
+chunked pieces are opaque graph nodes, so converted graphs re-export at any length.
 Decode state: the [2F, Dv+1] GLA state per query head (fp32) and a w-slot ring of RoPE'd keys/values.
 Shapes: q / q_pre_rope `[B, Hq, T, D]`, k_kv / k_pre_rope / v_kv `[B, Hkv, T, D]`, hidden `[B, T, d_model]`
 -> `[B, Hq, T, Dv]`.
@@ -40,11 +44,12 @@ from lincompile.errors import MatchError
 from lincompile.graph import shape
 
 from .base import Operator
-from .gla import gla_chunked, gla_naive, gla_step
+from .gla import gla_naive, gla_step
 from .hedgehog import HedgehogFeatureMap, resolve_feature_dim
+from .opaque import gla_chunked
 from .registry import register
 from .swa import window_mask
-from .swa_sinks import ring_init, ring_push, ring_scores, unblock, window_scores
+from .swa_sinks import normalise_with, ring_init, ring_push, ring_sums, window_sums
 
 GATE_INIT = (0.95, 0.99)  # initial per-token decay, spread over the heads
 DEN_MIN = 1e-6  # φ_q·z > 0 always, but can underflow when feature maps saturate on disjoint coordinates
@@ -107,25 +112,23 @@ class Lizard(Operator):
 
     # ----------------------------------------------------------------------------------------------
     def gla_inputs(self, q_pre_rope, k_pre_rope, v_kv, hidden):
-        """(φ_q(q), φ_k(k), [v, 1], log γ broadcast over the features), all `[B, Hq, T, ·]` fp32."""
+        """(φ_q(q), φ_k(k), [v, 1], log γ `[..., 1]`: one gate per head), all `[B, Hq, T, ·]` fp32."""
         fq, fk = self.phi_q(q_pre_rope), self.phi_k(self.expand_kv(k_pre_rope))
         v = self.expand_kv(v_kv).float()
         v_aug = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         logit = torch.einsum("b...d,hd->bh...", hidden.float(), self.gate_weight.float())
         logit = logit + self.gate_bias.float().reshape(1, -1, *([1] * (logit.dim() - 2)))
-        return fq, fk, v_aug, F.logsigmoid(logit)[..., None].expand_as(fk)
+        return fq, fk, v_aug, F.logsigmoid(logit)[..., None]
 
     def _mix(self, lin, win):
         """g + α·u from the GLA output on [v, 1] (numerator, normaliser) and the window branch."""
         gated = lin[..., :-1] / lin[..., -1:].clamp_min(DEN_MIN)
         return gated + self.alpha.float().reshape(1, -1, *([1] * (gated.dim() - 2))) * win
 
-    def _with_sinks(self, scores):
-        """Softmax over [window scores, sink logits]; the window's part only (the sinks have no values)."""
+    def _sinks(self, c):
+        """The sink logits broadcast to the window maxima's shape `[B, H, ...]` (+ m)."""
         m = self.config["num_sinks"]
-        sinks = self.sink_logits.float().reshape(1, -1, *([1] * (scores.dim() - 3)), m)
-        sinks = sinks.expand(*scores.shape[:-1], m)
-        return torch.cat([scores, sinks], dim=-1).softmax(-1)[..., :scores.shape[-1]]
+        return self.sink_logits.float().reshape(1, -1, *([1] * (c.dim() - 2)), m).expand(*c.shape, m)
 
     def naive(self, q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden):
         lin = gla_naive(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden))[0]
@@ -133,7 +136,9 @@ class Lizard(Operator):
         T = q.shape[2]
         scores = ((q.float() @ k.transpose(-1, -2)) * self.scale).masked_fill(
             ~window_mask(T, self.config["window"], q.device), float("-inf"))
-        return self._mix(lin, self._with_sinks(scores) @ v).to(q.dtype)
+        sinks = self.sink_logits.float()[None, :, None, :].expand(*scores.shape[:-1], -1)
+        p = torch.cat([scores, sinks], dim=-1).softmax(-1)[..., :T]  # the sinks have no values
+        return self._mix(lin, p @ v).to(q.dtype)
 
     def init_state(self, batch, dtype=torch.float32, device=None):
         state = ring_init(batch, self.num_kv_heads, self.config["window"], self.head_dim, self.v_head_dim, dtype,
@@ -150,13 +155,13 @@ class Lizard(Operator):
             return q.new_zeros(B, H, 0, self.v_head_dim), state
         fq, fk, fv, g = self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden)
         lin, S = gla_chunked(fq, fk, fv, g, scale=1.0, chunk=self.config["chunk"], initial_state=state["gla"])
-        scores, vals = window_scores(q, k_kv, v_kv, state, self.scale)
-        win = unblock(self._with_sinks(scores) @ vals, T)
+        num, den, c = window_sums(q, k_kv, v_kv, state, self.scale)
+        win = normalise_with(num, den, c, self._sinks(c))
         return self._mix(lin, win).to(q.dtype), {**ring_push(state, k_kv, v_kv), "gla": S}
 
     def step(self, state, q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden):
         lin, S = gla_step(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden), state["gla"])
         ring = ring_push(state, k_kv[:, :, None], v_kv[:, :, None])
-        scores, vals = ring_scores(q, ring, self.scale)
-        win = torch.einsum("bhs,bhsv->bhv", self._with_sinks(scores), vals)
+        num, den, c = ring_sums(q, ring, self.scale)
+        win = normalise_with(num, den, c, self._sinks(c))
         return self._mix(lin, win).to(q.dtype), {**ring, "gla": S}

@@ -12,15 +12,17 @@ O(t) = {s ≤ t−w}:
 head (k is repeated to the query heads first, as LoLCATs maps after the GQA repeat). γ = σ(per-head logit).
 This is LoLCATs' own combination: the window term is stabilised by exp(−c_t) and the linear term is *not*,
 so c_t is part of the function (not a free stabiliser), and every form computes it as the max over the
-same w scores. Z_t ≥ γ (the max term is exp(0)), so the division is safe. For t < w, O(t) is empty and
-y_t is exactly softmax attention (γ cancels). Unlike LoLCATs' "terraced" blocks, the window is the exact
-last w positions (the current one included), as in kernels/swa.py.
+same w scores. Z_t ≥ γ (the max term is exp(0)), so the division is safe. For t < w, O(t) is empty and y_t
+is exactly softmax attention; every form evaluates the quotient divided through by γ (window sums + linear
+sums / γ), so γ then drops out exactly, gradient included. Unlike LoLCATs' "terraced" blocks, the window is
+the exact last w positions (the current one included), as in kernels/swa.py.
 
-Forms: `naive` is the masked quadratic form above. `chunked`: blocked window scores (O(T·w)) plus the
-linear term as causal linear attention whose keys/values are delayed by w positions (position t adds key
-t−w), through kernels/gla.py with zero log-gates and v augmented with a ones column (which yields Z's
-linear part). Decode state: the [2F, Dv+1] linear state per query head (fp32) and a w-slot ring buffer of
-RoPE'd keys/values; a key enters the linear state when it leaves the ring.
+Forms: `naive` is the masked quadratic form above. `chunked`: the window's sums relative to c_t, blocked in
+O(T·w) (swa_sinks.window_sums), plus the linear term as causal linear attention whose keys/values are
+delayed by w positions (position t adds key t−w), through kernels/gla.py with zero log-gates and v
+augmented with a ones column (which yields Z's linear part). Both are opaque graph nodes, so converted
+graphs re-export at any length. Decode state: the [2F, Dv+1] linear state per query head (fp32) and a
+w-slot ring buffer of RoPE'd keys/values; a key enters the linear state when it leaves the ring.
 Shapes: q `[B, Hq, T, D]`, k_kv / v_kv `[B, Hkv, T, D]` -> `[B, Hq, T, Dv]`.
 New parameters: φ_q and φ_k weights (2 · Hq · D · F), γ logits (Hq), init W = I, γ = 0.1.
 Paper: Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large Language Models", 2024.
@@ -35,11 +37,12 @@ import torch
 from torch import nn
 
 from .base import Operator
-from .gla import gla_chunked, gla_step
+from .gla import gla_step
 from .hedgehog import HedgehogFeatureMap, resolve_feature_dim
+from .opaque import gla_chunked
 from .registry import register
 from .swa import window_mask
-from .swa_sinks import ring_init, ring_push, ring_scores, unblock, window_scores
+from .swa_sinks import ring_init, ring_push, ring_sums, window_sums
 
 GAMMA_INIT = 0.1  # LoLCATs' window factor starts small: the linear term carries weight from the first step
 
@@ -73,9 +76,12 @@ class LoLCATs(Operator):
         if weight is not None:
             self.to(device=weight.device)
 
-    def gamma(self, dims: int = 4) -> torch.Tensor:
-        """γ per head, shaped to broadcast over `[B, H, ...]` tensors of `dims` dimensions."""
-        return torch.sigmoid(self.window_logit.float()).reshape(1, -1, *([1] * (dims - 2)))
+    def inv_gamma(self, dims: int = 4) -> torch.Tensor:
+        """1/γ = 1 + exp(−logit) per head, shaped to broadcast over `[B, H, ...]` tensors of `dims` dimensions.
+
+        Every form computes y = (num_w + lin/γ) / (den_w + lin_z/γ): the formula divided through by γ, so that
+        while no token is older than the window (lin = 0) γ drops out exactly, gradient included."""
+        return (1 + torch.exp(-self.window_logit.float())).reshape(1, -1, *([1] * (dims - 2)))
 
     # ----------------------------------------------------------------------------------------------
     def naive(self, q, k_kv, v_kv):
@@ -84,10 +90,9 @@ class LoLCATs(Operator):
         scores = ((q.float() @ k.transpose(-1, -2)) * self.scale).masked_fill(~window_mask(T, w, q.device),
                                                                               float("-inf"))
         c = scores.amax(-1, keepdim=True)
-        a_win = self.gamma() * (scores - c).exp()
         older = torch.ones(T, T, dtype=torch.bool, device=q.device).tril(-w)
         a_lin = (self.phi_q(q) @ self.phi_k(k).transpose(-1, -2)) * older
-        a = a_win + a_lin
+        a = (scores - c).exp() + self.inv_gamma() * a_lin
         return ((a @ v) / a.sum(-1, keepdim=True)).to(q.dtype)
 
     def init_state(self, batch, dtype=torch.float32, device=None):
@@ -103,8 +108,9 @@ class LoLCATs(Operator):
         return self.phi_k(self.expand_kv(k)), self.expand_kv(v_aug * exists[..., None])
 
     def _combine(self, num_w, den_w, lin):
-        g = self.gamma(num_w.dim())
-        return (g * num_w + lin[..., :-1]) / (g * den_w + lin[..., -1:])
+        """(num_w + φ_qᵀH / γ) / (den_w + φ_qᵀz / γ), the linear parts being the GLA output on [v, 1]."""
+        r = self.inv_gamma(num_w.dim())
+        return (num_w + r * lin[..., :-1]) / (den_w + r[..., 0] * lin[..., -1])[..., None]
 
     def chunked(self, q, k_kv, v_kv, state=None):
         B, H, T, _ = q.shape
@@ -113,17 +119,15 @@ class LoLCATs(Operator):
         if T == 0:
             return q.new_zeros(B, H, 0, self.v_head_dim), state
         w = self.config["window"]
-        scores, vals = window_scores(q, k_kv, v_kv, state, self.scale)
-        p = (scores - scores.amax(-1, keepdim=True)).exp()
-        num_w, den_w = unblock(p @ vals, T), unblock(p.sum(-1, keepdim=True), T)
+        num_w, den_w, _ = window_sums(q, k_kv, v_kv, state, self.scale)  # relative to c_t, the window max
         # Query t (absolute len + u) adds key t − w to the linear state: index u of [ring, this call].
         old_k = torch.cat([state["k"].to(k_kv.dtype), k_kv], dim=2)[:, :, :T]
         old_v = torch.cat([state["v"].to(v_kv.dtype), v_kv], dim=2)[:, :, :T]
         exists = torch.arange(T, device=q.device) + state["len"] - w >= 0
         fk, fv = self._delayed(old_k, old_v, exists)
         fq = self.phi_q(q)
-        lin, S = gla_chunked(fq, fk, fv, torch.zeros_like(fk), scale=1.0, chunk=self.config["chunk"],
-                             initial_state=state["lin"])
+        no_decay = fk.new_zeros(*fk.shape[:-1], 1)  # one log-gate per head, 0: plain linear attention
+        lin, S = gla_chunked(fq, fk, fv, no_decay, scale=1.0, chunk=self.config["chunk"], initial_state=state["lin"])
         y = self._combine(num_w, den_w, lin)
         return y.to(q.dtype), {**ring_push(state, k_kv, v_kv), "lin": S}
 
@@ -132,9 +136,8 @@ class LoLCATs(Operator):
         exists = (state["len"] >= self.config["window"]).reshape(1)
         fk, fv = self._delayed(state["k"][:, :, :1], state["v"][:, :, :1], exists)
         fq = self.phi_q(q)
-        lin, S = gla_step(fq, fk[:, :, 0], fv[:, :, 0], torch.zeros_like(fq), state["lin"])
+        lin, S = gla_step(fq, fk[:, :, 0], fv[:, :, 0], None, state["lin"])
         ring = ring_push(state, k_kv[:, :, None], v_kv[:, :, None])
-        scores, vals = ring_scores(q, ring, self.scale)
-        p = (scores - scores.amax(-1, keepdim=True)).exp()
-        y = self._combine(torch.einsum("bhs,bhsv->bhv", p, vals), p.sum(-1, keepdim=True), lin)
+        num_w, den_w, _ = ring_sums(q, ring, self.scale)
+        y = self._combine(num_w, den_w, lin)
         return y.to(q.dtype), {**ring, "lin": S}

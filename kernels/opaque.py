@@ -22,7 +22,7 @@ from . import gla as _gla
 from . import swa as _swa
 
 
-def _differentiable(op, impl, n_tensor_inputs):
+def differentiable(op, impl, n_tensor_inputs):
     """Autograd for a custom op by recomputation: re-run `impl` with grad enabled in backward."""
 
     def setup_context(ctx, inputs, output):
@@ -53,6 +53,9 @@ def _differentiable(op, impl, n_tensor_inputs):
     op.register_autograd(backward, setup_context=setup_context)
 
 
+_differentiable = differentiable  # older name, still imported by kernels/opaque_kv.py
+
+
 def _gla_impl(q, k, v, g, scale, chunk, initial_state):
     o, S = _gla.gla_chunked(q, k, v, g, scale=scale, chunk=chunk, initial_state=initial_state)
     return o, S
@@ -72,7 +75,7 @@ def _(q, k, v, g, scale, chunk, initial_state):
     return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32)
 
 
-_differentiable(gla_chunked_op, _gla_impl, 4)
+differentiable(gla_chunked_op, _gla_impl, 4)
 
 
 def _swa_impl(q, k, v, window, scale, prev_k, prev_v, seen):
@@ -98,7 +101,7 @@ def _swa_impl_grad(q, k, v, window, scale, prev_k, prev_v, seen):
     return _swa_impl(q, k, v, window, scale, prev_k, prev_v, seen)
 
 
-_differentiable(swa_chunked_op, _swa_impl_grad, 3)
+differentiable(swa_chunked_op, _swa_impl_grad, 3)
 
 
 def gla_chunked(q, k, v, g, scale: float = 1.0, chunk: int = 64, initial_state=None):

@@ -11,16 +11,18 @@ Paper: Xiao et al., "Efficient Streaming Language Models with Attention Sinks", 
 Bindings: q, k_kv, v_kv.
 
 This file also holds the sliding-window machinery the hybrid operators (lolcats, lizard) share: the ring
-buffer and the blocked window scores. kernels/swa.py returns normalised outputs only; the hybrids need the
-raw scores to add sink logits or a linear-attention term to the same normaliser.
+buffer and the window's unnormalised sums. kernels/swa.py returns normalised outputs only; the hybrids add
+sink logits or a linear-attention term to the same normaliser.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .base import Operator, repeat_heads
+from .opaque import differentiable
 from .registry import register
 from .swa import window_mask
 
@@ -37,13 +39,11 @@ def ring_init(batch, heads, window, head_dim, v_head_dim, dtype=torch.float32, d
 
 def ring_push(state: dict, k: torch.Tensor, v: torch.Tensor) -> dict:
     """The ring after appending k, v `[B, H, T, ·]` (a new dict; the old one is left as it was)."""
-    W, T = state["k"].shape[2], k.shape[2]
-    if T >= W:
-        keys, vals = k[:, :, -W:], v[:, :, -W:]
-    else:
-        keys = torch.cat([state["k"].to(k.dtype), k], dim=2)[:, :, -W:]
-        vals = torch.cat([state["v"].to(v.dtype), v], dim=2)[:, :, -W:]
-    return {"k": keys, "v": vals, "len": state["len"] + T}
+    # No branch on T (cat even when T ≥ w): a converted graph must re-export with a symbolic length.
+    W = state["k"].shape[2]
+    keys = torch.cat([state["k"].to(k.dtype), k], dim=2)[:, :, -W:]
+    vals = torch.cat([state["v"].to(v.dtype), v], dim=2)[:, :, -W:]
+    return {"k": keys, "v": vals, "len": state["len"] + k.shape[2]}
 
 
 def ring_exists(state: dict) -> torch.Tensor:
@@ -52,48 +52,89 @@ def ring_exists(state: dict) -> torch.Tensor:
     return torch.arange(W, device=state["k"].device) + state["len"] - W >= 0
 
 
-def window_scores(q, k, v, ring: dict, scale: float):
-    """Sliding-window scores, linear in T: queries in blocks of w, each against its own block and the one before.
+# Window sums. For each query t over its window W(t) = {t − w < s ≤ t} (the current token included), with
+# s_ts = scale · q_t·k_s:
+#     c_t = max_{s ∈ W(t)} s_ts,   num_t = Σ_W exp(s_ts − c_t) v_s,   den_t = Σ_W exp(s_ts − c_t).
+# Operators add their own terms to these before normalising (lolcats: a linear-attention term, lizard: sink
+# logits, swa_sinks: sink keys), so c_t is returned too.
 
-    q `[B, Hq, T, D]`; k, v `[B, Hkv, T, ·]` this call's keys/values; `ring` holds the w before them.
-    Returns (scores `[B, Hq, N, w, 2w]` fp32 with −inf outside each query's window (the current token and
-    the w − 1 before it), values `[B, Hq, N, 2w, V]` fp32); block n row a is query n·w + a of this call
-    (rows ≥ T are padding: they see their own key, so no row is empty).
-    """
+
+def _window_sums(q, k, v, prev_k, prev_v, seen, scale: float):
+    """Blocked form, O(T·w): queries in blocks of w, each against its own block and the one before (block 0:
+    the ring's w keys `prev_k`, `prev_v`, of which the last `seen` exist). Returns fp32 (num, den, c)."""
     B, Hq, T, D = q.shape
-    W = ring["k"].shape[2]
+    W = prev_k.shape[2]
     pad = (-T) % W
     N = (T + pad) // W
     # All keys in call order: the ring's w, this call's T, padding. Block n of queries sees blocks n, n+1 of this.
-    keys = F.pad(torch.cat([ring["k"].to(k.dtype), k], dim=2), (0, 0, 0, pad))
-    vals = F.pad(torch.cat([ring["v"].to(v.dtype), v], dim=2), (0, 0, 0, pad))
+    keys = F.pad(torch.cat([prev_k.to(k.dtype), k], dim=2), (0, 0, 0, pad))
+    vals = F.pad(torch.cat([prev_v.to(v.dtype), v], dim=2), (0, 0, 0, pad))
     keys, vals = repeat_heads(keys, Hq).float(), repeat_heads(vals, Hq).float()
     keys = keys.reshape(B, Hq, N + 1, W, D)
     vals = vals.reshape(B, Hq, N + 1, W, vals.shape[-1])
     keys = torch.cat([keys[:, :, :-1], keys[:, :, 1:]], dim=3)  # [B,Hq,N,2W,D]
     vals = torch.cat([vals[:, :, :-1], vals[:, :, 1:]], dim=3)
     qb = F.pad(q, (0, 0, 0, pad)).float().reshape(B, Hq, N, W, D)
-    scores = (qb @ keys.transpose(-1, -2)) * scale
+    scores = (qb @ keys.transpose(-1, -2)) * scale  # [B,Hq,N,W,2W]
     a = torch.arange(W, device=q.device)
     j = torch.arange(2 * W, device=q.device)
     dist = a[:, None] + W - j[None, :]  # query position minus key position
-    key_pos = torch.arange(N, device=q.device)[:, None] * W + j[None, :] - W + ring["len"]  # absolute
-    mask = ((dist >= 0) & (dist < W))[None] & (key_pos >= 0)[:, None, :]  # [N, W, 2W]
-    return scores.masked_fill(~mask, float("-inf")), vals
+    key_pos = torch.arange(N, device=q.device)[:, None] * W + j[None, :] - W + seen  # absolute
+    mask = ((dist >= 0) & (dist < W))[None] & (key_pos >= 0)[:, None, :]  # [N, W, 2W]; padding rows see themselves
+    scores = scores.masked_fill(~mask, float("-inf"))
+    c = scores.amax(-1, keepdim=True)
+    p = (scores - c).exp()
+    num, den = (p @ vals).reshape(B, Hq, N * W, -1), p.sum(-1).reshape(B, Hq, N * W)
+    return num[:, :, :T], den[:, :, :T], c.reshape(B, Hq, N * W)[:, :, :T]
 
 
-def unblock(x: torch.Tensor, T: int) -> torch.Tensor:
-    """`[B, H, N, w, ·]` -> `[B, H, T, ·]` (drops the padding rows)."""
-    B, H, N, W = x.shape[:4]
-    return x.reshape(B, H, N * W, *x.shape[4:])[:, :, :T]
+# One opaque graph node (like kernels/opaque.py's primitives): the blocking branches on T, which torch.export
+# would otherwise specialise a converted graph to. Differentiated by recomputation.
+@torch.library.custom_op("lincompile::window_sums", mutates_args=())
+def window_sums_op(q: Tensor, k: Tensor, v: Tensor, prev_k: Tensor, prev_v: Tensor, seen: Tensor,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _window_sums(q, k, v, prev_k, prev_v, seen, scale)
 
 
-def ring_scores(q, ring: dict, scale: float):
-    """One query `[B, Hq, D]` against the ring (after pushing its own key): (scores [B,Hq,w] −inf where no key, values)."""
+@window_sums_op.register_fake
+def _(q, k, v, prev_k, prev_v, seen, scale):
+    B, H, T, _ = q.shape
+    return (q.new_empty(B, H, T, v.shape[-1], dtype=torch.float32), q.new_empty(B, H, T, dtype=torch.float32),
+            q.new_empty(B, H, T, dtype=torch.float32))
+
+
+differentiable(window_sums_op, _window_sums, 5)
+
+
+def window_sums(q, k, v, ring: dict, scale: float):
+    """q `[B, Hq, T, D]`; k, v `[B, Hkv, T, ·]` this call's keys/values; `ring` the w before them."""
+    return window_sums_op(q, k, v, ring["k"].to(k.dtype), ring["v"].to(v.dtype), ring["len"], float(scale))
+
+
+def ring_sums(q, ring: dict, scale: float):
+    """The window sums of one query `[B, Hq, D]` over the ring (after pushing its own key): (num, den, c)."""
     Hq = q.shape[1]
     keys, vals = repeat_heads(ring["k"], Hq).float(), repeat_heads(ring["v"], Hq).float()
     scores = torch.einsum("bhd,bhsd->bhs", q.float(), keys) * scale
-    return scores.masked_fill(~ring_exists(ring), float("-inf")), vals
+    scores = scores.masked_fill(~ring_exists(ring), float("-inf"))
+    c = scores.amax(-1, keepdim=True)
+    p = (scores - c).exp()
+    return torch.einsum("bhs,bhsv->bhv", p, vals), p.sum(-1), c[..., 0]
+
+
+def normalise_with(num, den, c, logits, values=None):
+    """Softmax over the window and m extra positions: logits `[..., m]` (−inf: not visible) with values
+    `[B, H, m, V]`, or none (sinks that only take mass). Shapes: num `[..., V]`, den and c `[...]`."""
+    if logits.shape[-1] == 0:
+        return num / den[..., None]
+    # Any common reference cancels; the larger of the two keeps every exponent ≤ 0.
+    ref = torch.maximum(c, logits.amax(-1)).detach()
+    scale_w = (c - ref).exp()
+    e = (logits - ref[..., None]).exp()
+    num = num * scale_w[..., None]
+    if values is not None:
+        num = num + torch.einsum("bh...j,bhjv->bh...v", e, values.float())
+    return num / (den * scale_w + e.sum(-1))[..., None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,7 +165,8 @@ class SWASinks(Operator):
 
     def init_state(self, batch, dtype=torch.float32, device=None):
         m = self.config["num_sinks"]
-        state = ring_init(batch, self.num_kv_heads, self.config["window"], self.head_dim, self.v_head_dim, dtype, device)
+        state = ring_init(batch, self.num_kv_heads, self.config["window"], self.head_dim, self.v_head_dim, dtype,
+                          device)
         state["sink_k"] = torch.zeros(batch, self.num_kv_heads, m, self.head_dim, dtype=dtype, device=device)
         state["sink_v"] = torch.zeros(batch, self.num_kv_heads, m, self.v_head_dim, dtype=dtype, device=device)
         return state
@@ -139,37 +181,30 @@ class SWASinks(Operator):
         sink_v = torch.where(new, v.index_select(2, at), state["sink_v"].to(v.dtype))
         return sink_k, sink_v
 
+    def _sink_logits(self, q, sink_k, t):
+        """Scores of queries `[B, H, ..., D]` at absolute positions t `[...]` against the sink slots; sink j
+        counts only once it has left the window (j ≤ t − w), so no position is counted twice."""
+        m, w = self.config["num_sinks"], self.config["window"]
+        scores = torch.einsum("bh...d,bhjd->bh...j", q.float(), self.expand_kv(sink_k).float()) * self.scale
+        visible = torch.arange(m, device=q.device) <= t[..., None] - w
+        return scores.masked_fill(~visible, float("-inf"))
+
     def chunked(self, q, k_kv, v_kv, state=None):
         B, H, T, _ = q.shape
         if state is None:
             state = self.init_state(B, k_kv.dtype, q.device)
         if T == 0:
             return q.new_zeros(B, H, 0, self.v_head_dim), state
-        w, m = self.config["window"], self.config["num_sinks"]
         sink_k, sink_v = self._sinks_after(state, k_kv, v_kv)
-        scores, vals = window_scores(q, k_kv, v_kv, state, self.scale)
-        N = scores.shape[2]
-        # Sink j is read from the sink slots only once it has left the window (j ≤ t − w): never twice.
-        t = torch.arange(N * w, device=q.device).reshape(N, w) + state["len"]  # absolute query positions
-        sink_seen = torch.arange(m, device=q.device) <= t[..., None] - w  # [N, w, m]
-        qb = F.pad(q, (0, 0, 0, N * w - T)).float().reshape(B, H, N, w, -1)
-        s_sink = torch.einsum("bhnad,bhjd->bhnaj", qb, self.expand_kv(sink_k).float()) * self.scale
-        s_sink = s_sink.masked_fill(~sink_seen, float("-inf"))
-        p = torch.cat([scores, s_sink], dim=-1).softmax(-1)
-        o = p[..., :2 * w] @ vals + torch.einsum("bhnaj,bhjv->bhnav", p[..., 2 * w:], self.expand_kv(sink_v).float())
-        new_state = {**ring_push(state, k_kv, v_kv), "sink_k": sink_k, "sink_v": sink_v}
-        return unblock(o, T).to(q.dtype), new_state
+        num, den, c = window_sums(q, k_kv, v_kv, state, self.scale)
+        logits = self._sink_logits(q, sink_k, torch.arange(T, device=q.device) + state["len"])
+        o = normalise_with(num, den, c, logits, self.expand_kv(sink_v))
+        return o.to(q.dtype), {**ring_push(state, k_kv, v_kv), "sink_k": sink_k, "sink_v": sink_v}
 
     def step(self, state, q, k_kv, v_kv):
-        w, m = self.config["window"], self.config["num_sinks"]
         k1, v1 = k_kv[:, :, None], v_kv[:, :, None]
         sink_k, sink_v = self._sinks_after(state, k1, v1)
-        t = state["len"]  # this query's absolute position
         ring = ring_push(state, k1, v1)
-        scores, vals = ring_scores(q, ring, self.scale)
-        s_sink = torch.einsum("bhd,bhjd->bhj", q.float(), self.expand_kv(sink_k).float()) * self.scale
-        s_sink = s_sink.masked_fill(~(torch.arange(m, device=q.device) <= t - w), float("-inf"))
-        p = torch.cat([scores, s_sink], dim=-1).softmax(-1)
-        o = torch.einsum("bhs,bhsv->bhv", p[..., :w], vals) + \
-            torch.einsum("bhj,bhjv->bhv", p[..., w:], self.expand_kv(sink_v).float())
+        num, den, c = ring_sums(q, ring, self.scale)
+        o = normalise_with(num, den, c, self._sink_logits(q, sink_k, state["len"]), self.expand_kv(sink_v))
         return o.to(q.dtype), {**ring, "sink_k": sink_k, "sink_v": sink_v}

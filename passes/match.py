@@ -176,7 +176,8 @@ def find_projection(node, max_depth: int = 12):
             if is_op(n, *PROJECTIONS) and _has_weight(n):
                 return n, _proj_input(n)
             if n.op == "call_function":
-                nxt.extend(a for a in n.all_input_nodes if val(a) is not None and a.op == "call_function")
+                # Tuple-valued nodes (split / chunk of a fused qkv projection) are walked through as well.
+                nxt.extend(a for a in n.all_input_nodes if a.op == "call_function")
         frontier = nxt
     return None, None
 

@@ -250,6 +250,22 @@ def test_lizard_branches():
     assert rel(op(**x), gated + op.alpha[None, :, None, None] * expected) < 1e-5
 
 
+def test_lizard_sinks_far_above_the_scores_stay_finite():
+    # Sinks that take (almost) all the mass: exponents are taken against the larger of window max and sinks.
+    op = make_op("lizard")
+    with torch.no_grad():
+        op.sink_logits.fill_(200.0)
+    x = make_inputs(op, 9)
+    out, _ = op.chunked(**x)
+    with torch.no_grad():
+        op.alpha.zero_()
+    assert rel(out, op(**x)) < 1e-5  # the window branch has vanished
+    with torch.no_grad():
+        op.alpha.fill_(1.0)
+    op(**x).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in op.parameters())
+
+
 def test_lizard_gradients_reach_the_new_parameters():
     op = make_op("lizard")
     x = make_inputs(op, 17)
@@ -282,6 +298,16 @@ def new_param_count(op):
     return {"lolcats": 2 * h * d * f + h, "swa_sinks": 0}[op.name]
 
 
+def check_re_exports(converted):
+    """The converted graph exports again with a symbolic length (the chunked forms are opaque nodes)."""
+    seq = torch.export.Dim("seq", min=2, max=512)
+    ep = torch.export.export(converted.eval(), (torch.randint(0, 128, (2, 10)),),
+                             dynamic_shapes={"input_ids": {1: seq}}, strict=False)
+    ids = torch.randint(0, 128, (2, 77))
+    with torch.no_grad():
+        assert (ep.module()(ids) - converted(ids)).abs().max() < 1e-5
+
+
 def check_trains(converted, ids):
     logits = converted(ids)
     assert torch.isfinite(logits).all()
@@ -306,6 +332,7 @@ def test_convert_tiny_llama_lolcats_and_swa_sinks():
         assert (converted(ids[:, :64]) - model(ids[:, :64]).logits).abs().max() < 1e-4
     logits = check_trains(converted, ids)
     assert (logits.detach() - model(ids).logits).abs().max() > 1e-3  # past the window they do
+    check_re_exports(converted)
 
 
 def test_convert_tiny_llama_lizard():
@@ -315,3 +342,4 @@ def test_convert_tiny_llama_lizard():
     assert all(sum(p.numel() for p in op.parameters()) == new_param_count(op) for op in ops.values())
     check_trains(converted, torch.randint(0, 128, (2, 40)))
     assert all(op.gate_weight.grad.abs().sum() > 0 for op in ops.values())
+    check_re_exports(converted)
