@@ -144,3 +144,15 @@ def test_user_op_without_opt_in_is_refused():
 
     with pytest.raises(UsageError, match="--allow-code"):
         lincompile.convert(tiny_model("llama"), make_spec(spec_text("mypkg.ops:Op")))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_bfloat16_models_convert(impl):
+    model = tiny_model("llama", impl).to(torch.bfloat16)
+    identity = lincompile.convert(model, make_spec(spec_text("softmax", impl)))
+    assert identity.report["capture_max_abs_diff"] == 0.0
+    assert identity.report["logits_max_abs_diff"] <= 0.02
+    converted = lincompile.convert(tiny_model("llama", impl).to(torch.bfloat16),
+                                   make_spec(spec_text("liger_attention", impl)))
+    out = converted(torch.randint(0, 128, (1, 70)))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
