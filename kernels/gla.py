@@ -17,11 +17,12 @@ Transformers with Hardware-Efficient Training", 2023. Within a chunk of C positi
 c ≤ 16, every decay exp(b_t - b_s) is factorised through a reference point r_i at the start of the query's
 sub-chunk i: exp(b_t - r_i) ≤ 1 on the query side, exp(r_i - b_s) on the key side — ≤ 1 for keys of earlier
 sub-chunks and ≤ exp(c·|LOG_GATE_MIN|) = e^80 < fp32 max for keys of the same sub-chunk (masked afterwards).
-So nothing overflows for any gates ≥ LOG_GATE_MIN provided |k|·e^80 (key-gated) or |v|·e^80 (value-gated)
-is finite, i.e. |k|, |v| < 6e3. Cumulative sums restart at every sub-chunk so the exponents that matter
+So nothing overflows for any gates ≥ LOG_GATE_MIN provided |k|·e^80 is finite, i.e. |k| < 6e3 (the
+value-gated form references the sub-chunk end instead and has no such bound). Cumulative sums restart at every sub-chunk so the exponents that matter
 most (same sub-chunk) are sums of ≤ 16 gates, not differences of long sums. Across chunks a short
-sequential scan carries the state. Scalar gates (`g` of size 1 on the last axis, or None) take a cheaper
-path: the C×C decay matrix is formed directly with exponents ≤ 0.
+sequential scan carries the state, and the sequence is processed a segment of chunks at a time so that
+the temporaries stay cache-sized (SEGMENT_ELEMENTS). Scalar gates (`g` of size 1 on the last axis, or None)
+take a cheaper path: the C×C decay matrix is formed directly with exponents ≤ 0.
 
 GQA: the query heads of a group are folded into the rows of every matmul ([G·c, K] @ [K, ·]), so keys,
 values, gates and states are handled once per kv head — G times less work and memory on that side.
@@ -135,18 +136,20 @@ def _chunked(q, k, v, g, scale, chunk, initial_state, sub_chunk, value_gated):
     c = C if scalar else min(sub_chunk, C)
     # Work through the sequence a segment of chunks at a time, carrying the state: the temporaries stay
     # small enough to live in cache (and to be reused by the allocator instead of page-faulted in afresh).
-    per_chunk = B * H * C * max(K, V, 4 * C)
+    per_chunk = B * H * C * max(K, V)
     seg = C * max(1, SEGMENT_ELEMENTS // per_chunk)
     outs = []
     for t0 in range(0, T, seg):
-        piece = (x[:, :, t0:t0 + seg] for x in (q, k, v, g) if x is not None)
-        o, S = _segment(*piece, *((None,) if g is None else ()), S, C, c, scale, value_gated, scalar)
+        part = slice(t0, t0 + seg)
+        o, S = _segment(q[:, :, part], k[:, :, part], v[:, :, part], None if g is None else g[:, :, part], S,
+                        C, c, scale, value_gated, scalar)
         outs.append(o)
     return (torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]), S
 
 
-# Elements per segment: about 4 MB of fp32 per temporary, chosen by measurement on CPU (see benchmarks/ops.py).
-SEGMENT_ELEMENTS = 1 << 20
+# Elements of a q-sized temporary per segment (2 MB of fp32, cache-sized): the best of 2^16..2^26 measured with
+# liger_gla at 16k tokens on one CPU thread (benchmarks/ops.py); whole-sequence temporaries were ~1.4× slower.
+SEGMENT_ELEMENTS = 1 << 19
 
 
 def _segment(q, k, v, g, S, C, c, scale, value_gated, scalar):
@@ -172,15 +175,12 @@ def _segment(q, k, v, g, S, C, c, scale, value_gated, scalar):
     # what the chunk adds (all keys decayed to the chunk end). Per chunk these are a few [K, V]-sized ops.
     outs = []
     for j in range(N):
-        if value_gated:
+        if value_gated:  # S [K, V] gated on V: S ← S Diag(decay) + kᵀ x_out
             outs.append(q_in[:, :, j] @ S)
-            S = torch.baddbmm((S * decay[:, :, j, None, :]).flatten(0, 1), k[:, :, j].transpose(-1, -2).flatten(0, 1),
-                              x_out[:, :, j].flatten(0, 1)).view(S.shape)
-        else:
-            outs.append(torch.baddbmm(intra[:, :, j].flatten(0, 1), q_in[:, :, j].flatten(0, 1),
-                                      S.flatten(0, 1)).view(intra[:, :, j].shape))
-            S = torch.baddbmm((S * decay[:, :, j, :, None]).flatten(0, 1), x_out[:, :, j].transpose(-1, -2).flatten(0, 1),
-                              v[:, :, j].flatten(0, 1)).view(S.shape)
+            S = _bmm_add(S * decay[:, :, j, None, :], k[:, :, j].transpose(-1, -2), x_out[:, :, j])
+        else:  # S [K, V] gated on K: S ← Diag(decay) S + x_outᵀ v
+            outs.append(_bmm_add(intra[:, :, j], q_in[:, :, j], S))
+            S = _bmm_add(S * decay[:, :, j, :, None], x_out[:, :, j].transpose(-1, -2), v[:, :, j])
     if value_gated:
         o = post(intra, torch.stack(outs, dim=2))
         o = o.reshape(B, Hk, N, n, G, c, V).permute(0, 1, 4, 2, 3, 5, 6)
@@ -189,6 +189,11 @@ def _segment(q, k, v, g, S, C, c, scale, value_gated, scalar):
         o = torch.stack([x.view(B, Hk, n, G, c, V).transpose(2, 3) for x in outs], dim=3)
     o = o.reshape(B, H, N * C, V)[:, :, :T]
     return o.to(dtype), S
+
+
+def _bmm_add(base, a, b):
+    """base + a @ b over `[B, Hk, ·, ·]` tensors, as one baddbmm (the sum is written once)."""
+    return torch.baddbmm(base.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1)).view(base.shape)
 
 
 def _intra_scalar(qf, k, v, g, scale):
@@ -211,51 +216,55 @@ def _intra_channel(qf, k, v, g, scale, value_gated):
     Key-gated rows of sub-chunk i: o_t = Σ_{s ≤ t, same chunk} (q_t e^{b_t - start_i}) · (k_s e^{start_i - b_s}) v_s
     (+ the state read q_t e^{b_t} S_in in the scan). Keys of earlier sub-chunks j reach start_i as
     k_s e^{r_j - b_s} (to the end of j, ≤ 1) times e^{start_i - r_j} (≤ 1); keys of sub-chunk i itself as
-    k_s e^{-bl_s} (≤ e^80). Value-gated: the same factors on v_s and on the output instead of q_t, k_s.
+    k_s e^{-bl_s} (≤ e^80 |k|). Value-gated rows use the end r_i of their sub-chunk instead, so every value
+    factor is ≤ 1 and only the output factor e^{b_t - r_i} = e^{bl_t - tot_i} is ≥ 1 (≤ e^80): it multiplies
+    a sum whose product with it is the (finite) result, so no intermediate can overflow whatever q·k is.
     """
     B, Hk, N, n, G, c, K = qf.shape
-    C = n * c
+    C, rows = n * c, G * c
     bl = g.cumsum(-2)  # [B, Hk, N, n, c, X]: log-decay from the start of each sub-chunk, in [-80, 0]
     tot = bl[:, :, :, :, -1:]  # [B, Hk, N, n, 1, X]: log-decay over each whole sub-chunk
     r = tot.cumsum(3)  # r_j: log-decay from the chunk start to the end of sub-chunk j
-    starts = torch.cat([torch.zeros_like(r[:, :, :, :1]), r[:, :, :, :-1]], dim=3)  # start_i = r_{i-1}
-    carry = (starts.unsqueeze(4) - r.unsqueeze(3)).clamp(max=0.0).exp()  # [B,Hk,N,n(i),n(j),1,X], j < i used
-    e_bl, e_start = bl.exp(), starts.exp()
     x = (v if value_gated else k).reshape(B, Hk, N, n, c, -1)  # the operand whose channels carry the gates
-    x_diag = x / e_bl  # decayed back to the start of its sub-chunk (≤ e^80 · |x|)
-    x_end = x_diag * tot.exp()  # decayed to the end of its sub-chunk (≤ |x|)
+    to_end = (tot - bl).exp()  # e^{r_j - b_s}: from position s to the end of its sub-chunk j, ≤ 1
+    x_end = x * to_end
+    # Reference of row block i: its start (key-gated) or its end (value-gated); carry[i, j] = e^{ref_i - r_j}.
+    refs = torch.cat([torch.zeros_like(r[:, :, :, :1]), r[:, :, :, :-1]], dim=3) if not value_gated else r
+    carry = (refs.unsqueeze(4) - r.unsqueeze(3)).clamp(max=0.0).exp()  # [B,Hk,N,n(i),n(j),1,X], j < i used
+    e_ref = refs.exp()  # e^{ref_i}: the rest of the way from the chunk start
     if value_gated:
         q_hat = qf * scale if scale != 1.0 else qf
     else:
-        q_hat = qf * (e_bl * scale if scale != 1.0 else e_bl).unsqueeze(4)  # q_t e^{b_t - start_i} (≤ 1)
+        e_bl = bl.exp()  # e^{b_t - start_i} ≤ 1
+        x_diag = x / e_bl  # decayed back to the start of its sub-chunk (≤ e^80 · |x|)
+        q_hat = qf * (e_bl * scale if scale != 1.0 else e_bl).unsqueeze(4)
 
-    rows = G * c
     hide = torch.ones(c, c, dtype=torch.bool, device=qf.device).triu(1).repeat(G, 1)  # [G·c, c], s > t
     intra = []
     for i in range(n):
         qi = q_hat[:, :, :, i].reshape(B, Hk, N, rows, K)
-        # Earlier sub-chunks, carried to the start of sub-chunk i.
+        # Earlier sub-chunks, carried to the reference of sub-chunk i.
         y = (x_end[:, :, :, :i] * carry[:, :, :, i, :i]).reshape(B, Hk, N, i * c, -1) if i else None
         if not value_gated:
-            A = (qi @ x_diag[:, :, :, i].transpose(-1, -2)).masked_fill(hide, 0.0)
+            A = (qi @ x_diag[:, :, :, i].transpose(-1, -2)).masked_fill_(hide, 0.0)
             if i:
                 A = torch.cat([qi @ y.transpose(-1, -2), A], dim=-1)
             intra.append(A @ v[:, :, :, :(i + 1) * c])
         else:
             A = qi @ k[:, :, :, :(i + 1) * c].transpose(-1, -2)
-            o = A[..., i * c:].masked_fill(hide, 0.0) @ x_diag[:, :, :, i]
+            o = A[..., i * c:].masked_fill_(hide, 0.0) @ x_end[:, :, :, i]
             intra.append(o if not i else o + A[..., :i * c] @ y)
     intra = torch.stack(intra, dim=3).reshape(B, Hk, N, n * rows, -1)
     ends = (x_end * (r[:, :, :, -1:] - r).exp()).reshape(B, Hk, N, C, -1)  # decayed to the chunk end
     decay_chunk = r[:, :, :, -1, 0].exp()  # [B, Hk, N, X]
     if not value_gated:  # the state read q_t e^{b_t} S_in
-        q_in = (q_hat * e_start.unsqueeze(4)).reshape(B, Hk, N, n * rows, K)
+        q_in = (q_hat * e_ref.unsqueeze(4)).reshape(B, Hk, N, n * rows, K)
         return intra, q_in, ends, decay_chunk, None
 
     def post(o_intra, o_state):
-        """o_t = e^{b_t - start_i} ⊙ (intra + e^{start_i} ⊙ q_t S_in), rows [n, G, c]."""
+        """o_t = e^{bl_t - tot_i} ⊙ (intra + e^{r_i} ⊙ q_t S_in), rows [n, G, c]."""
         shape = (B, Hk, N, n, G, c, -1)
-        o = o_intra.view(shape) + o_state.view(shape) * e_start.unsqueeze(4)
-        return o * e_bl.unsqueeze(4)
+        o = o_intra.view(shape) + o_state.view(shape) * e_ref.unsqueeze(4)
+        return o / to_end.unsqueeze(4)
 
     return intra, q_hat.reshape(B, Hk, N, n * rows, K), ends, decay_chunk, post

@@ -4,7 +4,7 @@
 
 SWA_w is softmax attention over the last w positions (the current one included) with the model's RoPE'd
 q/k and scale; liger_gla is `liger_gla.py` (gates from the pre-RoPE key, softmax feature maps). Defaults
-a = b = 0.5, w = 64. No new parameters. Decode state: the GLA state plus a w-slot ring buffer of keys/values.
+a = b = 0.5, w = 64. No new parameters. Decode state per kv head: the GLA state plus a w-slot ring buffer of keys/values.
 Shapes: q / q_pre_rope `[B, Hq, T, D]`, k_kv / k_pre_rope / v_kv `[B, Hkv, T, D]`.
 Paper: Lan et al., "Liger: Linearizing Large Language Models to Gated Recurrent Structures", 2025.
 Bindings: q, k_kv, v_kv, q_pre_rope, k_pre_rope.
@@ -38,13 +38,13 @@ class LigerAttention(LigerGLA):
         return (self.config["a"] * swa.float() + self.config["b"] * gla.float()).to(swa.dtype)
 
     def naive(self, q, k_kv, v_kv, q_pre_rope, k_pre_rope):
-        swa = swa_naive(q, self.expand_kv(k_kv), self.expand_kv(v_kv), self.config["window"], self.scale)
+        swa = swa_naive(q, k_kv, v_kv, self.config["window"], self.scale)
         gla = gla_naive(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv))[0]
         return self._mix(swa, gla)
 
     def chunked(self, q, k_kv, v_kv, q_pre_rope, k_pre_rope, state=None):
         state = state or {}
-        swa, swa_state = swa_chunked(q, self.expand_kv(k_kv), self.expand_kv(v_kv), self.config["window"],
+        swa, swa_state = swa_chunked(q, k_kv, v_kv, self.config["window"],
                                      self.scale, state=state.get("swa"))
         gq, gk, gv, g = self.gla_inputs(q_pre_rope, k_pre_rope, v_kv)
         gla, S = gla_chunked(gq, gk, gv, g, chunk=self.config["chunk"], initial_state=state.get("gla"))
@@ -52,13 +52,12 @@ class LigerAttention(LigerGLA):
 
     def init_state(self, batch, dtype=torch.float32, device=None):
         state = super().init_state(batch, dtype, device)
-        state["swa"] = swa_init_state(batch, self.num_heads, self.head_dim, self.v_head_dim, self.config["window"],
+        state["swa"] = swa_init_state(batch, self.num_kv_heads, self.head_dim, self.v_head_dim, self.config["window"],
                                       dtype, device)
         return state
 
     def step(self, state, q, k_kv, v_kv, q_pre_rope, k_pre_rope):
-        swa, swa_state = swa_step(q, self.expand_kv(k_kv[:, :, None])[:, :, 0], self.expand_kv(v_kv[:, :, None])[:, :, 0],
-                                  state["swa"], self.config["window"], self.scale)
+        swa, swa_state = swa_step(q, k_kv, v_kv, state["swa"], self.config["window"], self.scale)
         gq, gk, gv, g = self.gla_inputs(q_pre_rope[:, :, None], k_pre_rope[:, :, None], v_kv[:, :, None])
         gla, S = gla_step(gq[:, :, 0], gk[:, :, 0], gv[:, :, 0], g[:, :, 0], state["gla"])
         return self._mix(swa, gla), {"gla": S, "swa": swa_state}

@@ -4,7 +4,8 @@
     log α_t = logsigmoid(k_t) / gate_normalizer      per key channel, from the pre-RoPE key
     S_t = Diag(α_t) S_{t-1} + φ(k_t) v_tᵀ,   o_t = S_tᵀ φ(q_t)      (no RoPE, no normaliser, scale 1)
 
-Shapes: q_pre_rope `[B, Hq, T, D]`, k_pre_rope / v_kv `[B, Hkv, T, D]` (repeated to Hq inside for GQA).
+Shapes: q_pre_rope `[B, Hq, T, D]`, k_pre_rope / v_kv `[B, Hkv, T, D]`. Under GQA the state is kept per kv head
+`[B, Hkv, D, D]` (keys, values and gates are kv-head quantities); the query heads of a group share it.
 No new parameters: the pretrained q/k/v projections are reused as they are.
 Paper: Lan et al., "Liger: Linearizing Large Language Models to Gated Recurrent Structures", 2025.
 Bindings: q_pre_rope, k_pre_rope, v_kv (without RoPE in the model, q / k are used as they are).
@@ -43,11 +44,10 @@ class LigerGLA(Operator):
             raise ValueError("gate_normalizer must be positive")
 
     def gla_inputs(self, q_pre_rope, k_pre_rope, v_kv):
-        """(φ(q), φ(k), v, log-gate) with kv heads repeated to the query heads."""
+        """(φ(q), φ(k), v, log-gate); k, v and the gate keep the kv heads (the GLA primitives group queries)."""
         phi = FEATURE_MAPS[self.config["feature_map"]]
-        k = self.expand_kv(k_pre_rope)
-        g = F.logsigmoid(k.float()) / self.config["gate_normalizer"]
-        return phi(q_pre_rope), phi(k), self.expand_kv(v_kv), g
+        g = F.logsigmoid(k_pre_rope.float()) / self.config["gate_normalizer"]
+        return phi(q_pre_rope), phi(k_pre_rope), v_kv, g
 
     def naive(self, q_pre_rope, k_pre_rope, v_kv):
         return gla_naive(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv))[0]
@@ -58,7 +58,7 @@ class LigerGLA(Operator):
         return o, {"gla": S}
 
     def init_state(self, batch, dtype=torch.float32, device=None):
-        return {"gla": torch.zeros(batch, self.num_heads, self.head_dim, self.v_head_dim, device=device)}
+        return {"gla": torch.zeros(batch, self.num_kv_heads, self.head_dim, self.v_head_dim, device=device)}
 
     def step(self, state, q_pre_rope, k_pre_rope, v_kv):
         q, k, v, g = self.gla_inputs(q_pre_rope[:, :, None], k_pre_rope[:, :, None], v_kv[:, :, None])

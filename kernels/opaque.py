@@ -5,7 +5,7 @@ length, that specialises the graph to one T. Wrapped as `torch.library.custom_op
 nodes: `register_fake` gives output shapes from input shapes, and `register_autograd` differentiates by
 recomputing the primitive under autograd (no extra memory kept between forward and backward).
 
-    lincompile::gla_chunked(q, k, v, g, scale, chunk, initial_state?) -> (o, final_state)
+    lincompile::gla_chunked(q, k, v, g?, scale, chunk, initial_state?, value_gated) -> (o, final_state)
     lincompile::swa_chunked(q, k, v, window, scale, prev_k, prev_v, seen) -> (o, last_k, last_v)
 
 Operators call `gla_chunked` / `swa_chunked` from here; the kernels issue dispatches these to Triton on CUDA.
@@ -53,26 +53,24 @@ def differentiable(op, impl, n_tensor_inputs):
     op.register_autograd(backward, setup_context=setup_context)
 
 
-_differentiable = differentiable  # older name, still imported by kernels/opaque_kv.py
-
-
-def _gla_impl(q, k, v, g, scale, chunk, initial_state):
-    o, S = _gla.gla_chunked(q, k, v, g, scale=scale, chunk=chunk, initial_state=initial_state)
-    return o, S
+def _gla_impl(q, k, v, g, scale, chunk, initial_state, value_gated):
+    form = _gla.vgla_chunked if value_gated else _gla.gla_chunked
+    return form(q, k, v, g, scale=scale, chunk=chunk, initial_state=initial_state)
 
 
 @torch.library.custom_op("lincompile::gla_chunked", mutates_args=())
-def gla_chunked_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, chunk: int,
-                   initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    o, S = _gla_impl(q, k, v, g, scale, chunk, initial_state)
+def gla_chunked_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float, chunk: int,
+                   initial_state: Optional[Tensor], value_gated: bool) -> tuple[Tensor, Tensor]:
+    o, S = _gla_impl(q, k, v, g, scale, chunk, initial_state, value_gated)
     # Custom ops may not return their inputs (T == 0 hands the initial state straight back).
     return o, S.clone() if S is initial_state else S
 
 
 @gla_chunked_op.register_fake
-def _(q, k, v, g, scale, chunk, initial_state):
+def _(q, k, v, g, scale, chunk, initial_state, value_gated):
+    # The state has k's heads: kv heads under GQA (query heads of a group share it), or all heads.
     B, H, T, K = q.shape
-    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, K, v.shape[-1], dtype=torch.float32)
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, k.shape[1], K, v.shape[-1], dtype=torch.float32)
 
 
 differentiable(gla_chunked_op, _gla_impl, 4)
@@ -105,15 +103,19 @@ differentiable(swa_chunked_op, _swa_impl_grad, 3)
 
 
 def gla_chunked(q, k, v, g, scale: float = 1.0, chunk: int = 64, initial_state=None):
-    """`gla.gla_chunked` as one opaque, differentiable, exportable graph node."""
-    return gla_chunked_op(q, k, v, g, float(scale), int(chunk), initial_state)
+    """`gla.gla_chunked` (k/v/g with kv heads or all heads; g may be None) as one opaque graph node."""
+    return gla_chunked_op(q, k, v, g, float(scale), int(chunk), initial_state, False)
+
+
+def vgla_chunked(q, k, v, g, scale: float = 1.0, chunk: int = 64, initial_state=None):
+    """`gla.vgla_chunked` (gates on the value axis, for GSA) as one opaque graph node."""
+    return gla_chunked_op(q, k, v, g, float(scale), int(chunk), initial_state, True)
 
 
 def swa_chunked(q, k, v, window: int, scale: float, state=None):
     """`swa.swa_chunked` as one opaque node; state {"k", "v", "len"} as in swa.py."""
-    B, H, _, D = q.shape
     if state is None:
-        state = _swa.swa_init_state(B, H, D, v.shape[-1], window, q.dtype, q.device)
+        state = _swa.swa_init_state(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], window, q.dtype, q.device)
     o, nk, nv = swa_chunked_op(q, k, v, int(window), float(scale), state["k"].to(k.dtype), state["v"].to(v.dtype),
                                state["len"])
     return o, {"k": nk, "v": nv, "len": state["len"] + q.shape[2]}

@@ -56,6 +56,9 @@ class Softmax(Operator):
         return (scores.float().softmax(-1).to(q.dtype)) @ v
 
     def chunked(self, q, k, v, mask=None, state=None):
+        # The cache holds one key/value per kv head (init_state's shape) even when the site feeds keys already
+        # repeated for GQA: naive() repeats them again.
+        k, v = self._kv_heads(k), self._kv_heads(v)
         if state is not None:
             k = torch.cat([state["k"].to(k.dtype), k], dim=2)
             v = torch.cat([state["v"].to(v.dtype), v], dim=2)
@@ -63,6 +66,12 @@ class Softmax(Operator):
                 T, S = q.shape[2], k.shape[2]
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         return self.naive(q, k, v, mask), {"k": k, "v": v}
+
+    def _kv_heads(self, x):
+        """Undo a GQA repeat (head h of the repeated tensor is kv head h // group, as repeat_heads makes it)."""
+        if x.shape[1] == self.num_kv_heads or x.shape[1] % self.num_kv_heads:
+            return x
+        return x[:, ::x.shape[1] // self.num_kv_heads]
 
     def init_state(self, batch, dtype=torch.float32, device=None):
         return {"k": torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=dtype, device=device),

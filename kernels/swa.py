@@ -2,9 +2,10 @@
 
     o_t = Σ_{s = t-w+1..t} softmax_s(scale · q_t·k_s) v_s        (the window includes the current token)
 
-Shapes: q `[B, H, T, D]`, k `[B, H, T, D]`, v `[B, H, T, V]` (k/v already repeated to H heads). The chunked
-form works in blocks of w queries that see their own block and the previous one: O(T·w) time and memory.
-The decode state is a ring buffer of the last w keys/values, so it never grows with T.
+Shapes: q `[B, H, T, D]`, k `[B, Hkv, T, D]`, v `[B, Hkv, T, V]` with H a multiple of Hkv (GQA: query head h
+reads kv head h // (H / Hkv); Hkv = H works too). The chunked form works in blocks of w queries that see their
+own block and the previous one: O(T·w) time and memory; the query heads of a group share one key block.
+The decode state is a ring buffer of the last w keys/values per kv head, so it never grows with T.
 Used by liger_attention (Liger Attention's SWA branch) and the hybrid operators of the library.
 """
 
@@ -22,9 +23,17 @@ def window_mask(T: int, window: int, device=None, S: int | None = None, offset: 
     return (s <= t) & (t - s < window)
 
 
+def _group(q, k) -> int:
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} kv heads")
+    return q.shape[1] // k.shape[1]
+
+
 def swa_naive(q, k, v, window: int, scale: float):
     """Masked quadratic softmax attention: the oracle."""
     T = q.shape[2]
+    G = _group(q, k)
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~window_mask(T, window, q.device), float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
@@ -37,10 +46,10 @@ def swa_chunked(q, k, v, window: int, scale: float, state=None):
     values (zeros where fewer than w were seen) and how many positions were seen in all.
     """
     B, H, T, D = q.shape
-    V = v.shape[-1]
-    W = window
+    Hk, V, W = k.shape[1], v.shape[-1], window
+    G = _group(q, k)
     if state is None:
-        state = swa_init_state(B, H, D, V, W, q.dtype, q.device)
+        state = swa_init_state(B, Hk, D, V, W, q.dtype, q.device)
     if T == 0:
         return q.new_zeros(B, H, 0, V), state
     prev_k, prev_v, seen = state["k"].to(k.dtype), state["v"].to(v.dtype), state["len"]
@@ -48,13 +57,15 @@ def swa_chunked(q, k, v, window: int, scale: float, state=None):
     qp, kp, vp = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
     N = (T + pad) // W
     # Keys a block can see: the previous block (for block 0: the cached last w keys) and its own.
-    kb = kp.reshape(B, H, N, W, D)
-    vb = vp.reshape(B, H, N, W, V)
+    kb = kp.reshape(B, Hk, N, W, D)
+    vb = vp.reshape(B, Hk, N, W, V)
     k_prev = torch.cat([prev_k.unsqueeze(2), kb[:, :, :-1]], dim=2)
     v_prev = torch.cat([prev_v.unsqueeze(2), vb[:, :, :-1]], dim=2)
-    keys = torch.cat([k_prev, kb], dim=3).float()  # [B,H,N,2W,D]
+    keys = torch.cat([k_prev, kb], dim=3).float()  # [B,Hk,N,2W,D]
     vals = torch.cat([v_prev, vb], dim=3).float()
-    scores = (qp.reshape(B, H, N, W, D).float() @ keys.transpose(-1, -2)) * scale  # [B,H,N,W,2W]
+    # The G query heads of a kv head become extra rows of one matmul against the shared key block.
+    qg = qp.reshape(B, Hk, G, N, W, D).transpose(2, 3).reshape(B, Hk, N, G * W, D).float()
+    scores = ((qg @ keys.transpose(-1, -2)) * scale).view(B, Hk, N, G, W, 2 * W)
     a = torch.arange(W, device=q.device)
     j = torch.arange(2 * W, device=q.device)
     dist = a[:, None] + W - j[None, :]  # query offset minus key offset, within a block pair
@@ -62,9 +73,10 @@ def swa_chunked(q, k, v, window: int, scale: float, state=None):
     # Cached keys before the start of the sequence (fewer than w seen) do not exist.
     key_pos = torch.arange(N, device=q.device)[:, None] * W + j[None, :] - W  # relative to this call's start
     exists = (key_pos + seen) >= 0  # [N, 2W]
-    mask = allowed[None] & exists[:, None, :]
+    mask = (allowed[None] & exists[:, None, :])[:, None]  # [N, 1, W, 2W]
     scores = scores.masked_fill(~mask, float("-inf"))
-    o = (scores.softmax(-1) @ vals).reshape(B, H, N * W, V)[:, :, :T].to(q.dtype)
+    o = scores.softmax(-1).view(B, Hk, N, G * W, 2 * W) @ vals  # [B,Hk,N,G*W,V]
+    o = o.view(B, Hk, N, G, W, V).transpose(2, 3).reshape(B, H, N * W, V)[:, :, :T].to(q.dtype)
     new_state = _swa_advance(state, k, v, W)
     return o, new_state
 
@@ -84,12 +96,14 @@ def _swa_advance(state, k, v, W):
 
 
 def swa_step(q, k, v, state, window: int, scale: float):
-    """One position: q, k `[B, H, D]`, v `[B, H, V]`. Returns (o [B,H,V], state)."""
+    """One position: q `[B, H, D]`, k `[B, Hkv, D]`, v `[B, Hkv, V]`. Returns (o [B,H,V], state)."""
     state = _swa_advance(state, k[:, :, None], v[:, :, None], window)
     keys, vals = state["k"].float(), state["v"].float()
-    scores = torch.einsum("bhd,bhsd->bhs", q.float(), keys) * scale
+    B, H, D = q.shape
+    Hk = keys.shape[1]
+    scores = torch.einsum("bkgd,bksd->bkgs", q.float().view(B, Hk, H // Hk, D), keys) * scale
     # Slot s holds the position len - W + s; positions < 0 never existed.
     exists = torch.arange(window, device=q.device) + state["len"] - window >= 0
     scores = scores.masked_fill(~exists, float("-inf"))
-    o = torch.einsum("bhs,bhsv->bhv", scores.softmax(-1), vals)
+    o = torch.einsum("bkgs,bksv->bkgv", scores.softmax(-1), vals).reshape(B, H, -1)
     return o.to(q.dtype), state

@@ -143,3 +143,15 @@ def test_help_everywhere():
     for cmd in ([], ["apply"], ["match"], ["diff"], ["validate"], ["specs"]):
         code, output = run(*cmd, "--help")
         assert code == 0 and "Usage" in output
+
+
+def test_diff_in_three_formats(model_dir, tmp_path):
+    code, output = run("diff", "liger-attention", model_dir)
+    assert code == 0, output
+    assert "model.layers.{0..1}.self_attn: aten.scaled_dot_product_attention → lincompile.liger_attention" in output
+    for fmt, needle in (("html", "<html"), ("dot", "digraph")):
+        target = tmp_path / f"d.{fmt}"
+        code, output = run("diff", "liger-attention", model_dir, "--format", fmt, "--layer", "1", "-o", target)
+        assert code == 0, output
+        assert needle in target.read_text()
+    one_line_error(*run("diff", "liger-attention", model_dir, "--layer", "5"), 2, "no converted site in that layer")
