@@ -262,6 +262,9 @@ def specs_show(name):
     click.echo(resources.files("lincompile.specs").joinpath(f"{name}.yaml").read_text(encoding="utf-8"), nl=False)
 
 
+# Commands defined in their own modules register themselves on `main`.
+from . import cli_heal  # noqa: E402,F401
+from . import cli_runtime  # noqa: E402,F401
+
 if __name__ == "__main__":
     main()
-from . import cli_heal  # noqa: E402,F401

@@ -201,7 +201,10 @@ def _eval_models(ref: str, adapter: bool, no_original: bool, device: str, allow_
         from .heal.outdir import OutDir
 
         outdir = OutDir(ref)
-        converted = load_adapter(ref, allow_code, device) if adapter else load(ref, allow_code=allow_code, device=device)
+        if adapter:
+            converted = load_adapter(ref, allow_code, device)
+        else:
+            converted = load(ref, allow_code=allow_code, device=device)
         models = {"converted": converted}
         if not no_original:
             models["original"] = outdir.build_lm(device=device)
@@ -212,6 +215,48 @@ def _eval_models(ref: str, adapter: bool, no_original: bool, device: str, allow_
 
     loaded = load_model(ref, device=device)
     return {"original": loaded.model}, loaded.tokenizer, loaded.model.config.vocab_size
+
+
+@main.command("lm-eval")
+@click.argument("out", type=click.Path())
+@click.option("--tasks", required=True, help="Comma-separated lm-eval task names.")
+@click.option("--include-path", type=click.Path(), help="Directory of extra task YAML files.")
+@click.option("--limit", type=click.IntRange(min=1), help="Documents per task.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None)
+@click.option("--adapter", is_flag=True, help="Load the LoRA adapters unmerged (heal/adapter).")
+@click.option("--max-length", type=click.IntRange(min=2), help="Context length in tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--device", default="cpu", show_default=True)
+def lm_eval_cmd(out, tasks, include_path, limit, num_fewshot, adapter, max_length, as_json, device):
+    """Run lm-evaluation-harness tasks on a converted model (needs: pip install lm-eval)."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UsageError("lincompile lm-eval needs lm-evaluation-harness: pip install lm-eval") from None
+    from .heal.lm_eval_adapter import LincompileLM
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    manager = None
+    if include_path:  # indexing the ~15 000 built-in tasks takes a while: only when the local ones don't do
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if any(t not in manager.all_tasks for t in names):
+            manager = None
+    manager = manager or TaskManager(include_path=include_path)
+    unknown = [t for t in names if t not in manager.all_tasks]
+    if unknown:
+        raise UsageError(f'unknown lm-eval task "{unknown[0]}" (see `lm_eval --tasks list`; local YAML tasks need '
+                         "--include-path)")
+    model = LincompileLM(path=out, adapter=adapter, max_length=max_length, device=device)
+    result = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager, limit=limit,
+                                     num_fewshot=num_fewshot, log_samples=False)
+    scores = {task: {k: v for k, v in r.items() if isinstance(v, (int, float))}
+              for task, r in result["results"].items()}
+    if as_json:
+        click.echo(json.dumps({"results": scores}, indent=2))
+        return
+    for task, metrics in scores.items():
+        click.echo(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,8 +57,9 @@ class TeacherPlan:
                 raise ValueError(f"no operator {name} in the converted graph")
             mapping, _ = type(op).bind(site)
             teacher_out = self.node_map[site.output]
+            inputs = {arg: self.node_map[site.bindings[src]] for arg, src in mapping.items()}
             with graph.inserting_after(teacher_out):
-                student = graph.call_module(name, kwargs={a: self.node_map[site.bindings[s]] for a, s in mapping.items()})
+                student = graph.call_module(name, kwargs=inputs)
             with graph.inserting_after(student):
                 losses.append(graph.call_function(attention_mse, (student, teacher_out)))
             student.meta["lincompile_module"] = site.module

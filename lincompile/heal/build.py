@@ -14,6 +14,8 @@ graphs share the parameters and the operator modules.
 from __future__ import annotations
 
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -69,12 +71,13 @@ def build(lm: nn.Module, spec, *, lora_config=None, peft_model=None, with_teache
         from .lora import check_targets
 
         check_targets(lm, lora_config.target_modules)
-        peft_model = get_peft_model(lm, lora_config)
+        with quiet_peft():
+            peft_model = get_peft_model(lm, lora_config)
     if peft_model is not None:
         lm = peft_model.base_model.model
     for p in lm.parameters():
         p.requires_grad_(False)  # stages switch on exactly what they train
-    captured = capture(lm, spec.capture)
+    captured = capture(lm, spec.capture, device=str(next(lm.parameters()).device))
     result = match(captured, spec)
     assignments = select(result, spec)
     plan = teacher_pass.prepare(captured.gm, assignments) if with_teacher else None
@@ -92,6 +95,14 @@ def build(lm: nn.Module, spec, *, lora_config=None, peft_model=None, with_teache
         graphs.lora_dropouts = insert_lora_dropout(captured.gm)
     graphs.seconds = time.perf_counter() - t0
     return graphs
+
+
+@contextmanager
+def quiet_peft():
+    """peft 0.21 calls a transformers API that transformers 5 deprecates: a warning the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def load_op_state(graphs: HealGraphs, state: dict[str, torch.Tensor]) -> None:

@@ -148,7 +148,7 @@ def load_adapter(path, allow_code: bool = False, device: str = "cpu"):
     """
     from peft import PeftModel
 
-    from .build import build
+    from .build import build, quiet_peft
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():
@@ -161,7 +161,8 @@ def load_adapter(path, allow_code: bool = False, device: str = "cpu"):
     current = outdir.tensors()
     base = {**current, **{k: v for k, v in outdir.originals().items() if k.startswith(LM)}}
     lm = outdir.build_lm(base, device=device)
-    peft_model = PeftModel.from_pretrained(lm, str(adapter))
+    with quiet_peft():
+        peft_model = PeftModel.from_pretrained(lm, str(adapter))
     graphs = build(lm, outdir.spec, peft_model=peft_model, with_teacher=False, allow_code=allow_code,
                    op_state=current)
     graphs.converted.tokenizer = outdir.tokenizer()

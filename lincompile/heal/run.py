@@ -18,6 +18,7 @@ so a run killed at any moment and resumed with --resume ends with the result of 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def status(out) -> str | None:
 def heal(out, cfg: HealConfig | None = None, *, resume: bool = False, restart: bool = False, device: str = "cpu",
          allow_code: bool = False, progress: bool = True, log=print) -> dict:
     """Heal the converted model in OUT. With `resume`, `cfg` is ignored: the saved configuration continues."""
+    if cfg is None and not resume:
+        raise UsageError("no heal configuration given")
     d = init(device)
     try:
         return _heal(OutDir(out), cfg, d, resume, restart, allow_code, progress, log if d.main else (lambda s: None))
@@ -60,19 +63,25 @@ def heal(out, cfg: HealConfig | None = None, *, resume: bool = False, restart: b
 
 def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, log) -> dict:
     heal_dir = outdir.heal_dir
-    cfg = _start(outdir, cfg, d, resume, restart)
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at build: the same on every run and rank
+    if resume:
+        cfg = _start(outdir, cfg, d, resume, restart)
+    elif cfg is not None and not cfg.data.train:
+        raise UsageError("no healing data: pass --data PATH or set heal.data.train in the spec")
+    # Data errors are found before anything is written into OUT.
     tokenizer = get_tokenizer(outdir.tokenizer(), cfg.data.tokenizer, outdir.config.vocab_size)
     split = load_split(cfg.data.train, cfg.data.eval, tokenizer, cfg.data.seq_len, cfg.data.holdout)
+    if not resume:
+        cfg = _start(outdir, cfg, d, resume, restart)
     log(f"data: {describe(split, cfg.data.seq_len)}")
+    torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at build: the same on every run and rank
     for note in split.notes:
         log(f"note: {note}")
     eval_blocks = split.eval[: cfg.data.eval_blocks]
 
     from .build import build
     from .finetune import lora_stage
-    from .lora import lora_config, merged_tensors, save_adapter, target_weight_names
+    from .lora import ADAPTER_DIR, lora_config, merged_tensors, save_adapter, target_weight_names
     from .transfer import transfer_stage
 
     base = outdir.base_tensors()
@@ -104,8 +113,11 @@ def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, l
         if graphs.peft_model is not None:
             save_adapter(graphs.peft_model, heal_dir, str(outdir.root.resolve()))
             updates.update(merged_tensors(graphs.lm))
-        outdir.keep_originals([k for k in updates])
-        outdir.write_tensors(updates)
+        outdir.keep_originals(list(updates))
+        # A previous heal's changes that this one does not make are undone: OUT = base + this heal.
+        outdir.write_tensors({**outdir.originals(), **updates})
+        if graphs.peft_model is None:
+            shutil.rmtree(heal_dir / ADAPTER_DIR, ignore_errors=True)  # a previous heal's, now stale
         report = _report(outdir, cfg, stages_run, notes, split, time.perf_counter() - t_start,
                          target_weight_names(graphs.lm))
         write_text_atomic(heal_dir / REPORT, json.dumps(report, indent=2))
@@ -134,12 +146,10 @@ def _start(outdir: OutDir, cfg: HealConfig | None, d: Dist, resume: bool, restar
             write_text_atomic(heal_dir / STATE, json.dumps({"status": "running"}))
         d.barrier()
         return saved
-    if cfg is None:
-        raise UsageError("no heal configuration given")
-    if not cfg.data.train:
-        raise UsageError("no healing data: pass --data PATH or set heal.data.train in the spec")
-    if saved is not None and status(outdir.root) == "running" and not restart and checkpoint.ckpt_root(heal_dir).exists():
-        raise UsageError(f"{heal_dir} holds an unfinished heal: pass --resume to continue it or --restart to start over")
+    unfinished = saved is not None and status(outdir.root) == "running" and checkpoint.ckpt_root(heal_dir).exists()
+    if unfinished and not restart:
+        raise UsageError(f"{heal_dir} holds an unfinished heal: pass --resume to continue it or --restart to start "
+                         "over")
     if d.main:
         heal_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clear(heal_dir)

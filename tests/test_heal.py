@@ -1,0 +1,336 @@
+"""Healing end to end on a tiny Llama with LoLCATs (window 8, so 32-token blocks exercise the linear part).
+
+One `lincompile apply` with a heal: section converts and heals once for the whole module (captures are the
+slow part); the resume and data-parallel tests heal copies of that directory again: a new heal always
+starts from the pre-heal weights kept in OUT/heal/original.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from lincompile.cli import main
+
+from healkit import austen_text, tiny_model_dir, write_text
+
+SPEC = """\
+name: tiny-lolcats
+rules:
+  - op: lolcats
+    params: {window: 8}
+heal:
+  data: {train: data/train.txt, eval: data/heldout.txt, seq_len: 32, eval_blocks: 4}
+  transfer: {steps: 12, lr: 0.01, warmup: 2}
+  lora:
+    steps: 20
+    lr: 0.01
+    r: 4
+    alpha: 8
+    warmup: 2
+    batch_size: 2
+    distill: {weight: 0.3, temperature: 2.0}
+  eval_every: 10
+  checkpoint_every: 5
+"""
+# The resume and data-parallel runs: short, checkpointing often, same global batch (2 sequences).
+RERUN = ["--transfer-steps", "3", "--steps", "6", "--checkpoint-every", "2", "--eval-every", "100", "--no-progress"]
+SINGLE = RERUN + ["--batch-size", "2"]  # both stages; two processes get --batch-size 1 each
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def one_line_error(code, output, expected_code, needle):
+    assert code == expected_code, output
+    errors = [line for line in output.strip().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], output
+    assert "Traceback" not in output
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heal")
+    model = tiny_model_dir(root / "model")
+    write_text(root / "data" / "train.txt", austen_text("emma.txt", 0, 24_000))
+    write_text(root / "data" / "heldout.txt", austen_text("persuasion.txt", 10_000, 6_000))
+    (root / "spec.yaml").write_text(SPEC)
+    code, output = run("apply", root / "spec.yaml", model, "-o", root / "out")
+    assert code == 0, output
+    return root
+
+
+def tensors(path):
+    return load_file(str(path))
+
+
+def test_apply_heals_and_writes_everything(world):
+    out = world / "out"
+    heal = out / "heal"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
+                 "report.json", "config.json", "original.safetensors"):
+        assert (heal / name).is_file(), name
+    assert json.loads((heal / "state.json").read_text()) == {"status": "done"}
+    report = json.loads((heal / "report.json").read_text())
+    assert set(report["stages"]) == {"transfer", "lora"}
+    assert report["stages"]["lora"]["steps"] == 20 and report["stages"]["lora"]["tokens"] == 20 * 2 * 32
+    assert "heal" in json.loads((out / "report.json").read_text())
+    assert "heal:" in (out / "spec.yaml").read_text()  # the resolved spec keeps its heal: section
+    assert sorted(p.name for p in (heal / "ckpt").iterdir()) == ["lora-0000020", "transfer-0000012"]
+    assert not [p for p in heal.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_lora_loss_falls_over_20_steps(world):
+    records = [json.loads(line) for line in (world / "out" / "heal" / "metrics.jsonl").read_text().splitlines()]
+    lora = [r for r in records if r["stage"] == "lora" and "loss" in r]
+    assert [r["step"] for r in lora] == list(range(1, 21))
+    ce = [r["ce"] for r in lora]
+    assert sum(ce[-5:]) / 5 < sum(ce[:5]) / 5 - 0.05, ce
+    assert all("kl" in r and r["kl"] >= 0 for r in lora)  # distillation on (weight 0.3)
+    evals = [r["eval"] for r in records if r["stage"] == "lora" and "eval" in r]
+    assert [sorted(e) for e in evals] == [["acc", "loss", "ppl"]] * 3  # steps 0, 10, 20
+    assert evals[-1]["loss"] < evals[0]["loss"]
+
+
+def test_attention_transfer_lowers_every_layers_mse(world):
+    stage = json.loads((world / "out" / "heal" / "report.json").read_text())["stages"]["transfer"]
+    first, last = stage["eval_first"]["layers"], stage["eval_last"]["layers"]
+    assert set(first) == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    for layer in first:
+        assert last[layer] < 0.9 * first[layer], (layer, first[layer], last[layer])
+
+
+def test_only_intended_parameters_change(world):
+    out = world / "out"
+    after, before = tensors(out / "model.safetensors"), tensors(out / "heal" / "original.safetensors")
+    base = {**after, **before}
+    changed = {k for k in after if not torch.equal(after[k], base[k])}
+    targets = {f"lm.model.layers.{i}.self_attn.{p}_proj.weight" for i in (0, 1) for p in "qkvo"}
+    ops = {k for k in after if k.startswith("ops.")}
+    assert changed == targets | ops  # every other tensor is bit-identical to before the heal
+    assert set(before) == targets | ops  # and exactly those were recorded as originals
+    # Stage 2 trains LoRA only: the operators are exactly what attention transfer left.
+    transfer = tensors(out / "heal" / "ckpt" / "transfer-0000012" / "trainable.safetensors")
+    assert set(transfer) == ops and all(torch.equal(after[k], transfer[k]) for k in ops)
+    lora = tensors(out / "heal" / "ckpt" / "lora-0000020" / "trainable.safetensors")
+    assert lora and all("lora_A" in k or "lora_B" in k for k in lora)
+
+
+@pytest.fixture(scope="module")
+def merged(world):
+    import lincompile
+
+    return lincompile.load(world / "out")
+
+
+def test_adapters_round_trip_through_peft_and_merge(world, merged):
+    from peft import PeftModel
+
+    from lincompile.heal import load_adapter
+    from lincompile.heal.outdir import OutDir
+
+    out = world / "out"
+    cfg = json.loads((out / "heal" / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8, "LORA")
+    expected = sorted(f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo")
+    assert sorted(cfg["target_modules"]) == expected
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    unmerged = load_adapter(out)
+    with torch.no_grad():
+        a, b = unmerged(ids), merged(ids)
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    # Plain peft on the original HF model: merging the adapter gives the merged weights OUT holds.
+    outdir = OutDir(out)
+    original = outdir.build_lm()
+    hf = PeftModel.from_pretrained(original, str(out / "heal" / "adapter")).merge_and_unload()
+    saved = tensors(out / "model.safetensors")
+    for name, value in hf.state_dict().items():
+        if f"lm.{name}" in saved:
+            assert torch.allclose(value, saved[f"lm.{name}"], atol=1e-6), name
+
+
+def test_eval_is_reproducible_and_side_by_side(world, merged):
+    from lincompile.heal.data import read_documents, tokenize
+    from lincompile.heal.outdir import OutDir
+
+    out, text = world / "out", world / "data" / "heldout.txt"
+    code, output = run("eval", out, "--data", text, "--context", "16", "32", "--max-tokens", "640", "--json")
+    assert code == 0, output
+    result = json.loads(output[output.index("{"):])
+    assert set(result["context"]) == {"16", "32"}
+    # Recomputed independently: the same windows, plain cross-entropy and argmax.
+    outdir = OutDir(out)
+    stream = tokenize(read_documents([str(text)]), outdir.tokenizer())[:640]
+    original = outdir.build_lm()
+    for ctx in (16, 32):
+        ids = stream[: 640 // ctx * ctx].view(-1, ctx)
+        for name, fwd in (("converted", merged), ("original", lambda x: original(input_ids=x).logits)):
+            with torch.no_grad():
+                logits = fwd(ids)[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 128), ids[:, 1:].reshape(-1))
+            acc = float((logits.argmax(-1) == ids[:, 1:]).float().mean())
+            row = result["context"][str(ctx)]
+            got = row if name == "converted" else row["original"]
+            assert got["ppl"] == pytest.approx(float(nll.exp()), rel=1e-5) and got["acc"] == pytest.approx(acc)
+            assert got["tokens"] == ids.shape[0] * (ctx - 1)
+        row = result["context"][str(ctx)]
+        assert row["recovery"] == pytest.approx(row["acc"] / row["original"]["acc"])
+        assert row["ppl_ratio"] == pytest.approx(row["ppl"] / row["original"]["ppl"])
+    code, table = run("eval", out, "--data", text, "--context", "32", "--max-tokens", "320")
+    header, row = table.strip().splitlines()[-2:]
+    assert code == 0 and header.split()[:3] == ["context", "PPL", "acc"] and "recovery" in header
+    assert row.split()[0] == "32" and row.split()[-2].endswith("%") and row.split()[-1] == "310"
+
+
+def test_heal_and_eval_errors(world, tmp_path):
+    out = world / "out"
+    one_line_error(*run("heal", tmp_path, "--data", "x.txt"), 2, "not a lincompile output directory")
+    one_line_error(*run("heal", out, "--data", tmp_path / "missing.txt"), 2, "data not found")
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01" * 200)
+    one_line_error(*run("heal", out, "--data", tmp_path / "blob.txt"), 2, "binary file")
+    one_line_error(*run("eval", out, "--data", tmp_path / "blob.txt"), 2, "binary file")
+    one_line_error(*run("heal", out, "--resume", "--steps", "3"), 2, "remove --steps")
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh, ignore=shutil.ignore_patterns("heal"))
+    one_line_error(*run("heal", fresh, "--resume"), 2, "nothing to resume")
+    # Nothing was written by the failed runs.
+    assert json.loads((out / "heal" / "state.json").read_text()) == {"status": "done"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume after kill -9, and data parallelism: both must give what one uninterrupted process gives.
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref") / "out"
+    shutil.copytree(world / "out", ref)
+    code, output = run("heal", ref, *SINGLE)
+    assert code == 0, output
+    # A second heal starts again from the pre-heal weights, which stay recorded as they were.
+    first = tensors(world / "out" / "heal" / "original.safetensors")
+    again = tensors(ref / "heal" / "original.safetensors")
+    assert set(first) == set(again) and all(torch.equal(first[k], again[k]) for k in first)
+    return ref
+
+
+def assert_same_result(a, b, atol=1e-6):
+    for rel in ("model.safetensors", "heal/adapter/adapter_model.safetensors"):
+        x, y = tensors(a / rel), tensors(b / rel)
+        assert set(x) == set(y)
+        for k in x:
+            assert torch.allclose(x[k], y[k], atol=atol, rtol=1e-5), (rel, k, float((x[k] - y[k]).abs().max()))
+
+
+def subprocess_env():
+    # One intra-op thread as in this process (conftest), so both runs reduce in the same order.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "LINCOMPILE_TEST_THREADS": "1"}
+
+
+def test_resume_after_kill_equals_uninterrupted(world, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(world / "out", out)
+    proc = subprocess.Popen([sys.executable, "-m", "lincompile", "heal", str(out), *SINGLE], cwd=tmp_path,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = out / "heal" / "ckpt" / "lora-0000002"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)  # mid-stage-2, whatever it is doing now
+    proc.wait()
+    assert json.loads((out / "heal" / "state.json").read_text())["status"] == "running"
+    code, output = run("heal", out, "--resume", "--no-progress")
+    assert code == 0, output
+    assert_same_result(out, reference)
+    steps = [(r["stage"], r["step"]) for r in map(json.loads, (out / "heal" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == [("transfer", s) for s in (1, 2, 3)] + [("lora", s) for s in range(1, 7)]  # none twice
+
+
+def test_two_gloo_processes_equal_one_process(world, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(world / "out", out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lincompile", "heal", str(out), *RERUN, "--batch-size", "1"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_result(out, reference, atol=1e-5)
+    report = json.loads((out / "heal" / "report.json").read_text())
+    assert report["stages"]["lora"]["tokens"] == 6 * 2 * 32  # global batch of 2 sequences
+
+
+# --------------------------------------------------------------------------------------------------
+# lm-evaluation-harness adapter, on a task defined from a file of the test suite
+
+TOY_TASK = """\
+task: lincompile_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_adapter_on_a_local_task(world, merged, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from lm_eval.tasks import TaskManager
+
+    from lincompile.heal.lm_eval_adapter import LincompileLM
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = Path(__file__).parent / "data" / "lm_eval_toy.jsonl"
+    write_text(tmp_path / "tasks" / "toy.yaml", TOY_TASK.format(data=data))
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    lm = LincompileLM(model=merged)
+    result = lm_eval.simple_evaluate(model=lm, tasks=["lincompile_toy"], task_manager=manager, bootstrap_iters=0)
+    acc = result["results"]["lincompile_toy"]["acc,none"]
+    # The harness's accuracy is the argmax over the adapter's choice log-likelihoods, checked by hand.
+    docs = [json.loads(line) for line in data.read_text().splitlines()]
+    hits = 0
+    for doc in docs:
+        scores = [s for s, _ in lm.loglikelihood([SimpleNamespace(args=(doc["context"], c)) for c in doc["choices"]])]
+        hits += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    assert acc == pytest.approx(hits / len(docs))
+    # One log-likelihood recomputed from the model's logits.
+    tok = merged.tokenizer
+    ctx, cont = tok("Emma Woodhouse,")["input_ids"], tok("Emma Woodhouse, handsome")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(merged(torch.tensor([cont]))[0, :-1], -1)
+    manual = float(sum(logp[i - 1, cont[i]] for i in range(len(ctx), len(cont))))
+    got, _ = lm.loglikelihood([SimpleNamespace(args=("Emma Woodhouse,", " handsome"))])[0]
+    assert got == pytest.approx(manual, abs=1e-4)
+    rolling = lm.loglikelihood_rolling([SimpleNamespace(args=("Emma Woodhouse, handsome",))])[0]
+    ids = [lm.prefix_token] + cont
+    with torch.no_grad():
+        logp = torch.log_softmax(merged(torch.tensor([ids]))[0, :-1], -1)
+    assert rolling == pytest.approx(float(sum(logp[i, ids[i + 1]] for i in range(len(cont)))), abs=1e-4)
+    text = lm.generate_until([SimpleNamespace(args=("Emma", {"until": ["\n"], "max_gen_toks": 5}))])[0]
+    assert isinstance(text, str) and "\n" not in text
+    # The command line: the same task through `lincompile lm-eval` (it loads OUT itself).
+    code, output = run("lm-eval", world / "out", "--tasks", "lincompile_toy", "--include-path", tmp_path / "tasks",
+                       "--json")
+    assert code == 0, output
+    assert json.loads(output[output.index("{"):])["results"]["lincompile_toy"]["acc,none"] == pytest.approx(acc)

@@ -1,0 +1,209 @@
+"""Healing building blocks without a model: data reading and its errors, the heal: spec section, the block
+order, the schedule, clipping, checkpoints. Each test runs in well under a second."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lincompile.errors import SpecError, UsageError
+from lincompile.heal import checkpoint
+from lincompile.heal.config import HealConfig, StageConfig, stage_steps
+from lincompile.heal.data import BlockOrder, ByteTokenizer, DataError, get_tokenizer, load_split, read_documents
+from lincompile.heal.trainer import _clip, lr_at
+
+from conftest import make_spec
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def data_error(tmp_path, name, content) -> str:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_split([str(path)], [], ByteTokenizer(), seq_len=64, holdout=0.0)
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, UsageError)  # one line, exit code 2
+    return message
+
+
+def test_bad_data_inputs_give_one_line_errors(tmp_path):
+    assert data_error(tmp_path, "empty.txt", "").endswith("empty.txt: empty file")
+    assert data_error(tmp_path, "blank.txt", "  \n\n ").endswith("blank.txt: empty file")
+    assert "binary file" in data_error(tmp_path, "model.txt", b"\x7fELF\x00\x01\x02" * 100)
+    assert "not UTF-8 text" in data_error(tmp_path, "latin.txt", "caf\xe9 ".encode("latin-1") * 50)
+    assert "shorter than one block (11 tokens < seq_len 64)" in data_error(tmp_path, "short.txt", "hello world")
+    assert 'unknown data format ".parquet"' in data_error(tmp_path, "x.parquet", "PAR1")
+    assert "JSON Lines" in data_error(tmp_path, "x.json", '{"text": "hi"}')
+    assert "x.jsonl:2: not valid JSON" in data_error(tmp_path, "x.jsonl", '{"text": "a"}\n{oops\n')
+    assert 'x.jsonl:1: each line must be an object with a string "text"' in \
+        data_error(tmp_path, "x.jsonl", '{"content": "a"}\n')
+    with pytest.raises(DataError, match="data not found: .*nope.txt"):
+        read_documents([str(tmp_path / "nope.txt")])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.csv").write_text("x,y\n")
+    with pytest.raises(DataError, match="directory has no text files"):
+        read_documents([str(tmp_path / "d")])
+    with pytest.raises(DataError, match="no data given"):
+        read_documents([])
+
+
+def test_inputs_directory_jsonl_and_split(tmp_path):
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    (tmp_path / "corpus" / "b.txt").write_text("b" * 100)
+    (tmp_path / "corpus" / "sub" / "a.md").write_text("a" * 100)
+    (tmp_path / "corpus" / ".hidden.txt").write_text("h" * 100)
+    (tmp_path / "corpus" / "notes.csv").write_text("ignored")
+    (tmp_path / "x.jsonl").write_text(json.dumps({"text": "j" * 50}) + "\n\n" + json.dumps({"text": "k" * 50}) + "\n")
+    docs = read_documents([str(tmp_path / "corpus"), str(tmp_path / "x.jsonl")])
+    assert [d.text[0] for d in docs] == ["b", "a", "j", "k"]  # sorted paths, hidden skipped, csv ignored
+    split = load_split([str(tmp_path / "corpus")], [], ByteTokenizer(), seq_len=10, holdout=0.25)
+    assert split.train.shape == (15, 10) and split.eval.shape == (5, 10)
+    # Held out = the end of the stream: the text of the last document.
+    assert bytes(split.eval.flatten().tolist()) == b"a" * 50
+    separate = load_split([str(tmp_path / "corpus")], [str(tmp_path / "x.jsonl")], ByteTokenizer(), 10, 0.25)
+    assert separate.train.shape == (20, 10) and separate.eval.shape == (10, 10)
+
+
+def test_tokenizer_fallback_is_explicit():
+    with pytest.raises(DataError, match="--tokenizer bytes"):
+        get_tokenizer(None, "auto", 1000)
+    with pytest.raises(DataError, match="at least 256"):
+        get_tokenizer(None, "bytes", 128)
+    assert isinstance(get_tokenizer(None, "bytes", 256), ByteTokenizer)
+
+
+def test_block_order_is_deterministic_and_rank_split():
+    blocks = torch.arange(10).view(10, 1)
+    order = BlockOrder(10, seed=3)
+    first_epoch = order.indices(0, 10)
+    assert sorted(first_epoch) == list(range(10)) and first_epoch != list(range(10))
+    assert order.indices(10, 10) != first_epoch and sorted(order.indices(10, 10)) == list(range(10))
+    assert BlockOrder(10, seed=3).indices(7, 6) == order.indices(7, 6)  # resumable from an index alone
+    # One process with batch 4 == two ranks with batch 2, micro-batch by micro-batch.
+    for micro in range(5):
+        whole = order.micro_batch(blocks, micro, 4)
+        halves = [order.micro_batch(blocks, micro, 2, rank=r, world=2) for r in (0, 1)]
+        assert torch.equal(whole, torch.cat(halves))
+
+
+# --------------------------------------------------------------------------------------------------
+# The heal: section
+
+
+HEAL = """
+heal:
+  data: {train: corpus.txt, seq_len: 128}
+  transfer: {steps: 5}
+  lora:
+    r: 4
+    tokens: 4096
+    targets: [q_proj, v_proj]
+    distill: {weight: 0.5, temperature: 2}
+"""
+
+
+def test_heal_section_parses_resolves_and_round_trips(tmp_path):
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("rules:\n  - op: lolcats\n" + HEAL)
+    from lincompile.spec import Spec
+
+    spec = Spec.from_yaml(spec_file)
+    h = spec.heal
+    assert h.data.train == [str(tmp_path / "corpus.txt")]  # relative to the spec file
+    assert (h.data.seq_len, h.transfer.steps, h.lora.r, h.lora.tokens, h.lora.steps) == (128, 5, 4, 4096, None)
+    assert h.lora.targets == ["q_proj", "v_proj"] and h.lora.distill.temperature == 2.0
+    resolved = spec.resolved()["heal"]
+    again = HealConfig.from_resolved(json.loads(json.dumps(resolved)))
+    assert again == h
+    assert stage_steps(h.lora, tokens_per_step=1000) == 5  # token budget rounded up to whole steps
+
+
+@pytest.mark.parametrize("body, where, needle", [
+    ("heal:\n  lora: {rank: 4}\n", "4:10", 'unknown key "rank"'),
+    ("heal:\n  lora: {r: 0}\n", "4:13", "heal.lora.r must be at least 1"),
+    ("heal:\n  lora: {steps: 5, tokens: 9}\n", "4:28", "give steps or tokens, not both"),
+    ("heal:\n  lora: {distill: {weight: 2}}\n", "4:28", "must be <= 1"),
+    ("heal:\n  lora: {targets: '(q'}\n", "4:19", "not a valid regular expression"),
+    ("heal:\n  data: {seq_len: x}\n", "4:19", "must be an integer"),
+    ("heal:\n  transfer: {schedule: cosin}\n", "4:24", 'did you mean "cosine"'),
+    ("heal:\n  evals_every: 3\n", "4:3", 'did you mean "eval_every"'),
+])
+def test_heal_section_errors_point_at_file_line_col(body, where, needle):
+    with pytest.raises(SpecError) as info:
+        make_spec("rules:\n  - op: lolcats\n" + body, "h.yaml")
+    msg = str(info.value)
+    assert msg.startswith(f"h.yaml:{where}:") and needle in msg, msg
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedule, clipping, checkpoints
+
+
+def test_warmup_then_cosine():
+    cfg = StageConfig(lr=1.0, warmup=4, schedule="cosine", min_lr_ratio=0.1)
+    lrs = [lr_at(cfg, s, 20) for s in range(20)]
+    assert lrs[:4] == [0.2, 0.4, 0.6, 0.8] and lrs[4] == 1.0
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0.1
+    assert lr_at(StageConfig(lr=0.5, warmup=0, schedule="constant"), 7, 10) == 0.5
+
+
+def test_clipping_is_applied_per_group():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    a.grad, b.grad = torch.full((3,), 4.0), torch.full((4,), 0.1)
+    norm = _clip([[a], [b]], max_norm=1.0)
+    assert norm == pytest.approx((48 + 0.04) ** 0.5, rel=1e-5)  # the logged norm is the pre-clip norm
+    assert float(a.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+    assert torch.equal(b.grad, torch.full((4,), 0.1))  # under the limit: untouched
+
+
+def test_checkpoint_round_trip_and_leftovers_ignored(tmp_path):
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.randn(5)
+    opt.step()
+    rng = {"0": torch.get_rng_state()}
+    checkpoint.save(tmp_path, "lora", 3, {"w": p}, opt, rng, {"total": 9, "world": 1})
+    (tmp_path / "ckpt" / ".lora-0000006.tmp-x").mkdir()  # what a kill during a write leaves
+    found = checkpoint.latest(tmp_path, "lora")
+    assert found.step == 3
+    params, opt_state, rng2, info = checkpoint.load(found)
+    assert torch.equal(params["w"], p.detach()) and torch.equal(rng2["0"], rng["0"]) and info["total"] == 9
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(5))], lr=0.1)
+    fresh.load_state_dict(opt_state)
+    saved = opt.state_dict()["state"][0]
+    assert all(torch.equal(fresh.state_dict()["state"][0][k], saved[k]) for k in saved)
+    checkpoint.save(tmp_path, "lora", 6, {"w": p}, opt, rng, {"total": 9, "world": 1})
+    names = sorted(x.name for x in (tmp_path / "ckpt").iterdir())
+    assert names == ["lora-0000006"]  # the older one and the leftover are gone
+
+
+def test_transfer_is_skipped_for_operators_without_parameters():
+    from types import SimpleNamespace
+
+    from lincompile.heal.transfer import transfer_stage
+
+    graphs = SimpleNamespace(teacher=object(), teacher_sites=[SimpleNamespace(module="model.layers.0.self_attn")],
+                             ops={"ops.model.layers.0.self_attn": torch.nn.Module()})  # e.g. liger_gla
+    assert transfer_stage(graphs, StageConfig(), torch.zeros(0, 4, dtype=torch.long)) is None
+
+
+def test_hf_dataset_input(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("one", "", "two")))
+    docs = read_documents([f"hf:{tmp_path / 'ds'}"])
+    assert [d.text for d in docs] == ["one", "two"]  # empty texts skipped
+    with pytest.raises(DataError, match='no "text" column'):
+        (tmp_path / "ds2").mkdir()
+        (tmp_path / "ds2" / "train.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+        read_documents([f"hf:{tmp_path / 'ds2'}"])

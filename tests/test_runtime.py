@@ -1,0 +1,320 @@
+"""Runtime: prefill/decode programs with explicit state, generation, left padding, the CLI, .pt2 export.
+
+Consistency is checked for every registered operator and for an inter-layer hybrid (a kept softmax layer
+decodes through a KV cache), on a tiny Llama captured once (capture is the slow part on small machines).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lincompile
+from lincompile.cli import main
+from lincompile.errors import UsageError
+from lincompile.kernels import registry
+from lincompile.passes.capture import capture
+from lincompile.runtime import Runtime, load_exported, positions_from_mask, runtime_of
+from lincompile.spec import CaptureConfig
+
+from conftest import make_spec, spec_text, tiny_model
+
+# Small windows and chunks so that short sequences cross ring-buffer and chunk boundaries.
+SMALL = {"window": 4, "chunk": 8, "num_sinks": 2, "num_slots": 8}
+HYBRID = "name: hybrid\nrules:\n  - op: keep\n    layers: [1]\n  - op: liger_attention\n    params: {window: 4, chunk: 8}\n"
+CASES = registry.names() + ["hybrid"]
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # deepcopy of a captured graph
+
+
+def spec_for(case: str):
+    if case == "hybrid":
+        return make_spec(HYBRID)
+    params = {k: v for k, v in SMALL.items() if k in registry.get(case).params}
+    extra = f"    params: {json.dumps(params)}\n" if params else ""
+    return make_spec(spec_text(case, extra=extra))
+
+
+@pytest.fixture(scope="module")
+def captured():
+    return capture(tiny_model("llama"), CaptureConfig(), positions=True)
+
+
+@pytest.fixture(scope="module")
+def runtimes(captured):
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            cache[case] = Runtime.from_captured(copy.deepcopy(captured), spec_for(case))
+        return cache[case]
+
+    return get
+
+
+def ids_of(*shape, seed=0):
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def full_logits(rt, ids):
+    """The plain chunked forward (no state) over the whole sequence: the reference."""
+    with torch.no_grad():
+        return rt(ids).logits
+
+
+# --------------------------------------------------------------------------------------------------
+# Consistency, for every operator and the hybrid
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_decode_equals_recomputing_the_full_forward(runtimes, case):
+    rt = runtimes(case)
+    prompt = ids_of(2, 5)
+    got = rt.generate(prompt, 32)
+    ids = prompt
+    for _ in range(32):
+        ids = torch.cat([ids, full_logits(rt, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, ids)
+    # Not only the argmax: the decode logits are the full forward's at every position.
+    logits, state = rt.prefill(got[:, :5])
+    steps = [logits]
+    for t in range(5, got.shape[1]):
+        logits, state = rt.decode(got[:, t:t + 1], state=state)
+        steps.append(logits)
+    assert (torch.cat(steps, 1) - full_logits(rt, got)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prompt_split_anywhere(runtimes, case):
+    rt = runtimes(case)
+    ids = ids_of(2, 11, seed=1)
+    whole, state = rt.prefill(ids)
+    assert (whole - full_logits(rt, ids)).abs().max() < 1e-4
+    for cut in range(1, 11):
+        a, mid = rt.prefill(ids[:, :cut])
+        b, end = rt.prefill(ids[:, cut:], state=mid)
+        assert (torch.cat([a, b], 1) - whole).abs().max() < 1e-4, cut
+        for name, t in state.items():
+            assert end[name].shape == t.shape and (end[name].float() - t.float()).abs().max() < 1e-4, (cut, name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_left_padded_batch_equals_one_by_one(runtimes, case):
+    rt = runtimes(case)
+    lengths, T = [11, 3, 7], 11
+    rows = [ids_of(1, n, seed=10 + n)[0] for n in lengths]
+    mask = torch.zeros(3, T, dtype=torch.long)
+    batch = torch.full((3, T), 5)
+    for i, row in enumerate(rows):
+        mask[i, T - len(row):] = 1
+        batch[i, T - len(row):] = row
+    out = rt.generate(batch, 6, attention_mask=mask)
+    logits, _ = rt.prefill(batch, positions_from_mask(mask))
+    for i, row in enumerate(rows):
+        alone = rt.generate(row[None], 6)
+        assert torch.equal(out[i, T:], alone[0, len(row):]), i
+        assert (logits[i, T - len(row):] - rt.prefill(row[None])[0][0]).abs().max() < 1e-4, i
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_state_size_does_not_grow(runtimes, case):
+    rt = runtimes(case)
+    _, state = rt.prefill(ids_of(1, 4))
+    for token in ids_of(16, seed=2):
+        _, state = rt.decode(token.view(1, 1), state=state)
+    short = {n: tuple(t.shape) for n, t in state.items()}
+    # 4096 tokens in: a long prompt (prefill ≡ decode, as tested above), then generation again. Softmax
+    # layers (a KV cache, quadratic prefill) are only checked to grow, at 1024.
+    growing = {e.name for s in rt.sites for e in s.entries if e.kind == "growing"}
+    total = 1024 if growing else 4096
+    _, state = rt.prefill(ids_of(1, total - 32, seed=3))
+    for token in ids_of(32, seed=4):
+        _, state = rt.decode(token.view(1, 1), state=state)
+    assert int(state["seen"]) == total
+    long = {n: tuple(t.shape) for n, t in state.items()}
+    assert {n: s for n, s in long.items() if n not in growing} == {n: s for n, s in short.items() if n not in growing}
+    # Only the KV caches of softmax layers grow, one slot per token.
+    assert bool(growing) == (case in ("softmax", "hybrid"))
+    for name in growing:
+        assert long[name][2] == total and short[name][2] == 20
+
+
+def test_state_after_16_and_4096_generated_tokens(runtimes):
+    """Token by token through the lifted liger_attention operator (the model around it holds no state)."""
+    rt = runtimes("liger_attention")
+    site = rt.sites[0]
+    step = rt.decode_program.get_submodule(f"lifted.{site.module}")
+    state = [t for n, t in rt.init_state(1).items() if n.startswith(site.module + ".")]
+    g = torch.Generator().manual_seed(0)
+    shapes = {}
+    for t in range(1, 4097):
+        x = {name: torch.randn(1, 4 if name.startswith("q") else 2, 1, 16, generator=g) for name in step.op.inputs}
+        _, *state = step(torch.tensor([[t - 1]]), torch.tensor([t - 1]), *state, **x)
+        if t in (16, 4096):
+            shapes[t] = [(tuple(s.shape), s.dtype) for s in state]
+    assert shapes[16] == shapes[4096] and int(state[-1]) == 4096  # the ring buffer's position count
+
+
+def test_learned_positions_follow_the_positions_input():
+    """GPT-2 adds a learned embedding per absolute position: left padding is only right if positions are
+    per sequence (pads would otherwise shift every real token's position)."""
+    rt = Runtime.from_model(tiny_model("gpt2"), spec_for("liger_attention"))
+    row = ids_of(1, 6, seed=5)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), row], 1), ids_of(1, 9, seed=6)])
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    out = rt.generate(batch, 5, attention_mask=mask)
+    assert torch.equal(out[0, 9:], rt.generate(row, 5)[0, 6:])
+    shifted, _ = rt.prefill(row, torch.arange(6)[None] + 3)  # same tokens at other positions: other logits
+    assert (shifted - rt.prefill(row)[0]).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# The API around it
+
+
+def test_hf_style_call_and_padding_mask(runtimes):
+    rt = runtimes("liger_attention")
+    ids = ids_of(2, 9)
+    out = rt(ids, labels=ids)
+    assert out.logits.shape == (2, 9, 128) and torch.isfinite(out.loss)
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 9, dtype=torch.long)], 1)
+    assert (rt(padded, attention_mask=mask).logits[:, 3:] - out.logits).abs().max() < 1e-4
+
+
+def test_sampling_is_seeded_and_respects_top_k(runtimes):
+    rt = runtimes("liger_attention")
+    prompt = ids_of(1, 4)
+    a = rt.generate(prompt, 12, do_sample=True, top_k=3, top_p=0.9, temperature=0.7,
+                    generator=torch.Generator().manual_seed(7))
+    b = rt.generate(prompt, 12, do_sample=True, top_k=3, top_p=0.9, temperature=0.7,
+                    generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    # top_k=1 is greedy.
+    assert torch.equal(rt.generate(prompt, 12, do_sample=True, top_k=1), rt.generate(prompt, 12))
+
+
+def test_eos_stops_and_pads_and_streams(runtimes):
+    rt = runtimes("liger_attention")
+    prompt = ids_of(2, 4)
+    greedy = rt.generate(prompt, 10)
+    eos = int(greedy[0, 6])  # row 0's third new token
+    seen = []
+
+    class Streamer:
+        def put(self, value):
+            seen.append(value.clone())
+
+        def end(self):
+            seen.append(None)
+
+    out = rt.generate(prompt, 10, eos_token_id=eos, pad_token_id=0, streamer=Streamer())
+    first = (out[0, 4:] == eos).nonzero()[0, 0]
+    assert torch.equal(out[0, 4:5 + first], greedy[0, 4:5 + first]) and (out[0, 5 + first:] == 0).all()
+    assert torch.equal(seen[0], prompt) and seen[-1] is None and len(seen) == out.shape[1] - 4 + 2
+
+
+def test_bad_inputs_are_one_line_errors(runtimes):
+    rt = runtimes("liger_attention")
+    with pytest.raises(UsageError, match="decode needs a state"):
+        rt.decode(ids_of(1, 1))
+    with pytest.raises(UsageError, match=r"shape \[batch, 1\]"):
+        rt.decode(ids_of(1, 2), state=rt.init_state(1))
+    with pytest.raises(UsageError, match="state does not fit"):
+        rt.prefill(ids_of(1, 3), state={"seen": torch.zeros(1, dtype=torch.long)})
+    with pytest.raises(UsageError, match="only left padding"):
+        positions_from_mask(torch.tensor([[1, 1, 0]]))
+
+
+def test_converted_model_generate_shares_weights():
+    converted = lincompile.convert(tiny_model("llama"), spec_for("lolcats"))
+    prompt = ids_of(1, 6)
+    first = converted.generate(prompt, 8)
+    rt = runtime_of(converted)
+    assert rt.graph_module.lm.model.embed_tokens.weight is converted.graph_module.lm.model.embed_tokens.weight
+    with torch.no_grad():  # train the converted model a little: the runtime follows
+        for p in converted.operators["model.layers.0.self_attn"].parameters():
+            p.add_(1.0)
+    assert (rt(prompt).logits - converted(prompt)).abs().max() < 1e-4
+    assert first.shape == (1, 14)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line and .pt2
+
+
+def tiny_dir(path):
+    """A tiny Llama with a word-level tokenizer (w0 … w127) and a chat template, saved like a hub model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", eos_token="w2")
+    tok.chat_template = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}w3"
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.output
+
+
+def test_cli_generate_export_and_reload_in_a_fresh_process(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    code, _, output = run("apply", "liger-attention", tiny_dir(tmp_path / "model"), "-o", out)
+    assert code == 0, output
+    # Load OUT once (capture is the slow part); the commands below reuse it.
+    rt = lincompile.runtime.load(out)
+    monkeypatch.setattr(lincompile.runtime, "load", lambda *a, **k: rt)
+    code, stdout, output = run("generate", out, "w5 w6 w7", "--max-new-tokens", 6, "--json")
+    assert code == 0, output
+    result = json.loads(stdout)
+    assert result["prompt_tokens"] == 3 and 1 <= result["new_tokens"] <= 6 and result["text"].startswith("w")
+    code, stdout, output = run("generate", out, "w5 w6 w7", "--chat", "--max-new-tokens", 6)
+    assert code == 0, output
+    assert stdout.strip().startswith("w") and "tok/s" in output  # streamed text on stdout, stats on stderr
+
+    pt2 = tmp_path / "model.pt2"
+    code, stdout, output = run("export", out, "-o", pt2)
+    assert code == 0 and "logits identical" in stdout, output
+    code, _, output = run("export", out, "-o", pt2)
+    assert code == 2 and "already exists" in output
+    # The reloaded programs equal the runtime (checked by `export` above); a fresh process gets the same.
+    ids = ids_of(2, 9)
+    ex = load_exported(pt2)
+    with torch.no_grad():
+        want, *state = ex.prefill(ids, torch.arange(9).expand(2, 9), *ex.init_state(2))
+        want_step = ex.decode(ids[:, :1], state[0][:, None], *state)[0]
+    torch.save({"ids": ids, "prefill": want, "decode": want_step}, tmp_path / "want.pt")
+    script = (
+        f"import torch, lincompile.runtime as r\ntorch.set_num_threads({torch.get_num_threads()})\n"
+        f"want = torch.load({str(tmp_path / 'want.pt')!r})\n"
+        f"prefill = torch.export.load({str(pt2)!r}).module()\n"  # plain torch.export.load: the prefill program
+        f"ex = r.load_exported({str(pt2)!r})\n"
+        "ids = want['ids']\n"
+        "logits, *state = prefill(ids, torch.arange(9).expand(2, 9), *ex.init_state(2))\n"
+        "step = ex.decode(ids[:, :1], state[0][:, None], *state)[0]\n"
+        "assert torch.equal(logits, want['prefill']) and torch.equal(step, want['decode'])\n"
+        "print('identical')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "identical" in done.stdout, done.stderr[-2000:]
+
+
+def test_load_exported_rejects_other_files(tmp_path):
+    pt2 = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.ones(1, 2),)), pt2)
+    with pytest.raises(UsageError, match="not written by `lincompile export`"):
+        load_exported(pt2)
