@@ -64,7 +64,7 @@ def generate(out, prompt, chat, max_new_tokens, do_sample, temperature, top_k, t
                          streamer=streamer, generator=torch.Generator(device).manual_seed(seed))
     done = time.perf_counter()
     new = result[0, ids.shape[1]:].tolist()
-    eos = set(rt._eos(None))
+    eos = set(rt.eos_token_ids())
     finish = "eos" if new and new[-1] in eos else "length"
     state = rt.init_state(1)
     stats = {"prompt_tokens": ids.shape[1], "new_tokens": len(new), "finish_reason": finish,

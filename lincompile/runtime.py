@@ -212,7 +212,7 @@ class Runtime(nn.Module):
         """
         if max_new_tokens < 0:
             raise UsageError("max_new_tokens must be ≥ 0")
-        eos = self._eos(eos_token_id)
+        eos = self.eos_token_ids(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         positions = None if attention_mask is None else positions_from_mask(attention_mask)
         if streamer is not None:
@@ -235,7 +235,8 @@ class Runtime(nn.Module):
             streamer.end()
         return torch.cat(out, dim=1)
 
-    def _eos(self, eos_token_id) -> list[int]:
+    def eos_token_ids(self, eos_token_id=None) -> list[int]:
+        """The ids that end a sequence: the argument, else the generation config's, tokenizer's or config's."""
         for source in (eos_token_id, getattr(self.generation_config, "eos_token_id", None),
                        getattr(self.tokenizer, "eos_token_id", None), getattr(self.config, "eos_token_id", None)):
             if source is not None:
@@ -459,7 +460,7 @@ def export_programs(rt: Runtime, batch: int = 2, length: int = 5):
                      [{"name": n, "kind": kinds[n].kind, "dtype": str(t.dtype).replace("torch.", ""),
                        "shape": list(t.shape[1:]), "grow_dim": kinds[n].grow_dim}
                       for n, t in list(init.items())[1:]],
-            "vocab_size": rt.config.vocab_size, "eos_token_id": rt._eos(None)}
+            "vocab_size": rt.config.vocab_size, "eos_token_id": rt.eos_token_ids()}
     return programs, meta
 
 

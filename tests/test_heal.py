@@ -268,7 +268,9 @@ def test_two_gloo_processes_equal_one_process(world, reference, tmp_path):
            "-m", "lincompile", "heal", str(out), *RERUN, "--batch-size", "1"]
     done = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_result(out, reference, atol=1e-5)
+    # The gradient all-reduce sums in another order than one process does, and Adam's per-parameter
+    # normalisation turns those last-bit differences into ~1e-5 parameter differences after a few steps.
+    assert_same_result(out, reference, atol=1e-4)
     report = json.loads((out / "heal" / "report.json").read_text())
     assert report["stages"]["lora"]["tokens"] == 6 * 2 * 32  # global batch of 2 sequences
 
