@@ -20,8 +20,18 @@ def convert(model, spec, **kwargs):
     return _convert(model, spec, **kwargs)
 
 
-def load(path, allow_code: bool = False, device: str = "cpu"):
-    """Rebuild a converted model saved by `ConvertedModel.save` / `lincompile apply`."""
+def load(path, allow_code: bool = False, device: str = "cpu", adapter: bool = False):
+    """Rebuild a converted model saved by `ConvertedModel.save` / `lincompile apply`.
+
+    A healed OUT loads with its LoRA merged; `adapter=True` (or the path of an adapter directory) loads the
+    peft adapters unmerged on top of the pre-heal weights.
+    """
+    from pathlib import Path
+
+    if adapter or (Path(path) / "adapter_config.json").is_file():
+        from .heal.lora import load_adapter
+
+        return load_adapter(path, allow_code=allow_code, device=device)
     from .emit import load as _load
 
     return _load(path, allow_code=allow_code, device=device)

@@ -152,6 +152,12 @@ def test_adapters_round_trip_through_peft_and_merge(world, merged):
     with torch.no_grad():
         a, b = unmerged(ids), merged(ids)
     assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    # lincompile.load loads either form: the adapter directory itself gives the unmerged model too.
+    import lincompile
+
+    with torch.no_grad():
+        c = lincompile.load(out / "heal" / "adapter")(ids)
+    assert torch.allclose(c, a, atol=1e-6)
     # Plain peft on the original HF model: merging the adapter gives the merged weights OUT holds.
     outdir = OutDir(out)
     original = outdir.build_lm()
