@@ -48,6 +48,20 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def publish_dir(tmp: Path, dest: Path) -> None:
+    """Make a fully written temporary directory `dest` in one rename (replacing an old one)."""
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~_umask())
+    os.chmod(tmp, 0o777 & ~_umask())
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
 def _unique_tensors(state: dict) -> dict:
     """safetensors refuses aliased tensors (tied embeddings): keep one name per storage, record the rest."""
     out, seen, aliases = {}, {}, {}
@@ -70,7 +84,6 @@ def save(converted, path, overwrite: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         tensors, aliases = _unique_tensors(converted.graph_module.state_dict())
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lincompile": str(FORMAT_VERSION)})
         versions = converted.report.get("versions", {})
@@ -92,28 +105,17 @@ def save(converted, path, overwrite: bool = False) -> Path:
 
         (tmp / "report.json").write_text(json.dumps(converted.report, indent=2, default=str), encoding="utf-8")
         (tmp / "report.md").write_text(render_markdown(converted.report), encoding="utf-8")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~_umask())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def load(path, allow_code: bool = False, device: str = "cpu"):
-    import torch
-    from safetensors.torch import load_file
+def read_outdir(path):
+    """(root, meta, spec, config) of an output directory, with clear errors for anything else."""
     from transformers import AutoConfig
 
-    from .models import build_from_config
-    from .pipeline import ConvertedModel, convert
     from .spec import Spec
 
     root = Path(path)
@@ -125,9 +127,13 @@ def load(path, allow_code: bool = False, device: str = "cpu"):
         raise LincompileError(f"{root}: output format {meta.get('format_version')} is not supported by this version")
     spec = Spec.from_yaml(root / "spec.yaml")
     config = AutoConfig.from_pretrained(str(root))
-    model = build_from_config(config, dtype=meta.get("dtype", "float32"), attn_implementation=meta["attn_implementation"])
-    rebuilt = convert(model, spec, allow_code=allow_code, source=meta.get("model"), verify=False)
-    gm = rebuilt.graph_module
+    return root, meta, spec, config
+
+
+def load_weights(gm, root: Path, meta: dict, device: str = "cpu") -> None:
+    """Load OUT/model.safetensors into a rebuilt graph module (aliases restored, every tensor must fit)."""
+    from safetensors.torch import load_file
+
     state = load_file(str(root / "model.safetensors"), device=device)
     for alias, name in meta.get("aliases", {}).items():
         state[alias] = state[name]
@@ -136,12 +142,26 @@ def load(path, allow_code: bool = False, device: str = "cpu"):
         raise LincompileError(f"{root}/model.safetensors does not fit the rebuilt graph: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     gm.to(device)
-    tokenizer = None
+
+
+def load_tokenizer(root: Path):
     if any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(root))
+        return AutoTokenizer.from_pretrained(str(root))
+    return None
+
+
+def load(path, allow_code: bool = False, device: str = "cpu"):
+    from .models import build_from_config
+    from .pipeline import ConvertedModel, convert
+
+    root, meta, spec, config = read_outdir(path)
+    model = build_from_config(config, dtype=meta.get("dtype", "float32"), attn_implementation=meta["attn_implementation"])
+    rebuilt = convert(model, spec, allow_code=allow_code, source=meta.get("model"), verify=False)
+    gm = rebuilt.graph_module
+    load_weights(gm, root, meta, device)
+    tokenizer = load_tokenizer(root)
     report = json.loads((root / "report.json").read_text(encoding="utf-8")) if (root / "report.json").exists() else {}
-    del model
     return ConvertedModel(gm, spec, rebuilt.sites, config, tokenizer=tokenizer, report=report,
                           history=rebuilt.history, allow_code=allow_code)

@@ -369,39 +369,17 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def load(path, allow_code: bool = False, device: str = "cpu") -> Runtime:
     """The runtime of a `lincompile apply` output directory, without the original model or network."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    from .emit import FORMAT_VERSION
+    from .emit import load_tokenizer, load_weights, read_outdir
     from .models import build_from_config
-    from .spec import Spec
 
-    root = Path(path)
-    if not (root / "lincompile.json").exists():
-        raise UsageError(f"{root} is not a lincompile output directory (no lincompile.json)")
-    meta = json.loads((root / "lincompile.json").read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise LincompileError(f"{root}: output format {meta.get('format_version')} is not supported by this version")
-    spec = Spec.from_yaml(root / "spec.yaml")
+    root, meta, spec, config = read_outdir(path)
     for rule in spec.rules:
         if ":" in rule.op and not allow_code:
             raise UsageError(f'{root}: op "{rule.op}" is user Python code: pass --allow-code to load it')
-    config = AutoConfig.from_pretrained(str(root))
     model = build_from_config(config, dtype=meta.get("dtype", "float32"), attn_implementation=meta["attn_implementation"])
     gm = _positions_graph(model, spec, allow_code)
-    tensors = load_file(str(root / "model.safetensors"), device=device)
-    for alias, name in meta.get("aliases", {}).items():
-        tensors[alias] = tensors[name]
-    missing, unexpected = gm.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise LincompileError(f"{root}/model.safetensors does not fit the rebuilt graph: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    gm.to(device)
-    tokenizer = generation = None
-    if any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(root))
+    load_weights(gm, root, meta, device)
+    tokenizer, generation = load_tokenizer(root), None
     if (root / "generation_config.json").exists():
         from transformers import GenerationConfig
 

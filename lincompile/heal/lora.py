@@ -13,7 +13,6 @@ Outputs of a heal:
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from ..emit import _umask
+from ..emit import publish_dir
 from ..errors import UsageError
 from .outdir import LM, OutDir
 
@@ -124,16 +123,7 @@ def save_adapter(peft_model, heal_dir: Path, base_ref: str) -> Path:
         for cfg in peft_model.peft_config.values():
             cfg.base_model_name_or_path = base_ref
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~_umask())
-        os.chmod(tmp, 0o777 & ~_umask())
-        if dest.exists():
-            old = dest.with_name(f".{ADAPTER_DIR}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        publish_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
