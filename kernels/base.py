@@ -46,6 +46,8 @@ class Operator(nn.Module):
     inputs: ClassVar[tuple[str, ...]] = ("q", "k", "v")
     optional_inputs: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
+    # Kernel ops (kernels/fused.py) this operator calls when the fuse pass selects the Triton backend.
+    fused_kernels: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, v_head_dim: int | None = None,
                  scale: float | None = None, **params):
@@ -58,6 +60,8 @@ class Operator(nn.Module):
         self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
         self.config = {**self.params, **params}
         self.notes: list[str] = []
+        # "torch": the PyTorch forms; "triton": the kernel ops of kernels/fused.py (set by the fuse pass).
+        self.backend = "torch"
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -89,6 +93,10 @@ class Operator(nn.Module):
 
     def init_from_site(self, site) -> None:
         """Hook for operators that initialise new parameters from the site's weights."""
+
+    def kernel_names(self) -> tuple[str, ...]:
+        """The kernel ops this operator runs with the Triton backend (empty: it has none, stays PyTorch)."""
+        return self.fused_kernels
 
     def extra_repr(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())

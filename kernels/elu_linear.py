@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import Operator
-from .gla import gla_naive, gla_step
-from .opaque import gla_chunked
+from .fused import gla_chunked, gla_step
+from .gla import gla_naive
 from .registry import register
 
 
@@ -38,6 +38,7 @@ class EluLinear(Operator):
     summary = "normalised linear attention with φ = elu + 1 on pre-RoPE q/k (Katharopoulos et al.; T2R/SUPRA baseline)"
     params = {"eps": 1e-6, "chunk": 64}
     inputs = ("q_pre_rope", "k_pre_rope", "v_kv")
+    fused_kernels = ("chunk_gla",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,12 +60,12 @@ class EluLinear(Operator):
 
     def chunked(self, q_pre_rope, k_pre_rope, v_kv, state=None):
         out, S = gla_chunked(*self.augmented(q_pre_rope, k_pre_rope, v_kv), None, chunk=self.config["chunk"],
-                             initial_state=None if state is None else state["rec"])
+                             initial_state=None if state is None else state["rec"], backend=self.backend)
         return self.normalise(out, q_pre_rope.dtype), {"rec": S}
 
     def init_state(self, batch, dtype=torch.float32, device=None):
         return {"rec": torch.zeros(batch, self.num_kv_heads, self.head_dim, self.v_head_dim + 1, device=device)}
 
     def step(self, state, q_pre_rope, k_pre_rope, v_kv):
-        out, S = gla_step(*self.augmented(q_pre_rope, k_pre_rope, v_kv), None, state["rec"])
+        out, S = gla_step(*self.augmented(q_pre_rope, k_pre_rope, v_kv), None, state["rec"], backend=self.backend)
         return self.normalise(out, q_pre_rope.dtype), {"rec": S}

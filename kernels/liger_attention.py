@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .gla import gla_naive, gla_step
-from .opaque import gla_chunked
+from .fused import gla_chunked, gla_step, liger_attention_chunked, swa_chunked
+from .gla import gla_naive
 from .liger_gla import LigerGLA
 from .registry import register
-from .opaque import swa_chunked
 from .swa import swa_init_state, swa_naive, swa_step
 
 
@@ -42,12 +41,25 @@ class LigerAttention(LigerGLA):
         gla = gla_naive(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv))[0]
         return self._mix(swa, gla)
 
+    def kernel_names(self):
+        # The softmax feature map and the gates are computed in the fused kernel's prologue.
+        if self.config["feature_map"] == "softmax":
+            return ("liger_attention",)
+        return ("chunk_gla", "swa_attention")
+
     def chunked(self, q, k_kv, v_kv, q_pre_rope, k_pre_rope, state=None):
         state = state or {}
+        cfg = self.config
+        if self.backend == "triton" and cfg["feature_map"] == "softmax":
+            o, new = liger_attention_chunked(q, k_kv, v_kv, q_pre_rope, k_pre_rope, window=cfg["window"], a=cfg["a"],
+                                             b=cfg["b"], scale=self.scale, gate_normalizer=cfg["gate_normalizer"],
+                                             state=state)
+            return o, new
         swa, swa_state = swa_chunked(q, k_kv, v_kv, self.config["window"],
-                                     self.scale, state=state.get("swa"))
+                                     self.scale, state=state.get("swa"), backend=self.backend)
         gq, gk, gv, g = self.gla_inputs(q_pre_rope, k_pre_rope, v_kv)
-        gla, S = gla_chunked(gq, gk, gv, g, chunk=self.config["chunk"], initial_state=state.get("gla"))
+        gla, S = gla_chunked(gq, gk, gv, g, chunk=self.config["chunk"], initial_state=state.get("gla"),
+                             backend=self.backend)
         return self._mix(swa, gla), {"gla": S, "swa": swa_state}
 
     def init_state(self, batch, dtype=torch.float32, device=None):
@@ -59,5 +71,5 @@ class LigerAttention(LigerGLA):
     def step(self, state, q, k_kv, v_kv, q_pre_rope, k_pre_rope):
         swa, swa_state = swa_step(q, k_kv, v_kv, state["swa"], self.config["window"], self.scale)
         gq, gk, gv, g = self.gla_inputs(q_pre_rope[:, :, None], k_pre_rope[:, :, None], v_kv[:, :, None])
-        gla, S = gla_step(gq[:, :, 0], gk[:, :, 0], gv[:, :, 0], g[:, :, 0], state["gla"])
+        gla, S = gla_step(gq[:, :, 0], gk[:, :, 0], gv[:, :, 0], g[:, :, 0], state["gla"], backend=self.backend)
         return self._mix(swa, gla), {"gla": S, "swa": swa_state}

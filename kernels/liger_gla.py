@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import Operator
-from .gla import gla_naive, gla_step
-from .opaque import gla_chunked
+from .fused import gla_chunked, gla_step
+from .gla import gla_naive
 from .registry import register
 
 FEATURE_MAPS = {
@@ -35,6 +35,7 @@ class LigerGLA(Operator):
     summary = "Liger gated linear attention: softmax feature maps, per-channel gates from the key (no new params)"
     params = {"gate_normalizer": 16.0, "feature_map": "softmax", "chunk": 64}
     inputs = ("q_pre_rope", "k_pre_rope", "v_kv")
+    fused_kernels = ("chunk_gla",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -54,7 +55,8 @@ class LigerGLA(Operator):
 
     def chunked(self, q_pre_rope, k_pre_rope, v_kv, state=None):
         q, k, v, g = self.gla_inputs(q_pre_rope, k_pre_rope, v_kv)
-        o, S = gla_chunked(q, k, v, g, chunk=self.config["chunk"], initial_state=None if state is None else state["gla"])
+        o, S = gla_chunked(q, k, v, g, chunk=self.config["chunk"], initial_state=None if state is None else state["gla"],
+                           backend=self.backend)
         return o, {"gla": S}
 
     def init_state(self, batch, dtype=torch.float32, device=None):
@@ -62,5 +64,5 @@ class LigerGLA(Operator):
 
     def step(self, state, q_pre_rope, k_pre_rope, v_kv):
         q, k, v, g = self.gla_inputs(q_pre_rope[:, :, None], k_pre_rope[:, :, None], v_kv[:, :, None])
-        o, S = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], state["gla"])
+        o, S = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], state["gla"], backend=self.backend)
         return o, {"gla": S}

@@ -31,12 +31,15 @@ input dtype. Bindings: q, k_kv, v_kv (SWA branch), q_pre_rope, k_pre_rope (slot 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from .base import Operator
 from .gla import gla_naive, gla_step, vgla_naive, vgla_step
-from .opaque import gla_chunked, vgla_chunked
+from . import fused
+from .opaque import vgla_chunked
 from .registry import register
 from .swa_mix import SWA_PARAMS, SWAMix
 
@@ -47,6 +50,8 @@ class LigerGSA(SWAMix, Operator):
     summary = "Liger gated slot attention: 64 slots, per-slot gates pooled from the key, + SWA (no new params)"
     params = {"num_slots": 64, "gate_normalizer": 16.0, **SWA_PARAMS, "chunk": 64}
     inputs = ("q", "k_kv", "v_kv", "q_pre_rope", "k_pre_rope")
+    # The slot-addressing pass (value-gated GLA) keeps its PyTorch form; the read-out pass runs chunk_gla.
+    fused_kernels = ("swa_attention", "chunk_gla")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -66,7 +71,7 @@ class LigerGSA(SWAMix, Operator):
 
     def _forms(self, mode):
         return {"naive": (vgla_naive, gla_naive), "step": (vgla_step, gla_step),
-                "chunked": (vgla_chunked, gla_chunked)}[mode]
+                "chunked": (vgla_chunked, functools.partial(fused.gla_chunked, backend=self.backend))}[mode]
 
     def slots(self, q_pre_rope, k_pre_rope, v_kv, mode, state=None):
         """The two passes; `state` holds (slot keys, slot values) or None. Returns (r fp32, state)."""

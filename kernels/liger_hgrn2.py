@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import Operator
-from .gla import gla_naive, gla_step
-from .opaque import gla_chunked
+from .fused import gla_chunked, gla_step
+from .gla import gla_naive
 from .registry import register
 from .swa_mix import SWA_PARAMS, SWAMix
 
@@ -35,6 +35,7 @@ class LigerHGRN2(SWAMix, Operator):
     summary = "Liger HGRN2: GLA with key = 1 - forget gate, gates from the key, softmax queries, + SWA (no new params)"
     params = {**SWA_PARAMS, "chunk": 64}
     inputs = ("q", "k_kv", "v_kv", "q_pre_rope", "k_pre_rope")
+    fused_kernels = ("chunk_gla", "swa_attention")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -54,7 +55,7 @@ class LigerHGRN2(SWAMix, Operator):
         state = state or {}
         swa, swa_state = self.swa_chunked(q, k_kv, v_kv, state.get("swa"))
         r, S = gla_chunked(*self.recurrent_inputs(q_pre_rope, k_pre_rope, v_kv), chunk=self.config["chunk"],
-                           initial_state=state.get("rec"))
+                           initial_state=state.get("rec"), backend=self.backend)
         return self.mix(swa, r, q.dtype), {"rec": S, **({"swa": swa_state} if swa_state else {})}
 
     def init_state(self, batch, dtype=torch.float32, device=None):
@@ -63,5 +64,5 @@ class LigerHGRN2(SWAMix, Operator):
 
     def step(self, state, q, k_kv, v_kv, q_pre_rope, k_pre_rope):
         swa, swa_state = self.swa_step(q, k_kv, v_kv, state.get("swa"))
-        r, S = gla_step(*self.recurrent_inputs(q_pre_rope, k_pre_rope, v_kv), state["rec"])
+        r, S = gla_step(*self.recurrent_inputs(q_pre_rope, k_pre_rope, v_kv), state["rec"], backend=self.backend)
         return self.mix(swa, r, q.dtype), {"rec": S, **({"swa": swa_state} if swa_state else {})}

@@ -44,9 +44,9 @@ from lincompile.errors import MatchError
 from lincompile.graph import shape
 
 from .base import Operator
-from .gla import gla_naive, gla_step
+from .fused import gla_chunked, gla_step, window_attention
+from .gla import gla_naive
 from .hedgehog import HedgehogFeatureMap, resolve_feature_dim
-from .opaque import gla_chunked
 from .registry import register
 from .swa import window_mask
 from .swa_sinks import normalise_with, ring_init, ring_push, ring_sums, window_sums
@@ -61,6 +61,7 @@ class Lizard(Operator):
     summary = "Lizard: gated Hedgehog linear attention (learned per-token gate) + SWA-128 with 4 learned sinks"
     params = {"window": 128, "num_sinks": 4, "feature_dim": None, "chunk": 64}
     inputs = ("q", "k_kv", "v_kv", "q_pre_rope", "k_pre_rope", "hidden")
+    fused_kernels = ("chunk_gla", "swa_attention")
 
     def __init__(self, *args, hidden_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -154,13 +155,17 @@ class Lizard(Operator):
         if T == 0:
             return q.new_zeros(B, H, 0, self.v_head_dim), state
         fq, fk, fv, g = self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden)
-        lin, S = gla_chunked(fq, fk, fv, g, scale=1.0, chunk=self.config["chunk"], initial_state=state["gla"])
-        num, den, c = window_sums(q, k_kv, v_kv, state, self.scale)
-        win = normalise_with(num, den, c, self._sinks(c))
+        lin, S = gla_chunked(fq, fk, fv, g, scale=1.0, chunk=self.config["chunk"], initial_state=state["gla"],
+                             backend=self.backend)
+        if self.backend == "triton":  # the sink logits join the kernel's softmax
+            win = window_attention(q, k_kv, v_kv, state, self.scale, sinks=self.sink_logits)[0].float()
+        else:
+            num, den, c = window_sums(q, k_kv, v_kv, state, self.scale)
+            win = normalise_with(num, den, c, self._sinks(c))
         return self._mix(lin, win).to(q.dtype), {**ring_push(state, k_kv, v_kv), "gla": S}
 
     def step(self, state, q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden):
-        lin, S = gla_step(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden), state["gla"])
+        lin, S = gla_step(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden), state["gla"], backend=self.backend)
         ring = ring_push(state, k_kv[:, :, None], v_kv[:, :, None])
         num, den, c = ring_sums(q, ring, self.scale)
         win = normalise_with(num, den, c, self._sinks(c))

@@ -37,9 +37,8 @@ import torch
 from torch import nn
 
 from .base import Operator
-from .gla import gla_step
+from .fused import gla_chunked, gla_step
 from .hedgehog import HedgehogFeatureMap, resolve_feature_dim
-from .opaque import gla_chunked
 from .registry import register
 from .swa import window_mask
 from .swa_sinks import ring_init, ring_push, ring_sums, window_sums
@@ -53,6 +52,8 @@ class LoLCATs(Operator):
     summary = "LoLCATs: sliding-window softmax (w=64) + Hedgehog linear attention, one shared normaliser"
     params = {"window": 64, "feature_dim": None, "chunk": 64}
     inputs = ("q", "k_kv", "v_kv")
+    # The window part needs its sums relative to the window maximum (not what the kernel returns): PyTorch.
+    fused_kernels = ("chunk_gla",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -127,7 +128,8 @@ class LoLCATs(Operator):
         fk, fv = self._delayed(old_k, old_v, exists)
         fq = self.phi_q(q)
         no_decay = fk.new_zeros(*fk.shape[:-1], 1)  # one log-gate per head, 0: plain linear attention
-        lin, S = gla_chunked(fq, fk, fv, no_decay, scale=1.0, chunk=self.config["chunk"], initial_state=state["lin"])
+        lin, S = gla_chunked(fq, fk, fv, no_decay, scale=1.0, chunk=self.config["chunk"], initial_state=state["lin"],
+                             backend=self.backend)
         y = self._combine(num_w, den_w, lin)
         return y.to(q.dtype), {**ring_push(state, k_kv, v_kv), "lin": S}
 
@@ -136,7 +138,7 @@ class LoLCATs(Operator):
         exists = (state["len"] >= self.config["window"]).reshape(1)
         fk, fv = self._delayed(state["k"][:, :, :1], state["v"][:, :, :1], exists)
         fq = self.phi_q(q)
-        lin, S = gla_step(fq, fk[:, :, 0], fv[:, :, 0], None, state["lin"])
+        lin, S = gla_step(fq, fk[:, :, 0], fv[:, :, 0], None, state["lin"], backend=self.backend)
         ring = ring_push(state, k_kv[:, :, None], v_kv[:, :, None])
         num_w, den_w, _ = ring_sums(q, ring, self.scale)
         y = self._combine(num_w, den_w, lin)

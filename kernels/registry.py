@@ -28,6 +28,8 @@ def _load_builtins():
         from lincompile import kernels
 
         for info in pkgutil.iter_modules(kernels.__path__):
+            if info.name.startswith("triton_"):
+                continue  # Triton kernels hold no operators (and triton is an optional dependency)
             importlib.import_module(f"lincompile.kernels.{info.name}")
 
 

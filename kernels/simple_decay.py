@@ -23,8 +23,8 @@ import math
 import torch
 
 from .base import Operator
-from .gla import gla_naive, gla_step
-from .opaque import gla_chunked
+from .fused import gla_chunked, gla_step
+from .gla import gla_naive
 from .registry import register
 
 
@@ -34,6 +34,7 @@ class SimpleDecay(Operator):
     summary = "RetNet-style retention: linear attention on RoPE'd q/k, fixed decay γ_h = 1 - 2^-(5+h) per head"
     params = {"decay_base": 5.0, "decay_range": None, "chunk": 64}
     inputs = ("q", "k_kv", "v_kv")
+    fused_kernels = ("chunk_gla",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -60,7 +61,7 @@ class SimpleDecay(Operator):
 
     def chunked(self, q, k_kv, v_kv, state=None):
         o, S = gla_chunked(*self._qkvg(q, k_kv, v_kv), scale=self.scale, chunk=self.config["chunk"],
-                           initial_state=None if state is None else state["rec"])
+                           initial_state=None if state is None else state["rec"], backend=self.backend)
         return o, {"rec": S}
 
     def init_state(self, batch, dtype=torch.float32, device=None):
@@ -68,5 +69,6 @@ class SimpleDecay(Operator):
 
     def step(self, state, q, k_kv, v_kv):
         q, k, v, g = self._qkvg(q[:, :, None], k_kv[:, :, None], v_kv[:, :, None])
-        o, S = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], state["rec"], scale=self.scale)
+        o, S = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], state["rec"], scale=self.scale,
+                        backend=self.backend)
         return o, {"rec": S}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .opaque import swa_chunked
+from .fused import swa_chunked
 from .swa import swa_init_state, swa_naive, swa_step
 
 SWA_PARAMS = {"window": 64, "a": 0.5, "b": 0.5}
@@ -37,8 +37,9 @@ class SWAMix:
     def swa_chunked(self, q, k_kv, v_kv, state):
         if not self.config["window"]:
             return None, None
+        # The ring keeps all query heads (as the step form does), so keys/values are repeated here.
         return swa_chunked(q, self.expand_kv(k_kv), self.expand_kv(v_kv), self.config["window"], self.scale,
-                           state=state)
+                           state=state, backend=self.backend)
 
     def swa_step(self, q, k_kv, v_kv, state):
         if not self.config["window"]:

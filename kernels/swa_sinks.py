@@ -146,6 +146,7 @@ class SWASinks(Operator):
     summary = "StreamingLLM: softmax over 4 sink tokens + the last 64 (training-free, no new params)"
     params = {"window": 64, "num_sinks": 4}
     inputs = ("q", "k_kv", "v_kv")
+    fused_kernels = ("swa_attention",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -196,7 +197,14 @@ class SWASinks(Operator):
         if T == 0:
             return q.new_zeros(B, H, 0, self.v_head_dim), state
         sink_k, sink_v = self._sinks_after(state, k_kv, v_kv)
-        num, den, c = window_sums(q, k_kv, v_kv, state, self.scale)
+        if self.backend == "triton":
+            # (o, lse) is the same sum as (num, den, c) with c = lse, den = 1: normalise_with only needs that.
+            from .fused import window_attention
+
+            o, c = window_attention(q, k_kv, v_kv, state, self.scale)
+            num, den = o.float(), torch.ones_like(c)
+        else:
+            num, den, c = window_sums(q, k_kv, v_kv, state, self.scale)
         logits = self._sink_logits(q, sink_k, torch.arange(T, device=q.device) + state["len"])
         o = normalise_with(num, den, c, logits, self.expand_kv(sink_v))
         return o.to(q.dtype), {**ring_push(state, k_kv, v_kv), "sink_k": sink_k, "sink_v": sink_v}

@@ -2,7 +2,7 @@
 
     import lincompile
     spec = lincompile.Spec.from_yaml("my-spec.yaml")       # or Spec.builtin("liger-attention")
-    converted = lincompile.convert(model, spec)             # capture → match → substitute → verify
+    converted = lincompile.convert(model, spec)             # capture → match → substitute → fuse → verify
     converted.save("out/")
     again = lincompile.load("out/")
 """

@@ -115,7 +115,7 @@ def apply(spec, model, out, overwrite, as_json, dtype, device, allow_code):
     if Path(out).exists() and not overwrite:
         raise UsageError(f"{out} already exists: pass --overwrite to replace it")
     timings: dict = {}
-    stages = _Stages(["load", "capture", "match", "substitute", "verify", "save"], enabled=not as_json)
+    stages = _Stages(["load", "capture", "match", "substitute", "fuse", "verify", "save"], enabled=not as_json)
     try:
         spec_obj, loaded = _load(spec, model, dtype, device, timings, stages)
         converted = convert(loaded.model, spec_obj, tokenizer=loaded.tokenizer, allow_code=allow_code, source=model,

@@ -57,8 +57,8 @@ def op_kind(row: dict) -> str:
 
 
 def is_key(kind: str) -> bool:
-    """The ops a conversion is about: attention/softmax kernels and lincompile operators."""
-    return kind.startswith("lincompile.") or "attention" in kind or "softmax" in kind
+    """The ops a conversion is about: attention/softmax kernels, lincompile operators and their kernel ops."""
+    return kind.startswith(("lincompile.", "kernel.")) or "attention" in kind or "softmax" in kind
 
 
 def module_of(row: dict) -> str:
@@ -66,7 +66,8 @@ def module_of(row: dict) -> str:
 
 
 def _key(row: dict) -> tuple:
-    return row["name"], row.get("op"), row.get("target")
+    # op_kind, not the raw op: an operator node the fuse pass moved onto kernel ops counts as replaced.
+    return row["name"], op_kind(row), row.get("target")
 
 
 def diff_rows(name: str, before: list[dict], after: list[dict]) -> PassDiff:

@@ -1,4 +1,4 @@
-"""The compiler pipeline: capture → match → substitute → verify, and the ConvertedModel it returns.
+"""The compiler pipeline: capture → match → substitute → fuse → verify, and the ConvertedModel it returns.
 
     converted = lincompile.convert(model, Spec.builtin("liger-attention"))
     logits = converted(input_ids)          # [B, T, vocab], differentiable
@@ -40,7 +40,8 @@ def snapshot(gm) -> list[dict]:
                      "layer": n.meta.get("lincompile_layer"),
                      "args": [a.name for a in n.all_input_nodes]})
         if n.op == "call_module" and "lincompile_op" in n.meta:
-            rows[-1]["opname"] = f"lincompile.{n.meta['lincompile_op']}"
+            # After the fuse pass an operator node reports the kernel ops it runs.
+            rows[-1]["opname"] = n.meta.get("lincompile_kernel") or f"lincompile.{n.meta['lincompile_op']}"
     return rows
 
 
@@ -110,6 +111,7 @@ def convert(model: nn.Module, spec: Spec | str, *, tokenizer=None, allow_code: b
     """Compile a causal LM with a spec. `progress(stage)` is called as each pass starts (for the CLI)."""
     from .passes.capture import capture
     from .passes.match import match, select
+    from .passes.fuse import fuse, resolve_backend
     from .passes.substitute import substitute
     from .passes.verify import record_teacher
     from .passes.verify import verify as run_verify
@@ -146,7 +148,12 @@ def convert(model: nn.Module, spec: Spec | str, *, tokenizer=None, allow_code: b
     history.append(PassRecord("substitute", time.perf_counter() - t0, snapshot(captured.gm)))
     ops_by_site = {id(s): added[s.replacement.target] for s, _ in assignments if s.op != "keep"}
 
-    backend = "torch" if spec.fuse_backend in ("auto", "torch") else spec.fuse_backend
+    step("fuse")
+    t0 = time.perf_counter()
+    with _timed(timings, "fuse"):
+        backend, fuse_notes = resolve_backend(spec.fuse_backend)
+        fuse_notes += fuse(captured.gm, backend)
+    history.append(PassRecord("fuse", time.perf_counter() - t0, snapshot(captured.gm), fuse_notes))
 
     checks = {}
     if verify:
@@ -167,7 +174,7 @@ def convert(model: nn.Module, spec: Spec | str, *, tokenizer=None, allow_code: b
         "fuse_backend": backend,
         "site_details": [s.to_json() for s in sites],
         "near_misses": [m.__dict__ for m in result.near_misses],
-        "notes": captured.notes,
+        "notes": captured.notes + fuse_notes,
         "timings_s": timings,
         "versions": versions(),
     }

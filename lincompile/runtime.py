@@ -273,7 +273,8 @@ def _positions_graph(model, spec, allow_code):
 
 
 def _substitute(captured, spec, allow_code):
-    """match → select → substitute on a positions capture; kept softmax layers get the softmax operator."""
+    """match → select → substitute → fuse on a positions capture; kept softmax layers get the softmax operator."""
+    from .passes.fuse import fuse, resolve_backend
     from .passes.match import match, select
     from .passes.substitute import op_class, substitute
 
@@ -286,6 +287,7 @@ def _substitute(captured, spec, allow_code):
             raise UsageError(f"{site.module}: its attention mask is {site.mask_kind}, and the runtime's step forms "
                              "assume a causal mask (convert this layer with a sliding-window operator instead)")
     substitute(captured.gm, assignments, allow_code=allow_code)
+    fuse(captured.gm, resolve_backend(spec.fuse_backend)[0])
     for node in list(captured.gm.graph.nodes):
         # export's shape guards were written for length ≥ 2; the runtime also runs length 1.
         if node.op == "call_module" and node.target.startswith("_guards") and not node.users:

@@ -29,7 +29,7 @@ from .errors import SpecError, did_you_mean
 BUILTIN_PATTERNS = ("sdpa", "eager_softmax_attention", "softmax_attention")
 MASK_KINDS = ("causal", "sliding", "chunked", "bidirectional", "custom", "none")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-FUSE_BACKENDS = ("auto", "torch")
+FUSE_BACKENDS = ("auto", "torch", "triton")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _by_name(d, name):
 
 def test_substitute_swaps_sdpa_for_operators(d):
     names = [p.name for p in d.passes()]
-    assert names == ["match", "substitute"]
+    assert names == ["match", "substitute", "fuse"]
     sub = _by_name(d, "substitute")
     removed_sdpa = [r for r in sub.removed if r["op"] == SDPA]
     assert len(removed_sdpa) == 2

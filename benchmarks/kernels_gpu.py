@@ -1,0 +1,280 @@
+"""GPU benchmark of the Triton kernels (not a test): correctness at real sizes, then speed vs fla and SDPA.
+
+    python benchmarks/kernels_gpu.py [--head-dim 128] [--heads 16] [--lengths 2048 8192 16384 32768 65536]
+                                     [--json kernels_gpu.json]
+    TRITON_INTERPRET=1 python benchmarks/kernels_gpu.py --smoke      # CPU: tiny sizes, checks the script
+
+Part 1, correctness (bf16 inputs, B=2, H=16 query / 4 kv heads, T=4096 or --check-len): every kernel against
+the operator library's PyTorch forms run in fp32 on the same inputs — relative error ‖Δ‖/‖ref‖ of outputs and
+gradients, target ≤ 1e-2:
+    chunk_gla (per-channel gates, scalar gates; with initial and final state), recurrent_gla_step,
+    swa_attention (window 64, 4 sink logits, a ring prefix), the fused liger_attention forward.
+Part 2, speed (bf16, tokens·heads constant: B = tokens / T, H heads of --head-dim, no GQA so fla runs the
+same problem): median ms from `triton.testing.do_bench` of forward and forward+backward for
+    ours chunk_gla · fla chunk_gla (if fla-core is importable) · torch SDPA causal (flash) ·
+    ours swa_attention (w=64) · ours liger_attention fused forward (+ its backward by recomputation).
+Prints the GPU name, a correctness table and a speed table, and writes both as JSON.
+Targets (issue #6): ours ≥ fla chunk_gla speed; ≥ 5× SDPA forward at 16k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def bench(fn, smoke: bool) -> float:
+    """Median milliseconds of fn()."""
+    if smoke:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Part 1: correctness against the PyTorch forms.
+
+
+def check_gla(B, H, Hk, T, D, dev, scalar: bool):
+    from lincompile.kernels import fused, gla
+
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    q = torch.randn(B, H, T, D, device=dev, dtype=bf) * D ** -0.5
+    k = torch.randn(B, Hk, T, D, device=dev, dtype=bf) * D ** -0.5
+    v = torch.randn(B, Hk, T, D, device=dev, dtype=bf)
+    g = F.logsigmoid(torch.randn(B, Hk, T, 1 if scalar else D, device=dev) + 3.0) / 4  # slow decay: long memory
+    S0 = torch.randn(B, Hk, D, D, device=dev) * 0.1
+    do = torch.randn(B, H, T, D, device=dev, dtype=bf)
+    dS = torch.randn(B, Hk, D, D, device=dev) * 0.1
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, S0)]
+    o, S = fused.chunk_gla(*leaves[:4], D ** -0.5, leaves[4])
+    torch.autograd.backward([o, S], [do, dS])
+    ref = [x.detach().float().clone().requires_grad_(True) for x in (q, k, v, g, S0)]
+    o_r, S_r = gla.gla_chunked(*ref[:4], scale=D ** -0.5, initial_state=ref[4])
+    torch.autograd.backward([o_r, S_r], [do.float(), dS])
+    errs = {"o": rel(o, o_r), "final_state": rel(S, S_r)}
+    for name, x, r in zip(("dq", "dk", "dv", "dg", "dS0"), leaves, ref):
+        errs[name] = rel(x.grad, r.grad)
+    return errs
+
+
+def check_step(B, H, Hk, D, dev):
+    from lincompile.kernels import fused, gla
+
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(B, h, D, device=dev, dtype=torch.bfloat16) for h in (H, Hk, Hk))
+    g = F.logsigmoid(torch.randn(B, Hk, D, device=dev))
+    S = torch.randn(B, Hk, D, D, device=dev)
+    o, S1 = fused.recurrent_gla_step(q, k, v, g, S.clone(), D ** -0.5)
+    o_r, S_r = gla.gla_step(q.float(), k.float(), v.float(), g, S, scale=D ** -0.5)
+    return {"o": rel(o, o_r), "state": rel(S1, S_r)}
+
+
+def check_swa(B, H, Hk, T, D, W, m, dev):
+    from lincompile.kernels import fused
+
+    torch.manual_seed(2)
+    bf = torch.bfloat16
+    q, k, v = (torch.randn(B, h, T, D, device=dev, dtype=bf) for h in (H, Hk, Hk))
+    pk, pv = (torch.randn(B, Hk, W, D, device=dev, dtype=bf) for _ in range(2))
+    seen = torch.tensor(3 * W, device=dev)
+    sinks = torch.randn(H, m, device=dev)
+    do, dlse = torch.randn(B, H, T, D, device=dev, dtype=bf), torch.randn(B, H, T, device=dev)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pk, pv, sinks)]
+    o, lse = fused.swa_attention(*leaves[:5], seen, D ** -0.5, leaves[5])
+    torch.autograd.backward([o, lse], [do, dlse])
+    ref = [x.detach().float().clone().requires_grad_(True) for x in (q, k, v, pk, pv, sinks)]
+    o_r, lse_r = fused._swa_torch(*ref[:5], seen, D ** -0.5, ref[5])
+    torch.autograd.backward([o_r, lse_r], [do.float(), dlse])
+    errs = {"o": rel(o, o_r), "lse": rel(lse, lse_r)}
+    for name, x, r in zip(("dq", "dk", "dv", "dprev_k", "dprev_v", "dsinks"), leaves, ref):
+        errs[name] = rel(x.grad, r.grad)
+    return errs
+
+
+def check_liger(B, H, Hk, T, D, dev):
+    from lincompile.kernels import fused
+    from lincompile.kernels.liger_attention import LigerAttention
+
+    torch.manual_seed(3)
+    bf = torch.bfloat16
+    q, q_pre = (torch.randn(B, H, T, D, device=dev, dtype=bf) for _ in range(2))
+    k, k_pre, v = (torch.randn(B, Hk, T, D, device=dev, dtype=bf) for _ in range(3))
+    op = LigerAttention(num_heads=H, num_kv_heads=Hk, head_dim=D).to(dev)
+    state = op.init_state(B, torch.float32, dev)
+    state["gla"] = torch.randn_like(state["gla"]) * 0.1
+    o_r, st_r = op.chunked(*(x.float() for x in (q, k, v, q_pre, k_pre)), state=state)  # PyTorch forms, fp32
+    cfg = op.config
+    o, st = fused.liger_attention_chunked(q, k, v, q_pre, k_pre, window=cfg["window"], a=cfg["a"], b=cfg["b"],
+                                          scale=op.scale, gate_normalizer=cfg["gate_normalizer"], state=state)
+    return {"o": rel(o, o_r), "final_state": rel(st["gla"], st_r["gla"])}
+
+
+def correctness(args, dev):
+    B, H, Hk, T, D = 2, 16, 4, args.check_len, args.head_dim
+    if args.smoke:
+        B, H, Hk, T, D = 1, 4, 2, 100, 32
+    rows = []
+    for name, fn in [
+        ("chunk_gla per-channel gates", lambda: check_gla(B, H, Hk, T, D, dev, scalar=False)),
+        ("chunk_gla scalar gates", lambda: check_gla(B, H, Hk, T, D, dev, scalar=True)),
+        ("recurrent_gla_step", lambda: check_step(8 if not args.smoke else 2, H, Hk, D, dev)),
+        ("swa_attention w=64, 4 sinks, ring", lambda: check_swa(B, H, Hk, T, D, 64, 4, dev)),
+        ("liger_attention fused fwd", lambda: check_liger(B, H, Hk, T, D, dev)),
+    ]:
+        try:
+            errs = fn()
+            rows.append({"kernel": name, "errors": errs, "max": max(errs.values()), "ok": max(errs.values()) <= 1e-2})
+        except Exception as err:  # report and go on: the speed part still runs
+            rows.append({"kernel": name, "errors": {}, "max": float("nan"), "ok": False, "error": repr(err)[:300]})
+        r = rows[-1]
+        detail = ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items()) or r.get("error", "")
+        print(f"  {name:36s} {'ok ' if r['ok'] else 'BAD'} max {r['max']:.2e}  ({detail})", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Part 2: speed.
+
+
+def speed(args, dev):
+    from lincompile.kernels import fused
+
+    try:
+        from fla.ops.gla import chunk_gla as fla_chunk_gla
+    except Exception as err:  # optional
+        fla_chunk_gla = None
+        print(f"  (fla chunk_gla not available: {type(err).__name__}: {err})")
+    H, D, bf = args.heads, args.head_dim, torch.bfloat16
+    rows = []
+    for T in args.lengths:
+        B = max(1, args.tokens // T)
+        torch.manual_seed(0)
+        mk = lambda *s: torch.randn(*s, device=dev, dtype=bf, requires_grad=True)  # noqa: E731
+        q, k, v = mk(B, H, T, D), mk(B, H, T, D), mk(B, H, T, D)
+        with torch.no_grad():
+            q.mul_(D ** -0.5)
+            k.mul_(D ** -0.5)
+        g = (F.logsigmoid(torch.randn(B, H, T, D, device=dev) + 3.0) / 4).requires_grad_(True)
+        do = torch.randn(B, H, T, D, device=dev, dtype=bf)
+        ring = torch.zeros(B, H, 64, D, device=dev, dtype=bf)
+        seen = torch.zeros((), dtype=torch.int64, device=dev)
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))
+        gt = g.detach().transpose(1, 2).contiguous().requires_grad_(True)
+        dot = do.transpose(1, 2).contiguous()
+
+        def fb(fwd, grad_out):
+            def run():
+                out = fwd()
+                out.backward(grad_out)
+            return run
+
+        cases = {
+            "ours chunk_gla": (lambda: fused.chunk_gla(q, k, v, g, D ** -0.5, None)[0], do),
+            "torch sdpa (flash)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), do),
+            "ours swa_attention w64": (lambda: fused.swa_attention(q, k, v, ring, ring, seen, D ** -0.5, None)[0], do),
+            "ours liger_attention fused": (lambda: fused.liger_attention(q, k, v, q, k, None, ring, ring, seen, 64, 0.5,
+                                                                         0.5, D ** -0.5, 16.0)[0], do),
+        }
+        if fla_chunk_gla is not None and not args.no_fla:  # fla autotunes on first call (minutes)
+            cases["fla chunk_gla"] = (lambda: fla_chunk_gla(qt, kt, vt, gt, scale=D ** -0.5)[0], dot)
+        for name, (fwd, grad_out) in cases.items():
+            row = {"T": T, "B": B, "H": H, "D": D, "kernel": name}
+            try:
+                with torch.no_grad():
+                    row["fwd_ms"] = bench(fwd, args.smoke)
+                row["fwd_bwd_ms"] = bench(fb(fwd, grad_out), args.smoke)
+            except Exception as err:
+                row["error"] = repr(err)[:300]
+            for x in (q, k, v, g, qt, kt, vt, gt):
+                x.grad = None
+            rows.append(row)
+            print(f"  T={T:6d} B={B:3d} {name:28s} fwd {row.get('fwd_ms', float('nan')):9.3f} ms   "
+                  f"fwd+bwd {row.get('fwd_bwd_ms', float('nan')):9.3f} ms  {row.get('error', '')}", flush=True)
+        cases.clear()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def speed_table(rows) -> list[str]:
+    by = {(r["T"], r["kernel"]): r for r in rows}
+    names = ["ours chunk_gla", "fla chunk_gla", "torch sdpa (flash)", "ours swa_attention w64",
+             "ours liger_attention fused"]
+    lines = ["| T | B | " + " | ".join(f"{n} fwd / fwd+bwd (ms)" for n in names) + " | SDPA / ours fwd | fla / ours fwd+bwd |",
+             "|---|---|" + "---|" * (len(names) + 2)]
+
+    def cell(r):
+        if r is None or "fwd_ms" not in r:
+            return "—"
+        return f"{r['fwd_ms']:.3f} / {r.get('fwd_bwd_ms', math.nan):.3f}"
+
+    def ratio(a, b, key):
+        return f"{a[key] / b[key]:.2f}×" if a and b and key in a and key in b else "—"
+
+    for T in sorted({r["T"] for r in rows}):
+        got = [by.get((T, n)) for n in names]
+        B = next((r["B"] for r in got if r), "?")
+        lines.append(f"| {T} | {B} | " + " | ".join(cell(r) for r in got) + f" | {ratio(got[2], got[0], 'fwd_ms')} | "
+                     f"{ratio(got[1], got[0], 'fwd_bwd_ms')} |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768, 65536])
+    p.add_argument("--tokens", type=int, default=65536, help="B·T (tokens per batch), constant across lengths")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--check-len", type=int, default=4096)
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--no-fla", action="store_true", help="leave out fla chunk_gla (its autotuning takes minutes)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, no do_bench (CPU under TRITON_INTERPRET=1)")
+    p.add_argument("--json", dest="json_path", default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.lengths, args.tokens, args.heads, args.head_dim = [64, 128], 128, 2, 32
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("kernels_gpu.py needs a CUDA device (or TRITON_INTERPRET=1 with --smoke)")
+    import triton
+
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter)"
+    print(f"device: {gpu} · torch {torch.__version__} · triton {triton.__version__}", flush=True)
+    t0 = time.perf_counter()
+    print("correctness (bf16 inputs vs the PyTorch forms in fp32, relative error, target ≤ 1e-2):", flush=True)
+    checks = correctness(args, dev)
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = []
+    if not args.skip_speed:
+        print(f"speed (bf16, B·T = {args.tokens}, H = {args.heads}, D = {args.head_dim}; median ms):", flush=True)
+        rows = speed(args, dev)
+        print("\n".join(speed_table(rows)))
+    result = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__, "correctness": checks,
+              "speed": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(result))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

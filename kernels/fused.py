@@ -1,0 +1,314 @@
+"""Kernel ops: what the fuse pass switches operators to. Triton on CUDA, the PyTorch forms elsewhere.
+
+Each op is a `torch.library.custom_op` (register_fake + register_autograd), so converted graphs that use
+them still export and `torch.compile`. Inside, every call picks its implementation by device:
+
+    CUDA tensors (or TRITON_INTERPRET=1, how the CPU test suite runs the kernels)   → Triton kernels
+    anything else, or inputs a kernel does not support (it says why: `supported()`)  → PyTorch forms
+
+    lincompile::chunk_gla(q, k, v, g?, scale, initial_state?) -> (o, final_state)       kernels/triton_gla.py
+    lincompile::recurrent_gla_step(q, k, v, g?, state, scale) -> (o, state)             kernels/triton_gla.py
+    lincompile::swa_attention(q, k, v, prev_k, prev_v, seen, scale, sinks?) -> (o, lse) kernels/triton_swa.py
+    lincompile::liger_attention(q, k, v, q_pre, k_pre, initial_state?, prev_k, prev_v, seen,
+                                window, a, b, scale, gate_normalizer) -> (o, final_state) kernels/triton_liger.py
+
+Gates reach the kernels clamped (`gla.clamp_log_gate`, done in PyTorch so autograd masks the clamped
+gradient). The fused Liger-attention op computes feature maps and gates in the kernel prologue (one read
+of q, k, v); its backward recomputes through chunk_gla + swa_attention, whose backward kernels are Triton.
+
+Operators call the backend-aware wrappers at the bottom (`gla_chunked(..., backend=self.backend)`); with
+backend "torch" they are exactly the operator library's opaque ops (kernels/opaque.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import gla as _gla
+from . import opaque
+from .gla import clamp_log_gate
+
+BACKENDS = ("torch", "triton")
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _runs_triton(x: Tensor) -> bool:
+    """Triton for CUDA tensors, and for CPU tensors under the interpreter."""
+    return (x.is_cuda or (interpreting() and x.device.type == "cpu")) and triton_installed()
+
+
+def _kernel(module: str, x: Tensor, *args):
+    """The Triton kernel module when it runs these inputs, else None (PyTorch forms)."""
+    if not _runs_triton(x):
+        return None
+    mod = importlib.import_module(f"lincompile.kernels.{module}")
+    return mod if mod.supported(*args) is None else None
+
+
+def unsupported_reason(module: str, *args) -> str | None:
+    """Why a Triton kernel would not run these inputs (None: it would)."""
+    if not triton_installed():
+        return "triton is not installed"
+    return importlib.import_module(f"lincompile.kernels.{module}").supported(*args)
+
+
+def _grad_by_recompute(fn, inputs, wants, grads):
+    """Gradients of fn(*inputs) w.r.t. the inputs flagged in `wants`, by re-running fn under autograd."""
+    leaves, args = [], list(inputs)
+    for i, (x, want) in enumerate(zip(inputs, wants)):
+        if want and isinstance(x, Tensor) and x.is_floating_point():
+            args[i] = x.detach().requires_grad_(True)
+            leaves.append(i)
+    result = [None] * len(inputs)
+    if not leaves:
+        return result
+    with torch.enable_grad():
+        outs = fn(*args)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in leaves], [g for _, g in pairs],
+                              allow_unused=True)
+    for i, g in zip(leaves, got):
+        result[i] = g
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chunked gated linear attention.
+
+
+def _gla_torch(q, k, v, g, scale, initial_state):
+    o, S = _gla.gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state)
+    return o, S
+
+
+@torch.library.custom_op("lincompile::chunk_gla", mutates_args=())
+def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
+              initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    kern = _kernel("triton_gla", q, q, k, v, g)
+    if kern is not None:
+        return kern.chunk_gla_fwd(q, k, v, g, scale, initial_state)
+    o, S = _gla_torch(q, k, v, g, scale, initial_state)
+    return o, S.clone() if S is initial_state else S  # custom ops may not return their inputs
+
+
+@chunk_gla.register_fake
+def _(q, k, v, g, scale, initial_state):
+    B, H, T, K = q.shape
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, k.shape[1], K, v.shape[-1], dtype=torch.float32)
+
+
+def _chunk_gla_setup(ctx, inputs, output):
+    q, k, v, g, scale, initial_state = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, g, initial_state)
+
+
+def _chunk_gla_backward(ctx, do, dS):
+    q, k, v, g, S0 = ctx.saved_tensors
+    kern = _kernel("triton_gla", q, q, k, v, g)
+    if kern is not None:
+        do = torch.zeros_like(q[..., :1].expand(*q.shape[:-1], v.shape[-1])) if do is None else do
+        dq, dk, dv, dg, dS0 = kern.chunk_gla_bwd(q, k, v, g, ctx.scale, S0, do.contiguous(), dS)
+    else:
+        wants = ctx.needs_input_grad[:4] + (False, ctx.needs_input_grad[5])
+        dq, dk, dv, dg, _, dS0 = _grad_by_recompute(_gla_torch, (q, k, v, g, ctx.scale, S0), wants, (do, dS))
+    return dq, dk, dv, dg, None, dS0
+
+
+chunk_gla.register_autograd(_chunk_gla_backward, setup_context=_chunk_gla_setup)
+
+
+@torch.library.custom_op("lincompile::recurrent_gla_step", mutates_args=())
+def recurrent_gla_step(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], state: Tensor,
+                       scale: float) -> tuple[Tensor, Tensor]:
+    """One decode position (no autograd: decoding does not train)."""
+    kern = _kernel("triton_gla", q, q[:, :, None], k[:, :, None], v[:, :, None], None if g is None else g[:, :, None])
+    if kern is not None:
+        return kern.fused_recurrent_gla_step(q, k, v, g, state, scale)
+    return _gla.gla_step(q, k, v, g, state, scale=scale)
+
+
+@recurrent_gla_step.register_fake
+def _(q, k, v, g, state, scale):
+    return q.new_empty(*q.shape[:2], v.shape[-1]), state.new_empty(state.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sliding-window softmax attention with a ring-buffer prefix and optional sink logits, returning lse.
+
+
+def _swa_torch(q, k, v, prev_k, prev_v, seen, scale, sinks):
+    """(o, lse) from the blocked PyTorch window sums (kernels/swa_sinks.py)."""
+    from .swa_sinks import _window_sums
+
+    num, den, c = _window_sums(q, k, v, prev_k, prev_v, seen, scale)
+    if sinks is not None and sinks.shape[-1]:
+        tau = sinks.float()[None, :, None, :]  # [1, H, 1, m]
+        ref = torch.maximum(c, tau.amax(-1)).detach()
+        w = (c - ref).exp()
+        num, den = num * w[..., None], den * w + (tau - ref[..., None]).exp().sum(-1)
+        c = ref
+    return (num / den[..., None]).to(q.dtype), c + den.log()
+
+
+@torch.library.custom_op("lincompile::swa_attention", mutates_args=())
+def swa_attention(q: Tensor, k: Tensor, v: Tensor, prev_k: Tensor, prev_v: Tensor, seen: Tensor, scale: float,
+                  sinks: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    kern = _kernel("triton_swa", q, q, k, v, prev_k)
+    if kern is not None:
+        return kern.swa_fwd(q, k, v, prev_k, prev_v, seen, scale, sinks)
+    return _swa_torch(q, k, v, prev_k, prev_v, seen, scale, sinks)
+
+
+@swa_attention.register_fake
+def _(q, k, v, prev_k, prev_v, seen, scale, sinks):
+    B, H, T, _ = q.shape
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+def _swa_setup(ctx, inputs, output):
+    q, k, v, prev_k, prev_v, seen, scale, sinks = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, prev_k, prev_v, seen, sinks, *output)
+
+
+def _swa_backward(ctx, do, dlse):
+    q, k, v, prev_k, prev_v, seen, sinks, o, lse = ctx.saved_tensors
+    kern = _kernel("triton_swa", q, q, k, v, prev_k)
+    if kern is not None:
+        do = torch.zeros_like(o) if do is None else do
+        dq, dk, dv, dpk, dpv, ds = kern.swa_bwd(q, k, v, prev_k, prev_v, seen, ctx.scale, sinks, o, lse,
+                                                do.contiguous(), dlse)
+    else:
+        wants = ctx.needs_input_grad[:5] + (False, False, ctx.needs_input_grad[7])
+        dq, dk, dv, dpk, dpv, _, _, ds = _grad_by_recompute(
+            _swa_torch, (q, k, v, prev_k, prev_v, seen, ctx.scale, sinks), wants, (do, dlse))
+    return dq, dk, dv, dpk, dpv, None, None, ds
+
+
+swa_attention.register_autograd(_swa_backward, setup_context=_swa_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Liger attention in one kernel: φ = softmax feature maps and gates in the prologue, GLA + SWA + the mix.
+
+
+def _liger_inputs(q_pre, k_pre, gate_normalizer):
+    phi = lambda x: x.float().softmax(-1).to(x.dtype)  # noqa: E731 — liger_gla's "softmax" feature map
+    return phi(q_pre), phi(k_pre), clamp_log_gate(F.logsigmoid(k_pre.float()) / gate_normalizer)
+
+
+def _liger_composed(q, k, v, q_pre, k_pre, initial_state, prev_k, prev_v, seen, window, a, b, scale,
+                    gate_normalizer):
+    """The same op out of the two kernel ops above (differentiable: their backward is Triton)."""
+    swa, _ = swa_attention(q, k, v, prev_k, prev_v, seen, scale, None)
+    gq, gk, g = _liger_inputs(q_pre, k_pre, gate_normalizer)
+    gla, S = chunk_gla(gq, gk, v, g, 1.0, initial_state)
+    return (a * swa.float() + b * gla.float()).to(q.dtype), S
+
+
+@torch.library.custom_op("lincompile::liger_attention", mutates_args=())
+def liger_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, initial_state: Optional[Tensor],
+                    prev_k: Tensor, prev_v: Tensor, seen: Tensor, window: int, a: float, b: float, scale: float,
+                    gate_normalizer: float) -> tuple[Tensor, Tensor]:
+    kern = _kernel("triton_liger", q, q, k, v, window)
+    if kern is not None:
+        return kern.liger_attention_fwd(q, k, v, q_pre, k_pre, window=window, a=a, b=b, scale=scale,
+                                        gate_normalizer=gate_normalizer, initial_state=initial_state,
+                                        prev_k=prev_k, prev_v=prev_v, seen=seen)
+    o, S = _liger_composed(q, k, v, q_pre, k_pre, initial_state, prev_k, prev_v, seen, window, a, b, scale,
+                           gate_normalizer)
+    return o, S.clone() if S is initial_state else S
+
+
+@liger_attention.register_fake
+def _(q, k, v, q_pre, k_pre, initial_state, prev_k, prev_v, seen, window, a, b, scale, gate_normalizer):
+    B, H, T, D = q.shape
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, k.shape[1], D, v.shape[-1], dtype=torch.float32)
+
+
+def _liger_setup(ctx, inputs, output):
+    ctx.params = inputs[9:]
+    ctx.save_for_backward(*inputs[:9])
+
+
+def _liger_backward(ctx, do, dS):
+    inputs = tuple(ctx.saved_tensors) + tuple(ctx.params)
+    wants = tuple(ctx.needs_input_grad[:8]) + (False,) * 6
+    grads = _grad_by_recompute(_liger_composed, inputs, wants, (do, dS))
+    return tuple(grads)
+
+
+liger_attention.register_autograd(_liger_backward, setup_context=_liger_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backend-aware entry points for the operators (backend "torch": the operator library's own opaque ops).
+
+
+def _ring(state, k, v, window):
+    if state is None:
+        from .swa import swa_init_state
+
+        state = swa_init_state(k.shape[0], k.shape[1], k.shape[-1], v.shape[-1], window, k.dtype, k.device)
+    return state
+
+
+def _ring_after(state, k, v):
+    """The last w keys/values after appending k, v (no branch on T: graphs re-export at any length)."""
+    W = state["k"].shape[2]
+    return {"k": torch.cat([state["k"].to(k.dtype), k], dim=2)[:, :, -W:],
+            "v": torch.cat([state["v"].to(v.dtype), v], dim=2)[:, :, -W:], "len": state["len"] + k.shape[2]}
+
+
+def gla_chunked(q, k, v, g, scale: float = 1.0, chunk: int = 64, initial_state=None, backend: str = "torch"):
+    if backend != "triton":
+        return opaque.gla_chunked(q, k, v, g, scale=scale, chunk=chunk, initial_state=initial_state)
+    g = None if g is None else clamp_log_gate(g)
+    return chunk_gla(q, k, v, g, float(scale), None if initial_state is None else initial_state.float())
+
+
+def gla_step(q, k, v, g, state, scale: float = 1.0, backend: str = "torch"):
+    if backend != "triton":
+        return _gla.gla_step(q, k, v, g, state, scale=scale)
+    return recurrent_gla_step(q, k, v, None if g is None else clamp_log_gate(g), state.float(), float(scale))
+
+
+def swa_chunked(q, k, v, window: int, scale: float, state=None, backend: str = "torch"):
+    """Normalised sliding-window attention and the ring after it (kernels/swa.py's state layout)."""
+    if backend != "triton":
+        return opaque.swa_chunked(q, k, v, window, scale, state=state)
+    state = _ring(state, k, v, window)
+    o, _ = swa_attention(q, k, v, state["k"].to(k.dtype), state["v"].to(v.dtype), state["len"], float(scale), None)
+    return o, _ring_after(state, k, v)
+
+
+def window_attention(q, k, v, ring: dict, scale: float, sinks=None) -> tuple[Tensor, Tensor]:
+    """(o, lse) over the window (ring + this call's keys) and optional sink logits `[H, m]`."""
+    if sinks is not None and not sinks.shape[-1]:
+        sinks = None
+    return swa_attention(q, k, v, ring["k"].to(k.dtype), ring["v"].to(v.dtype), ring["len"], float(scale), sinks)
+
+
+def liger_attention_chunked(q, k, v, q_pre, k_pre, *, window, a, b, scale, gate_normalizer, state=None):
+    """Liger attention through the fused op; state {"gla", "swa"} as LigerAttention keeps it."""
+    state = state or {}
+    ring = _ring(state.get("swa"), k, v, window)
+    S0 = state.get("gla")
+    o, S = liger_attention(q, k, v, q_pre, k_pre, None if S0 is None else S0.float(), ring["k"].to(k.dtype),
+                           ring["v"].to(v.dtype), ring["len"], int(window), float(a), float(b), float(scale),
+                           float(gate_normalizer))
+    return o, {"gla": S, "swa": _ring_after(ring, k, v)}

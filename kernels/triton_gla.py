@@ -1,0 +1,673 @@
+"""Chunked gated linear attention (GLA) in Triton: forward, backward and a fused decode step.
+
+Semantics (key-gated form of `kernels/gla.py`, whose `gla_naive` is the oracle):
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ      S: [K, V] fp32 per kv head
+    o_t = scale · S_tᵀ q_t
+q `[B, H, T, K]`, k `[B, Hk, T, K]`, v `[B, Hk, T, V]`, g `[B, Hk, T, K]` (per-channel log gates), `[B, Hk, T, 1]`
+(one gate per head and step) or None (no decay); H a multiple of Hk (GQA: query head h reads kv head h // G,
+G = H / Hk, indexed inside the kernels, never repeated). g arrives clamped to [LOG_GATE_MIN, 0] = [-5, 0].
+
+Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is masked, so any T ≥ 1 works):
+  forward   1. torch: b = cumulative sum of g restarted at every chunk (fp32, padded to a whole chunk count;
+               padded gates are 0, so b stays flat there and b at the chunk's last row is its total decay).
+            2. `_h_fwd`: sequential scan over chunks per (batch, kv head, K block, V block); stores the state
+               each chunk starts from, h[n] `[B, Hk, N, K, V]` fp32, and the final state.
+            3. `_attn_intra`: the intra-chunk matrix A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk), s ≤ t,
+               per (query head, chunk) `[B, H, N·C, C]` fp32.
+            4. `_o_fwd`: o = scale (q ⊙ exp(b)) h[n] + A v per (query head, chunk, V block).
+  backward  h is recomputed (2.) and A (3.); then
+            5. `_dh_bwd`: reverse scan, dh[n] = gradient of the state after chunk n,
+               dS_{n} = Diag(exp(b_last)) dS_{n+1} + scale Σ_{heads of the group} (q ⊙ exp(b))ᵀ do,
+               starting from dfinal_state; what is left at the start is dinitial_state.
+            6. `_dA_bwd`: dA[t, s] = scale do_t · v_s (s ≤ t), per query head.
+            7. `_dqk_bwd`: dq (per query head) and dk (summed over the G query heads of the group inside the
+               program: one program owns a kv head, no atomics), plus dB = Σ_heads q ⊙ dq − k ⊙ dk.
+            8. `_dv_bwd`: dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n].
+            9. torch: dg. With B the cumulative log gate from the sequence start, every term of the loss that
+               holds q_t holds it as q_t ⊙ exp(B_t), every term holding k_s as k_s ⊙ exp(−B_s), and the final
+               state is exp(B_T) ⊙ (…), so per channel ∂L/∂B_t = q_t ⊙ dq_t − k_t ⊙ dk_t (+ Σ_v dS_T ⊙ S_T at
+               t = T−1), and dg_t = Σ_{u ≥ t} ∂L/∂B_u (a reverse cumulative sum). The initial state enters
+               only through q ⊙ dq and S_T, so it needs no term of its own. Scalar gates: summed over K.
+
+Numerical scheme (no exp of a large positive number anywhere). b is non-increasing inside a chunk and
+b ≥ −5·64 = −320, so exp(b_t) ≤ 1 and exp(b_last − b_s) ≤ 1 always (they may underflow to 0, which is the
+right limit). The intra-chunk decay exp(b_t − b_s), t ≥ s, is formed per 16×16 block (query sub-chunk i,
+key sub-chunk j):
+  * j < i: through the reference r = b at the last row of sub-chunk i−1 (between the two sub-chunks), so
+    exp(b_t − r) ≤ 1 on the query side and exp(r − b_s) ≤ 1 on the key side, then a matmul. (Backward dk
+    uses the last row of the key sub-chunk j as reference: again both factors ≤ 1.)
+  * j = i: elementwise as a [16, 16, BK] tensor, exp(b_t − b_s) with the difference masked to 0 for t < s
+    BEFORE the exp, so every exp argument is ≤ 0.
+Every exponent is therefore ≤ 0 and the scheme is exact for any gates, however negative (no e^80 bound).
+Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 matmuls (no TF32), bf16/fp16 inputs use TF32
+matmuls on fp32 operands (TF32 keeps more mantissa than the inputs had).
+
+Block sizes are powers of two ≥ 16 with masks, so K and V need not be powers of two (V = 65 is fine);
+K and V are each ≤ 256 (`supported`). No autotuning: one fixed configuration, also under TRITON_INTERPRET=1.
+`POISON = True` (or LINCOMPILE_TRITON_POISON=1) fills every output and scratch buffer with NaN before launch,
+so that an element a kernel fails to write shows up in tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+POISON = os.environ.get("LINCOMPILE_TRITON_POISON", "") not in ("", "0")
+
+CHUNK = 64
+SUB = 16
+MAX_HEAD_DIM = 256
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _empty(*shape, device, dtype=torch.float32):
+    x = torch.empty(*shape, device=device, dtype=dtype)
+    if POISON:
+        x.fill_(float("nan"))
+    return x
+
+
+def _pow2(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels. Layouts: q/do/o [B, H, T, ·]; k/v/dk/dv [B, Hk, T, ·]; b [B, Hk, Tp, KG] with KG = K (stride SBK = 1)
+# or 1 (SBK = 0: one gate broadcast over the K channels); Tp = N·C. Program ids are widened to int64 before
+# they scale base offsets.
+
+
+@triton.jit
+def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
+           K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           USE_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+    ik, iv, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ok = ik * BK + tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    oc = tl.arange(0, C)
+    mk = ok < K
+    mv = ov < V
+    mkv = mk[:, None] & mv[None, :]
+    okv = ok[:, None] * V + ov[None, :]
+    ck = oc[:, None] * K + ok[None, :]
+    cv = oc[:, None] * V + ov[None, :]
+    cb = oc[:, None] * KG + ok[None, :] * SBK
+    if HAS_H0:
+        S = tl.load(h0 + ibk * K * V + okv, mask=mkv, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for n in range(N):
+        tl.store(h + (ibk * N + n) * K * V + okv, S, mask=mkv)
+        t0 = n * C
+        mt = (oc < T - t0)[:, None]
+        kk = tl.load(k + (ibk * T + t0) * K + ck, mask=mt & mk[None, :], other=0.0).to(tl.float32)
+        vv = tl.load(v + (ibk * T + t0) * V + cv, mask=mt & mv[None, :], other=0.0).to(tl.float32)
+        if USE_G:
+            bb = tl.load(b + (ibk * Tp + t0) * KG + cb, mask=mk[None, :], other=0.0)
+            bl = tl.load(b + (ibk * Tp + t0 + C - 1) * KG + ok * SBK, mask=mk, other=0.0)
+            kk = kk * tl.exp(bl[None, :] - bb)
+            S = S * tl.exp(bl)[:, None]
+        S += tl.dot(tl.trans(kk), vv, input_precision=PREC)
+    tl.store(ht + ibk * K * V + okv, S, mask=mkv)
+
+
+@triton.jit
+def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
+                K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+                C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                USE_G: tl.constexpr, PREC: tl.constexpr):
+    """A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk) for s ≤ t in the chunk (0 above the diagonal).
+
+    Row block i (16 query rows): keys of earlier sub-chunks in one [16, C] matmul through the reference
+    r = b at row i·16 − 1 (both factors ≤ 1; the exponents of keys at or after r are masked to 0 and those keys discarded);
+    the diagonal 16×16 block elementwise with exponents masked to ≤ 0.
+    """
+    n, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ibk = (ibh // H) * Hk + (ibh % H) // G
+    t0 = n * C
+    oc = tl.arange(0, BC)
+    oC = tl.arange(0, C)
+    tri = oc[:, None] >= oc[None, :]
+    okk = tl.arange(0, BK)
+    ck = oC[:, None] * K + okk[None, :]  # chunk rows x K block (offsets)
+    ik_ = oc[:, None] * K + okk[None, :]  # sub-chunk rows x K block
+    cb = oC[:, None] * KG + okk[None, :] * SBK
+    ib = oc[:, None] * KG + okk[None, :] * SBK
+    q_base = q + (ibh * T + t0) * K
+    k_base = k + (ibk * T + t0) * K
+    b_base = b + (ibk * Tp + t0) * KG
+    A_base = A + (ibh * Tp + t0) * C
+    rowsC = oc[:, None] * C
+    mC = (oC < T - t0)[:, None]
+    NC: tl.constexpr = C // BC
+    for i in tl.static_range(NC):
+        mi = (oc < T - t0 - i * BC)[:, None]
+        off = tl.zeros([BC, C], dtype=tl.float32)
+        dia = tl.zeros([BC, BC], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            mk = (okk < K - k0)[None, :]
+            qi = tl.load(q_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+            ki = tl.load(k_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+            if USE_G:
+                bi_ = tl.load(b_base + i * BC * KG + k0 * SBK + ib, mask=mk, other=0.0)
+                d = tl.where(tri[:, :, None], bi_[:, None, :] - bi_[None, :, :], 0.0)
+                dia += tl.sum(qi[:, None, :] * ki[None, :, :] * tl.exp(d), axis=2)
+            else:
+                dia += tl.dot(qi, tl.trans(ki), input_precision=PREC)
+            if i > 0:
+                kc = tl.load(k_base + k0 + ck, mask=mC & mk, other=0.0).to(tl.float32)
+                if USE_G:
+                    r = tl.load(b_base + (i * BC - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
+                    bc = tl.load(b_base + k0 * SBK + cb, mask=mk, other=0.0)
+                    kc = kc * tl.exp(tl.where(oC[:, None] < i * BC, r - bc, 0.0))
+                    qi = qi * tl.exp(bi_ - r)
+                off += tl.dot(qi, tl.trans(kc), input_precision=PREC)
+        # off-diagonal part (columns < i·BC) and zeros after the diagonal block; the diagonal block itself
+        off = tl.where(oC[None, :] < i * BC, off, 0.0) * scale
+        keep = (oC[None, :] < i * BC) | (oC[None, :] >= i * BC + BC)
+        tl.store(A_base + i * BC * C + rowsC + oC[None, :], off, mask=keep & (oc[:, None] < BC))
+        dia = tl.where(tri, dia, 0.0) * scale
+        tl.store(A_base + i * BC * C + i * BC + rowsC + oc[None, :], dia)
+
+
+@triton.jit
+def _o_fwd(q, v, b, h, A, o, scale, T, Tp, H, Hk, G, N,
+           K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+           C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           USE_G: tl.constexpr, PREC: tl.constexpr):
+    n, iv, ibh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ibk = (ibh // H) * Hk + (ibh % H) // G
+    t0 = n * C
+    oc = tl.arange(0, C)
+    okk = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    mt = (oc < T - t0)[:, None]
+    mv = (ov < V)[None, :]
+    ck = oc[:, None] * K + okk[None, :]
+    cb = oc[:, None] * KG + okk[None, :] * SBK
+    kv = okk[:, None] * V + ov[None, :]
+    cv = oc[:, None] * V + ov[None, :]
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        mk = (okk < K - k0)[None, :]
+        qq = tl.load(q + (ibh * T + t0) * K + k0 + ck, mask=mt & mk, other=0.0).to(tl.float32)
+        if USE_G:
+            qq = qq * tl.exp(tl.load(b + (ibk * Tp + t0) * KG + k0 * SBK + cb, mask=mk, other=0.0))
+        hh = tl.load(h + (ibk * N + n) * K * V + k0 * V + kv, mask=(okk < K - k0)[:, None] & mv, other=0.0)
+        acc += tl.dot(qq, hh, input_precision=PREC)
+    acc = acc * scale
+    AA = tl.load(A + (ibh * Tp + t0) * C + oc[:, None] * C + oc[None, :])
+    vv = tl.load(v + (ibk * T + t0) * V + cv, mask=mt & mv, other=0.0).to(tl.float32)
+    acc += tl.dot(AA, vv, input_precision=PREC)
+    tl.store(o + (ibh * T + t0) * V + cv, acc.to(o.dtype.element_ty), mask=mt & mv)
+
+
+@triton.jit
+def _dh_bwd(q, do, b, dht, dh, dh0, scale, T, Tp, H, Hk, G, N,
+            K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            USE_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    """dh[n] = gradient of the state after chunk n (= before chunk n+1); dh0 = gradient of the initial state."""
+    ik, iv, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    bi = ibk // Hk
+    hk = ibk % Hk
+    ok = ik * BK + tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    oc = tl.arange(0, C)
+    mk = ok < K
+    mv = ov < V
+    mkv = mk[:, None] & mv[None, :]
+    okv = ok[:, None] * V + ov[None, :]
+    ck = oc[:, None] * K + ok[None, :]
+    cv = oc[:, None] * V + ov[None, :]
+    cb = oc[:, None] * KG + ok[None, :] * SBK
+    if HAS_DHT:
+        D = tl.load(dht + ibk * K * V + okv, mask=mkv, other=0.0).to(tl.float32)
+    else:
+        D = tl.zeros([BK, BV], dtype=tl.float32)
+    for m in range(N):
+        n = N - 1 - m
+        t0 = n * C
+        tl.store(dh + (ibk * N + n) * K * V + okv, D, mask=mkv)
+        mt = (oc < T - t0)[:, None]
+        if USE_G:
+            bb = tl.load(b + (ibk * Tp + t0) * KG + cb, mask=mk[None, :], other=0.0)
+            bl = tl.load(b + (ibk * Tp + t0 + C - 1) * KG + ok * SBK, mask=mk, other=0.0)
+            D = D * tl.exp(bl)[:, None]
+            eb = tl.exp(bb)
+        acc = tl.zeros([BK, BV], dtype=tl.float32)
+        for gi in range(G):
+            ibh = bi * H + hk * G + gi
+            qq = tl.load(q + (ibh * T + t0) * K + ck, mask=mt & mk[None, :], other=0.0).to(tl.float32)
+            if USE_G:
+                qq = qq * eb
+            dd = tl.load(do + (ibh * T + t0) * V + cv, mask=mt & mv[None, :], other=0.0).to(tl.float32)
+            acc += tl.dot(tl.trans(qq), dd, input_precision=PREC)
+        D += acc * scale
+    if STORE_DH0:
+        tl.store(dh0 + ibk * K * V + okv, D, mask=mkv)
+
+
+@triton.jit
+def _dA_bwd(do, v, dA, scale, T, Tp, H, Hk, G,
+            V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dA[t, s] = scale do_t · v_s for s ≤ t in the chunk, 0 above the diagonal."""
+    n, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ibk = (ibh // H) * Hk + (ibh % H) // G
+    t0 = n * C
+    oc = tl.arange(0, C)
+    ovv = tl.arange(0, BV)
+    mt = (oc < T - t0)[:, None]
+    cv = oc[:, None] * V + ovv[None, :]
+    acc = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        m = mt & (ovv < V - v0)[None, :]
+        dd = tl.load(do + (ibh * T + t0) * V + v0 + cv, mask=m, other=0.0).to(tl.float32)
+        vv = tl.load(v + (ibk * T + t0) * V + v0 + cv, mask=m, other=0.0).to(tl.float32)
+        acc += tl.dot(dd, tl.trans(vv), input_precision=PREC)
+    acc = tl.where(oc[:, None] >= oc[None, :], acc * scale, 0.0)
+    tl.store(dA + (ibh * Tp + t0) * C + oc[:, None] * C + oc[None, :], acc)
+
+
+@triton.jit
+def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
+             K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+             USE_G: tl.constexpr, PREC: tl.constexpr):
+    """Per (chunk, K block, kv head): dq of the G query heads, dk summed over them, dB = Σ q⊙dq − k⊙dk.
+
+    Sub-chunk i of 16 rows at a time. dq: keys of earlier sub-chunks through the reference at row i·16 − 1;
+    dk: queries of later sub-chunks through the reference at row i·16 + 15 (the end of the key's sub-chunk);
+    diagonal blocks elementwise with exponents masked to ≤ 0.
+    """
+    n, ik, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    bi = ibk // Hk
+    hk = ibk % Hk
+    t0 = n * C
+    ok = ik * BK + tl.arange(0, BK)
+    oc = tl.arange(0, BC)
+    oC = tl.arange(0, C)
+    ovv = tl.arange(0, BV)
+    tri = oc[:, None] >= oc[None, :]
+    mk = (ok < K)[None, :]
+    mC = (oC < T - t0)[:, None]
+    ck = oC[:, None] * K + ok[None, :]
+    cb = oC[:, None] * KG + ok[None, :] * SBK
+    ik_ = oc[:, None] * K + ok[None, :]
+    ib = oc[:, None] * KG + ok[None, :] * SBK
+    iv_ = oc[:, None] * V + ovv[None, :]
+    kv = ok[:, None] * V + ovv[None, :]
+    mkT = (ok < K)[:, None]
+    k_base = k + (ibk * T + t0) * K
+    v_base = v + (ibk * T + t0) * V
+    b_base = b + (ibk * Tp + t0) * KG
+    h_base = h + (ibk * N + n) * K * V
+    dh_base = dh + (ibk * N + n) * K * V
+    NC: tl.constexpr = C // BC
+    kc = tl.load(k_base + ck, mask=mC & mk, other=0.0).to(tl.float32)
+    if USE_G:
+        bc = tl.load(b_base + cb, mask=mk, other=0.0)
+        bl = tl.load(b_base + (C - 1) * KG + ok[None, :] * SBK, mask=mk, other=0.0)
+    for i in tl.static_range(NC):
+        mi = (oc < T - t0 - i * BC)[:, None]
+        ki = tl.load(k_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+        if USE_G:
+            bi_ = tl.load(b_base + i * BC * KG + ib, mask=mk, other=0.0)
+            e3 = tl.exp(tl.where(tri[:, :, None], bi_[:, None, :] - bi_[None, :, :], 0.0))  # [t, s, k]
+            if i > 0:
+                r = tl.load(b_base + (i * BC - 1) * KG + ok[None, :] * SBK, mask=mk, other=0.0)
+                kr = kc * tl.exp(tl.where(oC[:, None] < i * BC, r - bc, 0.0))
+                qs = tl.exp(bi_ - r)
+            if i < NC - 1:
+                r2 = tl.load(b_base + (i * BC + BC - 1) * KG + ok[None, :] * SBK, mask=mk, other=0.0)
+                qs2 = tl.exp(tl.where(oC[:, None] >= i * BC + BC, bc - r2, 0.0))
+                ks2 = tl.exp(r2 - bi_)
+            eb = tl.exp(bi_)
+        else:
+            kr = kc
+        # ---- dq of sub-chunk i, one query head at a time
+        qdq = tl.zeros([BC, BK], dtype=tl.float32)
+        for gi in range(G):
+            ibh = bi * H + hk * G + gi
+            q_base = q + (ibh * T + t0) * K
+            dA_base = dA + (ibh * Tp + t0 + i * BC) * C
+            acc = tl.zeros([BC, BK], dtype=tl.float32)
+            for v0 in range(0, V, BV):
+                mv = (ovv < V - v0)[None, :]
+                dd = tl.load(do + (ibh * T + t0 + i * BC) * V + v0 + iv_, mask=mi & mv, other=0.0).to(tl.float32)
+                hh = tl.load(h_base + v0 + kv, mask=mkT & mv, other=0.0)
+                acc += tl.dot(dd, tl.trans(hh), input_precision=PREC)
+            acc = acc * scale
+            if USE_G:
+                acc = acc * eb
+            if i > 0:
+                dAr = tl.load(dA_base + oc[:, None] * C + oC[None, :], mask=(oC < i * BC)[None, :], other=0.0)
+                intra = tl.dot(dAr, kr, input_precision=PREC)
+                if USE_G:
+                    intra = intra * qs
+                acc += intra
+            dAii = tl.load(dA_base + i * BC + oc[:, None] * C + oc[None, :])
+            if USE_G:
+                acc += tl.sum(dAii[:, :, None] * ki[None, :, :] * e3, axis=1)
+            else:
+                acc += tl.dot(dAii, ki, input_precision=PREC)
+            tl.store(dq + (ibh * T + t0 + i * BC) * K + ik_, acc.to(dq.dtype.element_ty), mask=mi & mk)
+            qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+            qdq += qi * acc
+        # ---- dk of sub-chunk i, summed over the query heads
+        dkk = tl.zeros([BC, BK], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            mv = (ovv < V - v0)[None, :]
+            vv = tl.load(v_base + i * BC * V + v0 + iv_, mask=mi & mv, other=0.0).to(tl.float32)
+            dhh = tl.load(dh_base + v0 + kv, mask=mkT & mv, other=0.0)
+            dkk += tl.dot(vv, tl.trans(dhh), input_precision=PREC)
+        if USE_G:
+            dkk = dkk * tl.exp(bl - bi_)
+        intra = tl.zeros([BC, BK], dtype=tl.float32)
+        diag = tl.zeros([BC, BK], dtype=tl.float32)
+        for gi in range(G):
+            ibh = bi * H + hk * G + gi
+            q_base = q + (ibh * T + t0) * K
+            dA_base = dA + (ibh * Tp + t0) * C
+            if i < NC - 1:
+                qc = tl.load(q_base + ck, mask=mC & mk, other=0.0).to(tl.float32)
+                if USE_G:
+                    qc = qc * qs2
+                dAc = tl.load(dA_base + i * BC + oC[:, None] * C + oc[None, :],
+                              mask=(oC >= i * BC + BC)[:, None], other=0.0)
+                intra += tl.dot(tl.trans(dAc), qc, input_precision=PREC)
+            qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+            dAii = tl.load(dA_base + i * BC * C + i * BC + oc[:, None] * C + oc[None, :])
+            if USE_G:
+                diag += tl.sum(dAii[:, :, None] * qi[:, None, :] * e3, axis=0)
+            else:
+                diag += tl.dot(tl.trans(dAii), qi, input_precision=PREC)
+        if USE_G:
+            if i < NC - 1:
+                intra = intra * ks2
+        dkk += intra + diag
+        tl.store(dk + (ibk * T + t0 + i * BC) * K + ik_, dkk.to(dk.dtype.element_ty), mask=mi & mk)
+        tl.store(dB + (ibk * T + t0 + i * BC) * K + ik_, qdq - ki * dkk, mask=mi & mk)
+
+
+@triton.jit
+def _dv_bwd(k, b, dh, A, do, dv, T, Tp, H, Hk, G, N,
+            K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            USE_G: tl.constexpr, PREC: tl.constexpr):
+    """dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n]."""
+    n, iv, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    bi = ibk // Hk
+    hk = ibk % Hk
+    t0 = n * C
+    oc = tl.arange(0, C)
+    okk = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    mt = (oc < T - t0)[:, None]
+    mv = (ov < V)[None, :]
+    ck = oc[:, None] * K + okk[None, :]
+    cb = oc[:, None] * KG + okk[None, :] * SBK
+    kv = okk[:, None] * V + ov[None, :]
+    cv = oc[:, None] * V + ov[None, :]
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        mk = (okk < K - k0)[None, :]
+        kk = tl.load(k + (ibk * T + t0) * K + k0 + ck, mask=mt & mk, other=0.0).to(tl.float32)
+        if USE_G:
+            bb = tl.load(b + (ibk * Tp + t0) * KG + k0 * SBK + cb, mask=mk, other=0.0)
+            bl = tl.load(b + (ibk * Tp + t0 + C - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
+            kk = kk * tl.exp(bl - bb)
+        dhh = tl.load(dh + (ibk * N + n) * K * V + k0 * V + kv, mask=(okk < K - k0)[:, None] & mv, other=0.0)
+        acc += tl.dot(kk, dhh, input_precision=PREC)
+    cc = oc[:, None] * C + oc[None, :]
+    for gi in range(G):
+        ibh = bi * H + hk * G + gi
+        AA = tl.load(A + (ibh * Tp + t0) * C + cc)
+        dd = tl.load(do + (ibh * T + t0) * V + cv, mask=mt & mv, other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(AA), dd, input_precision=PREC)
+    tl.store(dv + (ibk * T + t0) * V + cv, acc.to(dv.dtype.element_ty), mask=mt & mv)
+
+
+@triton.jit
+def _step_kernel(q, k, v, g, S, S_out, o, scale, H, Hk, G,
+                 K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr):
+    iv, ibk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    bi = ibk // Hk
+    hk = ibk % Hk
+    ok = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+    mkv = mk[:, None] & mv[None, :]
+    okv = ok[:, None] * V + ov[None, :]
+    s = tl.load(S + ibk * K * V + okv, mask=mkv, other=0.0).to(tl.float32)
+    if USE_G:
+        gg = tl.load(g + ibk * KG + ok * SBK, mask=mk, other=0.0).to(tl.float32)
+        s = s * tl.exp(gg)[:, None]
+    kk = tl.load(k + ibk * K + ok, mask=mk, other=0.0).to(tl.float32)
+    vv = tl.load(v + ibk * V + ov, mask=mv, other=0.0).to(tl.float32)
+    s += kk[:, None] * vv[None, :]
+    tl.store(S_out + ibk * K * V + okv, s, mask=mkv)
+    for gi in range(G):
+        ibh = bi * H + hk * G + gi
+        qq = tl.load(q + ibh * K + ok, mask=mk, other=0.0).to(tl.float32)
+        oo = tl.sum(qq[:, None] * s, axis=0) * scale
+        tl.store(o + ibh * V + ov, oo.to(o.dtype.element_ty), mask=mv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrappers.
+
+
+def supported(q, k, v, g) -> str | None:
+    """None when the Triton kernels handle these inputs, else a one-line reason to fall back to PyTorch."""
+    if not (q.is_cuda or _interpret()):
+        return "not a CUDA tensor (and TRITON_INTERPRET is not set)"
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        return f"unexpected ranks q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+    K, V = q.shape[-1], v.shape[-1]
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        return f"head dim K={K}, V={V} > {MAX_HEAD_DIM}"
+    if k.shape[-1] != K or k.shape[:-1] != v.shape[:-1]:
+        return f"mismatched shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+    H, Hk = q.shape[1], k.shape[1]
+    if Hk == 0 or H % Hk:
+        return f"{H} query heads cannot share {Hk} kv heads"
+    if q.shape[0] != k.shape[0] or (q.dim() == 4 and q.shape[2] != k.shape[2]):
+        return "q and k differ in batch or length"
+    for name, x in (("q", q), ("k", k), ("v", v)) + ((("g", g),) if g is not None else ()):
+        if x.dtype not in _DTYPES:
+            return f"{name} dtype {x.dtype} not in fp32/fp16/bf16"
+        if x.device != q.device:
+            return f"{name} on {x.device}, q on {q.device}"
+    if g is not None and (g.shape[:-1] != k.shape[:-1] or g.shape[-1] not in (1, K)):
+        return f"gate shape {tuple(g.shape)} is neither [..., {K}] nor [..., 1]"
+    return None
+
+
+def _prec(*xs) -> str:
+    return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
+
+
+def _cum_gates(g, B, Hk, T, N, C):
+    """Chunk-local cumulative log gates, fp32 [B, Hk, N·C, KG], padded with zero gates; (b, KG, SBK)."""
+    if g is None:
+        return None, 1, 0
+    KG = g.shape[-1]
+    gf = g.float()
+    pad = N * C - T
+    if pad:
+        gf = torch.nn.functional.pad(gf, (0, 0, 0, pad))
+    b = gf.reshape(B, Hk, N, C, KG).cumsum(3).reshape(B, Hk, N * C, KG).contiguous()
+    return b, KG, (1 if KG > 1 else 0)
+
+
+class _Setup:
+    def __init__(self, q, k, v, g, chunk):
+        if chunk != CHUNK:
+            raise ValueError(f"the Triton GLA kernels use chunks of {CHUNK}, not {chunk}")
+        reason = supported(q, k, v, g)
+        if reason:
+            raise ValueError(f"triton_gla: {reason}")
+        self.q, self.k, self.v = q.contiguous(), k.contiguous(), v.contiguous()
+        self.B, self.H, self.T, self.K = q.shape
+        self.Hk, self.V = k.shape[1], v.shape[-1]
+        self.G = self.H // self.Hk
+        self.C = CHUNK
+        self.N = triton.cdiv(self.T, self.C)
+        self.Tp = self.N * self.C
+        self.b, self.KG, self.SBK = _cum_gates(g, self.B, self.Hk, self.T, self.N, self.C)
+        self.use_g = self.b is not None
+        self.b_arg = self.b if self.use_g else self.q  # a dummy pointer when there are no gates
+        self.BK = _pow2(self.K)
+        self.BV = _pow2(self.V)
+        self.NK = triton.cdiv(self.K, self.BK)
+        self.NV = triton.cdiv(self.V, self.BV)
+        self.prec = _prec(q, k, v)
+        self.dev = q.device
+
+    def consts(self):
+        return dict(K=self.K, V=self.V, KG=self.KG, SBK=self.SBK, C=self.C, BK=self.BK, BV=self.BV,
+                    USE_G=self.use_g, PREC=self.prec)
+
+    def states(self, initial_state):
+        """h [B, Hk, N, K, V] (state each chunk starts from) and the final state, both fp32."""
+        s = self
+        h = _empty(s.B, s.Hk, s.N, s.K, s.V, device=s.dev)
+        ht = _empty(s.B, s.Hk, s.K, s.V, device=s.dev)
+        h0 = initial_state.contiguous() if initial_state is not None else ht
+        _h_fwd[(s.NK, s.NV, s.B * s.Hk)](s.k, s.v, s.b_arg, h0, h, ht, s.T, s.Tp, s.N,
+                                         HAS_H0=initial_state is not None, **s.consts())
+        return h, ht
+
+    def intra(self, scale):
+        s = self
+        A = _empty(s.B, s.H, s.Tp, s.C, device=s.dev)
+        _attn_intra[(s.N, s.B * s.H)](s.q, s.k, s.b_arg, A, scale, s.T, s.Tp, s.H, s.Hk, s.G,
+                                      K=s.K, KG=s.KG, SBK=s.SBK, C=s.C, BC=SUB, BK=s.BK,
+                                      USE_G=s.use_g, PREC=s.prec)
+        return A
+
+
+def _check_state(state, s):
+    want = (s.B, s.Hk, s.K, s.V)
+    if tuple(state.shape) != want:
+        raise ValueError(f"state shape {tuple(state.shape)}, expected {want}")
+
+
+def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64):
+    """(o [B,H,T,V] q.dtype, final_state [B,Hk,K,V] fp32)."""
+    s = _Setup(q, k, v, g, chunk)
+    if initial_state is not None:
+        _check_state(initial_state, s)
+        initial_state = initial_state.float()
+    if s.T == 0:
+        fin = initial_state.clone() if initial_state is not None else q.new_zeros(s.B, s.Hk, s.K, s.V,
+                                                                                   dtype=torch.float32)
+        return q.new_empty(s.B, s.H, 0, s.V), fin
+    scale = float(scale)
+    h, ht = s.states(initial_state)
+    A = s.intra(scale)
+    o = _empty(s.B, s.H, s.T, s.V, device=s.dev, dtype=q.dtype)
+    _o_fwd[(s.N, s.NV, s.B * s.H)](s.q, s.v, s.b_arg, h, A, o, scale, s.T, s.Tp, s.H, s.Hk, s.G, s.N,
+                                   **s.consts())
+    return o, ht
+
+
+def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chunk: int = 64):
+    """Gradients (dq, dk, dv, dg, dinitial_state).
+
+    dq/dk/dv in their inputs' dtypes and shapes; dg fp32 shaped like g (None if g is None; summed over the
+    channel axis when g is [..., 1]); dinitial_state fp32 [B,Hk,K,V] (None if initial_state is None).
+    do: gradient of o; dfinal_state: gradient of the final state or None (= zeros).
+    """
+    s = _Setup(q, k, v, g, chunk)
+    has_h0 = initial_state is not None
+    if has_h0:
+        _check_state(initial_state, s)
+        initial_state = initial_state.float()
+    if dfinal_state is not None:
+        _check_state(dfinal_state, s)
+        dfinal_state = dfinal_state.float().contiguous()
+    if s.T == 0:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dg = None if g is None else torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+        dh0 = None
+        if has_h0:
+            dh0 = dfinal_state.clone() if dfinal_state is not None else torch.zeros_like(initial_state)
+        return dq, dk, dv, dg, dh0
+    scale = float(scale)
+    do = do.contiguous()
+    prec = "ieee" if s.prec == "ieee" and do.dtype == torch.float32 else "tf32"
+    c = dict(s.consts(), PREC=prec)
+    h, ht = s.states(initial_state)
+    A = s.intra(scale)
+    B, H, Hk, G, N, T, Tp, K, V = s.B, s.H, s.Hk, s.G, s.N, s.T, s.Tp, s.K, s.V
+    dev = s.dev
+
+    dh = _empty(B, Hk, N, K, V, device=dev)
+    dh0 = _empty(B, Hk, K, V, device=dev) if has_h0 else dh
+    dht = dfinal_state if dfinal_state is not None else dh
+    _dh_bwd[(s.NK, s.NV, B * Hk)](s.q, do, s.b_arg, dht, dh, dh0, scale, T, Tp, H, Hk, G, N,
+                                  HAS_DHT=dfinal_state is not None, STORE_DH0=has_h0, **c)
+
+    dA = _empty(B, H, Tp, s.C, device=dev)
+    _dA_bwd[(N, B * H)](do, s.v, dA, scale, T, Tp, H, Hk, G, V=V, C=s.C, BV=s.BV, PREC=prec)
+
+    dq = _empty(B, H, T, K, device=dev, dtype=q.dtype)
+    dk = _empty(B, Hk, T, K, device=dev, dtype=k.dtype)
+    dB = _empty(B, Hk, T, K, device=dev)
+    _dqk_bwd[(N, s.NK, B * Hk)](s.q, s.k, s.v, s.b_arg, h, do, dh, dA, dq, dk, dB, scale,
+                                T, Tp, H, Hk, G, N, BC=SUB, **c)
+
+    dv = _empty(B, Hk, T, V, device=dev, dtype=v.dtype)
+    _dv_bwd[(N, s.NV, B * Hk)](s.k, s.b_arg, dh, A, do, dv, T, Tp, H, Hk, G, N, **c)
+
+    dg = None
+    if g is not None:
+        if dfinal_state is not None:  # the final state is exp(B_T) ⊙ (…): ∂L/∂B_{T-1} += Σ_v dS_T ⊙ S_T
+            dB[:, :, T - 1] += (dfinal_state * ht).sum(-1)
+        dg = dB.flip(2).cumsum(2).flip(2)
+        if g.shape[-1] == 1 and K != 1:
+            dg = dg.sum(-1, keepdim=True)
+    return dq, dk, dv, dg, (dh0 if has_h0 else None)
+
+
+def fused_recurrent_gla_step(q, k, v, g, state, scale: float, inplace: bool = False):
+    """One decode position: q [B,H,K], k [B,Hk,K], v [B,Hk,V], g [B,Hk,K] or [B,Hk,1] or None,
+    state [B,Hk,K,V] fp32 -> (o [B,H,V] in q.dtype, new state fp32). inplace=True updates `state`."""
+    reason = supported(q, k, v, g)
+    if reason:
+        raise ValueError(f"triton_gla: {reason}")
+    B, H, K = q.shape
+    Hk, V = k.shape[1], v.shape[-1]
+    if tuple(state.shape) != (B, Hk, K, V) or state.dtype != torch.float32:
+        raise ValueError(f"state must be fp32 {(B, Hk, K, V)}, got {state.dtype} {tuple(state.shape)}")
+    if inplace and not state.is_contiguous():
+        raise ValueError("inplace needs a contiguous state")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    S = state.contiguous()
+    S_out = S if inplace else _empty(B, Hk, K, V, device=q.device)
+    o = _empty(B, H, V, device=q.device, dtype=q.dtype)
+    if g is not None:
+        g = g.contiguous()
+        KG = g.shape[-1]
+    else:
+        KG = 1
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(triton.next_power_of_2(V), max(16, 4096 // BK)))
+    grid = (triton.cdiv(V, BV), B * Hk)
+    _step_kernel[grid](q, k, v, g if g is not None else q, S, S_out, o, float(scale), H, Hk, H // Hk,
+                       K=K, V=V, KG=KG, SBK=1 if KG > 1 else 0, BK=BK, BV=BV, USE_G=g is not None)
+    return o, S_out

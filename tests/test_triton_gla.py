@@ -1,0 +1,214 @@
+"""Triton chunked GLA (forward, backward, decode step) against the PyTorch oracle `gla.gla_naive`.
+
+Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set below before triton is imported) or on a
+CUDA device when the interpreter is explicitly turned off (TRITON_INTERPRET=0).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lincompile.kernels import gla  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("neither CUDA nor the Triton interpreter (TRITON_INTERPRET=1) is available", allow_module_level=True)
+
+from lincompile.kernels import triton_gla as tg  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+if INTERPRET and type(tg._h_fwd).__name__ != "InterpretedFunction":
+    pytest.skip("triton_gla was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+SCALE = 0.3
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    """Every output and scratch buffer starts as NaN, so an element a kernel misses fails the comparison."""
+    old, tg.POISON = tg.POISON, True
+    yield
+    tg.POISON = old
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(B, H, Hk, T, K, V, gate, strong=False, h0=True, seed=0, dtype=torch.float32):
+    """Random inputs; gate in {"channel", "scalar", None}; strong gates sit mostly at the clamp (-5)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    q, k, v = rnd(B, H, T, K), rnd(B, Hk, T, K), rnd(B, Hk, T, V)
+    g = None
+    if gate is not None:
+        x = rnd(B, Hk, T, K if gate == "channel" else 1)
+        g = gla.clamp_log_gate(F.logsigmoid(x * 4 - 6) if strong else F.logsigmoid(x))
+    S0 = rnd(B, Hk, K, V) if h0 else None
+    to = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    return to(q.to(dtype)), to(k.to(dtype)), to(v.to(dtype)), to(g), to(S0)
+
+
+# (B, H, Hk, T, K, V, gate, strong, initial state)
+FWD = [
+    (2, 4, 2, 1, 16, 16, "channel", False, True),
+    (2, 4, 2, 17, 32, 33, "scalar", False, False),
+    (2, 2, 2, 64, 16, 33, None, False, True),
+    (2, 4, 2, 100, 32, 16, "channel", True, True),
+    (2, 2, 2, 100, 16, 33, "scalar", True, False),
+    (1, 2, 1, 70, 80, 65, "channel", False, True),  # K, V over one 64-wide block
+]
+
+
+@pytest.mark.parametrize("B,H,Hk,T,K,V,gate,strong,h0", FWD)
+def test_forward(B, H, Hk, T, K, V, gate, strong, h0):
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, strong, h0)
+    S0_copy = None if S0 is None else S0.clone()
+    o, S = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    ro, rS = gla.gla_naive(q.cpu(), k.cpu(), v.cpu(), None if g is None else g.cpu(), SCALE,
+                           None if S0 is None else S0.cpu())
+    assert o.shape == (B, H, T, V) and o.dtype == q.dtype
+    assert S.shape == (B, Hk, K, V) and S.dtype == torch.float32
+    assert rel(o, ro) <= 1e-4
+    assert rel(S, rS) <= 1e-4
+    if S0 is not None:
+        assert torch.equal(S0, S0_copy)  # not modified
+
+
+def test_forward_non_contiguous():
+    B, H, Hk, T, K, V = 1, 4, 2, 20, 16, 16
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel")
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, H, K] storage
+    assert not qt.is_contiguous()
+    o, S = tg.chunk_gla_fwd(qt, k, v, g, SCALE, S0)
+    ro, rS = gla.gla_naive(q.cpu(), k.cpu(), v.cpu(), g.cpu(), SCALE, S0.cpu())
+    assert rel(o, ro) <= 1e-4 and rel(S, rS) <= 1e-4
+
+
+# (B, H, Hk, T, K, V, gate, strong, initial state, dfinal_state)
+BWD = [
+    (2, 4, 2, 17, 16, 33, "channel", False, True, True),
+    (2, 4, 2, 100, 32, 16, "channel", True, True, True),
+    (2, 2, 2, 64, 16, 16, "scalar", False, True, False),
+    (2, 2, 2, 100, 16, 33, None, False, False, True),
+    (2, 4, 2, 5, 32, 16, "scalar", True, False, True),
+]
+
+
+@pytest.mark.parametrize("B,H,Hk,T,K,V,gate,strong,h0,dfinal", BWD)
+def test_backward(B, H, Hk, T, K, V, gate, strong, h0, dfinal):
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, strong, h0)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(B, H, T, V, generator=gen).to(DEVICE)
+    dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE) if dfinal else None
+
+    leaves = [None if x is None else x.detach().cpu().clone().requires_grad_() for x in (q, k, v, g, S0)]
+    ro, rS = gla.gla_naive(*leaves[:4], SCALE, leaves[4])
+    loss = (ro * do.cpu()).sum() + ((rS * dS.cpu()).sum() if dS is not None else 0)
+    loss.backward()
+
+    dq, dk, dv, dg, dS0 = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, dS)
+    for name, got, x, leaf in (("dq", dq, q, leaves[0]), ("dk", dk, k, leaves[1]), ("dv", dv, v, leaves[2])):
+        assert got.shape == x.shape and got.dtype == x.dtype, name
+        assert rel(got, leaf.grad) <= 1e-4, name
+    if g is None:
+        assert dg is None
+    else:
+        assert dg.shape == g.shape and dg.dtype == torch.float32
+        assert rel(dg, leaves[3].grad) <= 1e-4
+    if S0 is None:
+        assert dS0 is None
+    else:
+        assert dS0.shape == S0.shape and dS0.dtype == torch.float32
+        assert rel(dS0, leaves[4].grad) <= 1e-4
+
+
+def test_backward_wide_blocks():
+    """K and V beyond one 64-wide block, GQA, per-channel gates, every gradient."""
+    B, H, Hk, T, K, V = 1, 2, 1, 70, 80, 65
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel", strong=True)
+    do = torch.randn(B, H, T, V).to(DEVICE)
+    dS = torch.randn(B, Hk, K, V).to(DEVICE)
+    leaves = [x.detach().cpu().clone().requires_grad_() for x in (q, k, v, g, S0)]
+    ro, rS = gla.gla_naive(*leaves[:4], SCALE, leaves[4])
+    ((ro * do.cpu()).sum() + (rS * dS.cpu()).sum()).backward()
+    grads = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, dS)
+    for got, leaf in zip(grads, leaves):
+        assert rel(got, leaf.grad) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    B, H, Hk, T, K, V = 1, 4, 2, 40, 32, 33
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel", dtype=dtype)
+    o, S = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    ro, rS = tg.chunk_gla_fwd(q32, k32, v32, g, SCALE, S0)
+    assert o.dtype == dtype and S.dtype == torch.float32
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    assert rel(o, ro) <= 1e-2 and rel(S, rS) <= 1e-2
+    do = torch.randn(B, H, T, V).to(DEVICE)
+    dS = torch.randn(B, Hk, K, V).to(DEVICE)
+    got = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do.to(dtype), dS)
+    ref = tg.chunk_gla_bwd(q32, k32, v32, g, SCALE, S0, do.to(dtype).float(), dS)
+    for name, a, b, x in zip(("dq", "dk", "dv", "dg", "dS0"), got, ref, (q, k, v, g, S0)):
+        assert a.dtype == (x.dtype if name in ("dq", "dk", "dv") else torch.float32), name
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) <= 1e-2, name
+
+
+@pytest.mark.parametrize("gate", ["channel", "scalar", None])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_step(gate, inplace):
+    B, H, Hk, K, V = 2, 4, 2, 32, 33
+    q, k, v, g, S0 = make(B, H, Hk, 1, K, V, gate)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    g = None if g is None else g[:, :, 0]
+    state = S0.clone()
+    o, S = tg.fused_recurrent_gla_step(q, k, v, g, state, SCALE, inplace=inplace)
+    ro, rS = gla.gla_step(q.cpu(), k.cpu(), v.cpu(), None if g is None else g.cpu(), S0.cpu(), SCALE)
+    assert o.shape == (B, H, V) and o.dtype == q.dtype and S.dtype == torch.float32
+    assert rel(o, ro) <= 1e-5 and rel(S, rS) <= 1e-5
+    if inplace:
+        assert S is state
+    else:
+        assert S is not state and torch.equal(state, S0)
+
+
+def test_step_matches_chunked_and_half():
+    """Decoding after a chunked prefill continues the same recurrence; bf16 inputs stay close to fp32."""
+    B, H, Hk, T, K, V = 1, 4, 2, 9, 16, 16
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel")
+    _, S = tg.chunk_gla_fwd(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], g[:, :, :-1], SCALE, S0)
+    o_step, S_step = tg.fused_recurrent_gla_step(q[:, :, -1], k[:, :, -1], v[:, :, -1], g[:, :, -1], S, SCALE)
+    o_all, S_all = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    assert rel(o_step, o_all[:, :, -1]) <= 1e-5 and rel(S_step, S_all) <= 1e-5
+    bf = [x.to(torch.bfloat16) for x in (q[:, :, -1], k[:, :, -1], v[:, :, -1])]
+    o_bf, S_bf = tg.fused_recurrent_gla_step(*bf, g[:, :, -1], S, SCALE)
+    assert o_bf.dtype == torch.bfloat16 and torch.isfinite(o_bf).all()
+    assert rel(o_bf, o_step) <= 1e-2 and rel(S_bf, S_step) <= 1e-2
+
+
+def test_supported_and_errors():
+    q, k, v, g, _ = make(1, 2, 1, 4, 16, 16, "channel")
+    assert tg.supported(q, k, v, g) is None
+    assert tg.supported(q, k, v, None) is None
+    assert tg.supported(q, k, v, g[..., :1]) is None
+    big = torch.zeros(1, 2, 4, 300, device=DEVICE)
+    assert "256" in tg.supported(big, big[:, :1], v, None)
+    assert tg.supported(q, k, v, g[..., :3]) is not None
+    assert tg.supported(q, k, v[:, :, :3], None) is not None  # length mismatch
+    assert tg.supported(q.double(), k.double(), v.double(), None) is not None
+    with pytest.raises(ValueError):
+        tg.chunk_gla_fwd(q, k, v, g, SCALE, chunk=32)
