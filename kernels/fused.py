@@ -58,6 +58,13 @@ def _kernel(module: str, x: Tensor, *args):
     return mod if mod.supported(*args) is None else None
 
 
+def _require(module: str, x: Tensor, *args):
+    kern = _kernel(module, x, *args)
+    if kern is None:
+        raise RuntimeError(f"lincompile::{module} backward: the Triton kernel does not run these inputs")
+    return kern
+
+
 def unsupported_reason(module: str, *args) -> str | None:
     """Why a Triton kernel would not run these inputs (None: it would)."""
     if not triton_installed():
@@ -110,6 +117,28 @@ def _(q, k, v, g, scale, initial_state):
     return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, k.shape[1], K, v.shape[-1], dtype=torch.float32)
 
 
+def _none_if_empty(x):
+    return None if x.dim() == 1 and x.numel() == 0 else x
+
+
+# The backward passes are custom ops too: AOTAutograd (torch.compile) traces a backward formula with fake
+# tensors, which must not reach a Triton launch or a recomputation under autograd.
+@torch.library.custom_op("lincompile::chunk_gla_bwd", mutates_args=())
+def chunk_gla_bwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float, initial_state: Optional[Tensor],
+                  do: Tensor, dS: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backward (chunk_gla's autograd calls it only where the Triton kernels run)."""
+    kern = _require("triton_gla", q, q, k, v, g)
+    dq, dk, dv, dg, dS0 = kern.chunk_gla_bwd(q, k, v, g, scale, initial_state, do.contiguous(), dS)
+    return dq, dk, dv, q.new_empty(0) if dg is None else dg, q.new_empty(0) if dS0 is None else dS0
+
+
+@chunk_gla_bwd.register_fake
+def _(q, k, v, g, scale, initial_state, do, dS):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(0) if g is None else torch.empty_like(g, dtype=torch.float32),
+            q.new_empty(0) if initial_state is None else torch.empty_like(initial_state, dtype=torch.float32))
+
+
 def _chunk_gla_setup(ctx, inputs, output):
     q, k, v, g, scale, initial_state = inputs
     ctx.scale = scale
@@ -118,14 +147,13 @@ def _chunk_gla_setup(ctx, inputs, output):
 
 def _chunk_gla_backward(ctx, do, dS):
     q, k, v, g, S0 = ctx.saved_tensors
-    kern = _kernel("triton_gla", q, q, k, v, g)
-    if kern is not None:
-        do = torch.zeros_like(q[..., :1].expand(*q.shape[:-1], v.shape[-1])) if do is None else do
-        dq, dk, dv, dg, dS0 = kern.chunk_gla_bwd(q, k, v, g, ctx.scale, S0, do.contiguous(), dS)
-    else:
-        wants = ctx.needs_input_grad[:4] + (False, ctx.needs_input_grad[5])
+    if _kernel("triton_gla", q, q, k, v, g) is None:  # PyTorch forms: differentiate by recomputation
+        wants = tuple(ctx.needs_input_grad[:4]) + (False, ctx.needs_input_grad[5])
         dq, dk, dv, dg, _, dS0 = _grad_by_recompute(_gla_torch, (q, k, v, g, ctx.scale, S0), wants, (do, dS))
-    return dq, dk, dv, dg, None, dS0
+        return dq, dk, dv, dg, None, dS0
+    do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device) if do is None else do
+    dq, dk, dv, dg, dS0 = chunk_gla_bwd(q, k, v, g, ctx.scale, S0, do, dS)
+    return dq, dk, dv, _none_if_empty(dg), None, _none_if_empty(dS0)
 
 
 chunk_gla.register_autograd(_chunk_gla_backward, setup_context=_chunk_gla_setup)
@@ -179,6 +207,22 @@ def _(q, k, v, prev_k, prev_v, seen, scale, sinks):
     return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
 
 
+@torch.library.custom_op("lincompile::swa_attention_bwd", mutates_args=())
+def swa_attention_bwd(q: Tensor, k: Tensor, v: Tensor, prev_k: Tensor, prev_v: Tensor, seen: Tensor, scale: float,
+                      sinks: Optional[Tensor], o: Tensor, lse: Tensor, do: Tensor,
+                      dlse: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backward (swa_attention's autograd calls it only where the Triton kernels run)."""
+    kern = _require("triton_swa", q, q, k, v, prev_k)
+    dq, dk, dv, dpk, dpv, ds = kern.swa_bwd(q, k, v, prev_k, prev_v, seen, scale, sinks, o, lse, do.contiguous(), dlse)
+    return dq, dk, dv, dpk, dpv, q.new_empty(0) if ds is None else ds
+
+
+@swa_attention_bwd.register_fake
+def _(q, k, v, prev_k, prev_v, seen, scale, sinks, o, lse, do, dlse):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prev_k),
+            torch.empty_like(prev_v), q.new_empty(0) if sinks is None else torch.empty_like(sinks, dtype=torch.float32))
+
+
 def _swa_setup(ctx, inputs, output):
     q, k, v, prev_k, prev_v, seen, scale, sinks = inputs
     ctx.scale = scale
@@ -187,16 +231,14 @@ def _swa_setup(ctx, inputs, output):
 
 def _swa_backward(ctx, do, dlse):
     q, k, v, prev_k, prev_v, seen, sinks, o, lse = ctx.saved_tensors
-    kern = _kernel("triton_swa", q, q, k, v, prev_k)
-    if kern is not None:
-        do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv, dpk, dpv, ds = kern.swa_bwd(q, k, v, prev_k, prev_v, seen, ctx.scale, sinks, o, lse,
-                                                do.contiguous(), dlse)
-    else:
-        wants = ctx.needs_input_grad[:5] + (False, False, ctx.needs_input_grad[7])
+    if _kernel("triton_swa", q, q, k, v, prev_k) is None:  # PyTorch forms: differentiate by recomputation
+        wants = tuple(ctx.needs_input_grad[:5]) + (False, False, ctx.needs_input_grad[7])
         dq, dk, dv, dpk, dpv, _, _, ds = _grad_by_recompute(
             _swa_torch, (q, k, v, prev_k, prev_v, seen, ctx.scale, sinks), wants, (do, dlse))
-    return dq, dk, dv, dpk, dpv, None, None, ds
+        return dq, dk, dv, dpk, dpv, None, None, ds
+    do = torch.zeros_like(o) if do is None else do
+    dq, dk, dv, dpk, dpv, ds = swa_attention_bwd(q, k, v, prev_k, prev_v, seen, ctx.scale, sinks, o, lse, do, dlse)
+    return dq, dk, dv, dpk, dpv, None, None, _none_if_empty(ds)
 
 
 swa_attention.register_autograd(_swa_backward, setup_context=_swa_setup)
@@ -246,10 +288,31 @@ def _liger_setup(ctx, inputs, output):
 
 
 def _liger_backward(ctx, do, dS):
-    inputs = tuple(ctx.saved_tensors) + tuple(ctx.params)
-    wants = tuple(ctx.needs_input_grad[:8]) + (False,) * 6
-    grads = _grad_by_recompute(_liger_composed, inputs, wants, (do, dS))
-    return tuple(grads)
+    q, k, v, q_pre, k_pre, S0, prev_k, prev_v, seen = ctx.saved_tensors
+    window, a, b, scale, gate_normalizer = ctx.params
+    if _kernel("triton_gla", q, q_pre, k_pre, v, None) is None or _kernel("triton_swa", q, q, k, v, prev_k) is None:
+        wants = tuple(ctx.needs_input_grad[:8]) + (False,) * 6
+        inputs = (q, k, v, q_pre, k_pre, S0, prev_k, prev_v, seen) + tuple(ctx.params)
+        return tuple(_grad_by_recompute(_liger_composed, inputs, wants, (do, dS)))
+    # The mix is linear: the SWA branch gets a·do, the GLA branch b·do; each goes through its Triton backward
+    # (recomputing the SWA forward for its lse), then through the prologue by hand: no autograd inside, so
+    # AOTAutograd can trace this formula too.
+    do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device) if do is None else do.float()
+    o_w, lse = swa_attention(q, k, v, prev_k, prev_v, seen, scale, None)
+    dq, dk, dv_w, dpk, dpv, _ = swa_attention_bwd(q, k, v, prev_k, prev_v, seen, scale, None, o_w, lse,
+                                                  (a * do).to(o_w.dtype), None)
+    fq, fk = q_pre.float().softmax(-1), k_pre.float().softmax(-1)
+    raw = F.logsigmoid(k_pre.float()) / gate_normalizer
+    g = raw.clamp(min=_gla.LOG_GATE_MIN)
+    dfq, dfk, dv_g, dg, dS0 = chunk_gla_bwd(fq.to(q_pre.dtype), fk.to(k_pre.dtype), v, g, 1.0, S0,
+                                            (b * do).to(v.dtype), dS)
+    dfq, dfk = dfq.float(), dfk.float()
+    dq_pre = fq * (dfq - (fq * dfq).sum(-1, keepdim=True))  # softmax feature map
+    dk_pre = fk * (dfk - (fk * dfk).sum(-1, keepdim=True))
+    dk_pre = dk_pre + dg * (raw >= _gla.LOG_GATE_MIN) * torch.sigmoid(-k_pre.float()) / gate_normalizer
+    dv = dv_w.float() + dv_g.float()
+    return (dq, dk, dv.to(v.dtype), dq_pre.to(q_pre.dtype), dk_pre.to(k_pre.dtype), _none_if_empty(dS0), dpk, dpv,
+            None) + (None,) * 5
 
 
 liger_attention.register_autograd(_liger_backward, setup_context=_liger_setup)

@@ -146,3 +146,34 @@ def test_kernel_ops_export_and_dispatch_to_pytorch_off_the_interpreter(monkeypat
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # no CUDA, no interpreter: the PyTorch forms
     o_torch, S_torch = fused.chunk_gla(q, k, v, g, 0.25, None)
     assert _rel(o_triton, o_torch) < 1e-5 and _rel(S_triton, S_torch) < 1e-5
+
+
+@needs_kernels
+def test_fused_graph_re_exports_with_kernel_nodes_at_any_length():
+    conv = _convert("  - {layers: [0], op: liger_attention}\n  - {layers: [1], op: lizard}\n", "triton")
+    ids = torch.randint(0, 128, (1, 10))
+    seq = torch.export.Dim("seq", min=2, max=512)
+    ep = torch.export.export(conv.eval(), (ids,), dynamic_shapes={"input_ids": {1: seq}}, strict=False)
+    kernels = sorted(str(n.target) for n in ep.graph.nodes if str(n.target).startswith("lincompile."))
+    assert kernels == ["lincompile.chunk_gla.default", "lincompile.liger_attention.default",
+                       "lincompile.swa_attention.default"]
+    other = torch.randint(0, 128, (1, 21))
+    assert _rel(ep.module()(other), conv(other)) < 1e-5
+
+
+@needs_kernels
+def test_kernel_ops_go_through_torch_compile():
+    """register_fake + register_autograd let AOTAutograd trace the ops (forward and backward)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 19, 16, requires_grad=True) for _ in range(3))
+    ring = torch.zeros(1, 2, 8, 16)
+    seen = torch.zeros((), dtype=torch.int64)
+
+    def f(q, k, v):
+        o, lse = fused.swa_attention(q, k, v, ring, ring, seen, 0.25, None)
+        return o.sum() + lse.sum()
+
+    eager = torch.autograd.grad(f(q, k, v), (q, k, v))
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    assert all(_rel(a, b) < 1e-5 for a, b in zip(got, eager))
