@@ -65,13 +65,6 @@ def _require(module: str, x: Tensor, *args):
     return kern
 
 
-def unsupported_reason(module: str, *args) -> str | None:
-    """Why a Triton kernel would not run these inputs (None: it would)."""
-    if not triton_installed():
-        return "triton is not installed"
-    return importlib.import_module(f"lincompile.kernels.{module}").supported(*args)
-
-
 def _grad_by_recompute(fn, inputs, wants, grads):
     """Gradients of fn(*inputs) w.r.t. the inputs flagged in `wants`, by re-running fn under autograd."""
     leaves, args = [], list(inputs)
@@ -106,8 +99,9 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
               initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     kern = _kernel("triton_gla", q, q, k, v, g)
     if kern is not None:
-        return kern.chunk_gla_fwd(q, k, v, g, scale, initial_state)
-    o, S = _gla_torch(q, k, v, g, scale, initial_state)
+        o, S = kern.chunk_gla_fwd(q, k, v, g, scale, initial_state)
+    else:
+        o, S = _gla_torch(q, k, v, g, scale, initial_state)
     return o, S.clone() if S is initial_state else S  # custom ops may not return their inputs
 
 
@@ -268,9 +262,10 @@ def liger_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tenso
                     gate_normalizer: float) -> tuple[Tensor, Tensor]:
     kern = _kernel("triton_liger", q, q, k, v, window)
     if kern is not None:
-        return kern.liger_attention_fwd(q, k, v, q_pre, k_pre, window=window, a=a, b=b, scale=scale,
+        o, S = kern.liger_attention_fwd(q, k, v, q_pre, k_pre, window=window, a=a, b=b, scale=scale,
                                         gate_normalizer=gate_normalizer, initial_state=initial_state,
                                         prev_k=prev_k, prev_v=prev_v, seen=seen)
+        return o, S.clone() if S is initial_state else S
     o, S = _liger_composed(q, k, v, q_pre, k_pre, initial_state, prev_k, prev_v, seen, window, a, b, scale,
                            gate_normalizer)
     return o, S.clone() if S is initial_state else S
