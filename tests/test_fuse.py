@@ -177,3 +177,14 @@ def test_kernel_ops_go_through_torch_compile():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     assert all(_rel(a, b) < 1e-5 for a, b in zip(got, eager))
+
+
+@pytest.mark.skipif(not fused.triton_installed(), reason="triton is not installed")
+def test_heal_graphs_are_fused_too():
+    """Healing trains the graph the fuse pass prepared (on CUDA: through the Triton kernels)."""
+    from lincompile.heal.build import build
+
+    spec = make_spec("name: t\ncapture: {attn_implementation: sdpa}\nfuse: {backend: triton}\nrules:\n"
+                     "  - op: lizard\n")
+    graphs = build(tiny_model("llama"), spec, with_teacher=True)
+    assert {op.backend for op in graphs.converted.operators.values()} == {"triton"}

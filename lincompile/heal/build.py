@@ -57,6 +57,7 @@ def build(lm: nn.Module, spec, *, lora_config=None, peft_model=None, with_teache
     it with `spec`, and keep a teacher copy of the captured graph."""
     from ..passes import teacher as teacher_pass
     from ..passes.capture import capture
+    from ..passes.fuse import fuse, resolve_backend
     from ..passes.match import match, select
     from ..passes.substitute import substitute
     from .lora import insert_lora_dropout
@@ -83,6 +84,7 @@ def build(lm: nn.Module, spec, *, lora_config=None, peft_model=None, with_teache
     plan = teacher_pass.prepare(captured.gm, assignments) if with_teacher else None
     added = substitute(captured.gm, assignments, allow_code=allow_code)
     teacher = plan.finish(captured.gm, added) if plan is not None and added else None
+    fuse(captured.gm, resolve_backend(spec.fuse_backend)[0])  # healing on CUDA trains through the Triton kernels
     sites = [s for s, _ in assignments]
     history = [PassRecord("heal-build", time.perf_counter() - t0, snapshot(captured.gm))]
     converted = ConvertedModel(captured.gm, spec, sites, lm.config, history=history, allow_code=allow_code,
