@@ -128,9 +128,11 @@ def chunk_gla_bwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: f
 
 @chunk_gla_bwd.register_fake
 def _(q, k, v, g, scale, initial_state, do, dS):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(0) if g is None else torch.empty_like(g, dtype=torch.float32),
-            q.new_empty(0) if initial_state is None else torch.empty_like(initial_state, dtype=torch.float32))
+    # Contiguous, as the kernels allocate them (empty_like would copy the inputs' strides; inductor trusts these).
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(0) if g is None else g.new_empty(g.shape, dtype=torch.float32),
+            q.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape,
+                                                                                 dtype=torch.float32))
 
 
 def _chunk_gla_setup(ctx, inputs, output):
@@ -213,8 +215,9 @@ def swa_attention_bwd(q: Tensor, k: Tensor, v: Tensor, prev_k: Tensor, prev_v: T
 
 @swa_attention_bwd.register_fake
 def _(q, k, v, prev_k, prev_v, seen, scale, sinks, o, lse, do, dlse):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prev_k),
-            torch.empty_like(prev_v), q.new_empty(0) if sinks is None else torch.empty_like(sinks, dtype=torch.float32))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prev_k.new_empty(prev_k.shape),
+            prev_v.new_empty(prev_v.shape),
+            q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape, dtype=torch.float32))
 
 
 def _swa_setup(ctx, inputs, output):
