@@ -33,6 +33,7 @@ from torch import Tensor
 from . import gla as _gla
 from . import opaque
 from .gla import clamp_log_gate
+from .opaque import grad_by_recompute
 
 BACKENDS = ("torch", "triton")
 
@@ -63,26 +64,6 @@ def _require(module: str, x: Tensor, *args):
     if kern is None:
         raise RuntimeError(f"lincompile::{module} backward: the Triton kernel does not run these inputs")
     return kern
-
-
-def _grad_by_recompute(fn, inputs, wants, grads):
-    """Gradients of fn(*inputs) w.r.t. the inputs flagged in `wants`, by re-running fn under autograd."""
-    leaves, args = [], list(inputs)
-    for i, (x, want) in enumerate(zip(inputs, wants)):
-        if want and isinstance(x, Tensor) and x.is_floating_point():
-            args[i] = x.detach().requires_grad_(True)
-            leaves.append(i)
-    result = [None] * len(inputs)
-    if not leaves:
-        return result
-    with torch.enable_grad():
-        outs = fn(*args)
-    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-    got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in leaves], [g for _, g in pairs],
-                              allow_unused=True)
-    for i, g in zip(leaves, got):
-        result[i] = g
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,7 +126,7 @@ def _chunk_gla_backward(ctx, do, dS):
     q, k, v, g, S0 = ctx.saved_tensors
     if _kernel("triton_gla", q, q, k, v, g) is None:  # PyTorch forms: differentiate by recomputation
         wants = tuple(ctx.needs_input_grad[:4]) + (False, ctx.needs_input_grad[5])
-        dq, dk, dv, dg, _, dS0 = _grad_by_recompute(_gla_torch, (q, k, v, g, ctx.scale, S0), wants, (do, dS))
+        dq, dk, dv, dg, _, dS0 = grad_by_recompute(_gla_torch, (q, k, v, g, ctx.scale, S0), wants, (do, dS))
         return dq, dk, dv, dg, None, dS0
     do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device) if do is None else do
     dq, dk, dv, dg, dS0 = chunk_gla_bwd(q, k, v, g, ctx.scale, S0, do, dS)
@@ -230,7 +211,7 @@ def _swa_backward(ctx, do, dlse):
     q, k, v, prev_k, prev_v, seen, sinks, o, lse = ctx.saved_tensors
     if _kernel("triton_swa", q, q, k, v, prev_k) is None:  # PyTorch forms: differentiate by recomputation
         wants = tuple(ctx.needs_input_grad[:5]) + (False, False, ctx.needs_input_grad[7])
-        dq, dk, dv, dpk, dpv, _, _, ds = _grad_by_recompute(
+        dq, dk, dv, dpk, dpv, _, _, ds = grad_by_recompute(
             _swa_torch, (q, k, v, prev_k, prev_v, seen, ctx.scale, sinks), wants, (do, dlse))
         return dq, dk, dv, dpk, dpv, None, None, ds
     do = torch.zeros_like(o) if do is None else do
@@ -291,7 +272,7 @@ def _liger_backward(ctx, do, dS):
     if _kernel("triton_gla", q, q_pre, k_pre, v, None) is None or _kernel("triton_swa", q, q, k, v, prev_k) is None:
         wants = tuple(ctx.needs_input_grad[:8]) + (False,) * 6
         inputs = (q, k, v, q_pre, k_pre, S0, prev_k, prev_v, seen) + tuple(ctx.params)
-        return tuple(_grad_by_recompute(_liger_composed, inputs, wants, (do, dS)))
+        return tuple(grad_by_recompute(_liger_composed, inputs, wants, (do, dS)))
     # The mix is linear: the SWA branch gets a·do, the GLA branch b·do; each goes through its Triton backward
     # (recomputing the SWA forward for its lse), then through the prologue by hand: no autograd inside, so
     # AOTAutograd can trace this formula too.

@@ -22,6 +22,26 @@ from . import gla as _gla
 from . import swa as _swa
 
 
+def grad_by_recompute(fn, inputs, wants, grads):
+    """Gradients of fn(*inputs) w.r.t. the inputs flagged in `wants`, by re-running fn under autograd."""
+    leaves, args = [], list(inputs)
+    for i, (x, want) in enumerate(zip(inputs, wants)):
+        if want and isinstance(x, Tensor) and x.is_floating_point():
+            args[i] = x.detach().requires_grad_(True)
+            leaves.append(i)
+    result = [None] * len(inputs)
+    if not leaves:
+        return result
+    with torch.enable_grad():
+        outs = fn(*args)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in leaves], [g for _, g in pairs],
+                              allow_unused=True)
+    for i, g in zip(leaves, got):
+        result[i] = g
+    return result
+
+
 def differentiable(op, impl, n_tensor_inputs):
     """Autograd for a custom op by recomputation: re-run `impl` with grad enabled in backward."""
 
@@ -30,25 +50,11 @@ def differentiable(op, impl, n_tensor_inputs):
         ctx.save_for_backward(*[x if isinstance(x, Tensor) else None for x in inputs[:n_tensor_inputs]])
 
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
         inputs = list(ctx.inputs)
-        leaves = []
-        for i, t in enumerate(saved):
-            if t is not None and ctx.needs_input_grad[i] and t.is_floating_point():
-                t = t.detach().requires_grad_(True)
-                leaves.append((i, t))
+        for i, t in enumerate(ctx.saved_tensors):
             inputs[i] = t if t is not None else inputs[i]
-        result = [None] * len(ctx.inputs)
-        if not leaves:
-            return tuple(result)
-        with torch.enable_grad():
-            outs = impl(*inputs)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        got = torch.autograd.grad([o for o, _ in pairs], [t for _, t in leaves], [g for _, g in pairs],
-                                  allow_unused=True)
-        for (i, _), g in zip(leaves, got):
-            result[i] = g
-        return tuple(result)
+        wants = tuple(ctx.needs_input_grad[:n_tensor_inputs]) + (False,) * (len(inputs) - n_tensor_inputs)
+        return tuple(grad_by_recompute(impl, inputs, wants, grads))
 
     op.register_autograd(backward, setup_context=setup_context)
 
