@@ -1,8 +1,14 @@
 """Fidelity benchmark (not a test): how much of SmolLM2-135M each conversion recovers after healing.
 
-    python benchmarks/heal.py [--methods swa-sinks liger-attention lolcats lizard] [--tokens 1000000]
+    python benchmarks/heal.py [--methods swa-sinks liger-attention lolcats lizard reference] [--tokens 1000000]
                               [--transfer-tokens 250000] [--seq-len 512] [--eval-tokens 32768]
+                              [--data ../shared/data/austen] [--device cpu|cuda]
                               [--workdir bench-heal] [--json results.json] [--readme README.md]
+
+A method name may carry variants: `lizard+kd` heals with KL distillation against the original model
+(`--distill`, default weight 0.5, temperature `--distill-temperature`), `lizard+ops` also trains the
+operator's own parameters (gates, sinks, feature maps) during the LoRA stage. `reference` runs where it is
+listed (default: last); `--no-reference` leaves it out.
 
 For each method: convert with its built-in spec, heal on the five Austen novels other than Persuasion
 (attention transfer when the operator has parameters, then LoRA r=8 α=16 on q/k/v/o with the LoRA token
@@ -20,20 +26,24 @@ Targets (the issue): the best method has PPL ≤ 1.15 × reference PPL and accur
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-AUSTEN = ROOT.parent / "shared" / "data" / "austen"
+AUSTEN = ROOT.parent / "shared" / "data" / "austen"  # default --data: six Austen novels
 HELD_OUT = "persuasion.txt"
 METHODS = {  # name -> (built-in spec, heal stages)
     "swa-sinks": ("swa-sinks", ()),
     "liger-attention": ("liger-attention", ("lora",)),
     "lolcats": ("lolcats", ("transfer", "lora")),
     "lizard": ("lizard", ("transfer", "lora")),
+    "reference": ("identity", ("lora",)),  # the original model + the same LoRA budget
 }
+VARIANTS = ("kd", "ops")
+REFERENCE = "reference (original + LoRA)"
 START, END = "<!-- heal-benchmark:start -->", "<!-- heal-benchmark:end -->"
 
 
@@ -45,50 +55,87 @@ def other_domain_text(path: Path) -> Path:
     return path
 
 
-def heal_config(args, stages):
+def parse_method(name: str) -> tuple[str, tuple[str, ...]]:
+    """"lizard+kd" -> ("lizard", ("kd",)); errors name what is allowed."""
+    base, *variants = name.split("+")
+    if base not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {base!r}; expected one of: {', '.join(METHODS)}")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown variant +{bad[0]} of {base}; expected: "
+                                         + ", ".join("+" + v for v in VARIANTS))
+    if variants and not METHODS[base][1]:
+        raise argparse.ArgumentTypeError(f"{base} is not healed: it takes no variants")
+    return base, tuple(variants)
+
+
+def method_arg(name: str) -> str:
+    parse_method(name)
+    return name
+
+
+def heal_config(args, stages, variants=()):
     from lincompile.heal.config import HealConfig
 
     cfg = HealConfig()
-    cfg.data.train = [str(p) for p in sorted(AUSTEN.glob("*.txt")) if p.name != HELD_OUT]
+    cfg.data.train = [str(p) for p in sorted(args.data.glob("*.txt")) if p.name != HELD_OUT]
     cfg.data.seq_len, cfg.data.holdout, cfg.data.eval_blocks = args.seq_len, 0.01, 4
     cfg.transfer.enabled = "transfer" in stages
     cfg.transfer.tokens, cfg.transfer.steps, cfg.transfer.lr = args.transfer_tokens, None, args.transfer_lr
     cfg.lora.enabled = "lora" in stages
     cfg.lora.tokens, cfg.lora.steps, cfg.lora.lr = args.tokens, None, args.lr
     cfg.lora.r, cfg.lora.alpha, cfg.lora.batch_size = 8, 16.0, args.batch_size
-    cfg.lora.distill.weight = args.distill
+    cfg.lora.distill.weight = args.distill if "kd" in variants else 0.0
+    cfg.lora.distill.temperature = args.distill_temperature
+    cfg.lora.train_ops = "ops" in variants
     cfg.eval_every, cfg.checkpoint_every, cfg.log_every = args.eval_every, 10 ** 9, 10
     return cfg
 
 
-def run_method(name, spec_name, stages, loaded, args, texts, original_scores) -> dict:
+def run_method(name, loaded, args, texts, original_scores) -> dict:
     import lincompile
     from lincompile.heal import heal
     from lincompile.heal.evaluate import evaluate
 
+    base, variants = parse_method(name)
+    spec_name, stages = METHODS[base]
     out = args.workdir / name
+    name = REFERENCE + "".join("+" + v for v in variants) if base == "reference" else name
     t0 = time.perf_counter()
     converted = lincompile.convert(loaded.model, lincompile.Spec.builtin(spec_name), tokenizer=loaded.tokenizer,
                                    source=args.model)
     converted.save(out, overwrite=True)
     del converted
-    row = {"method": name, "spec": spec_name, "stages": list(stages), "convert_s": round(time.perf_counter() - t0, 1)}
+    row = {"method": name, "spec": spec_name, "stages": list(stages), "variants": list(variants),
+           "convert_s": round(time.perf_counter() - t0, 1)}
     if stages:
         t0 = time.perf_counter()
-        report = heal(out, heal_config(args, stages), log=lambda s: print(f"  [{name}] {s}", file=sys.stderr))
+        report = heal(out, heal_config(args, stages, variants), device=args.device, progress=False,
+                      log=lambda s: print(f"  [{name}] {s}", file=sys.stderr, flush=True))
         row["heal_s"] = round(time.perf_counter() - t0, 1)
         row["tokens"] = sum(s["tokens"] for s in report["stages"].values())
         row["heal"] = report["stages"]
-    model = lincompile.load(out)
+        row["curve"] = heal_curve(out)
+    model = lincompile.load(out, device=args.device)
     model.train(False)
     row["eval"] = {}
     for label, (stream, contexts) in texts.items():
-        row["eval"][label] = evaluate({"converted": model}, stream, contexts, max_tokens=args.eval_tokens)["context"]
+        row["eval"][label] = evaluate({"converted": model}, stream, contexts, max_tokens=args.eval_tokens,
+                                      device=args.device)["context"]
         for ctx, r in row["eval"][label].items():
             r["original"] = original_scores[label][ctx]
     print(f"{name}: " + json.dumps({k: {c: (round(v["ppl"], 2), round(v["acc"], 4)) for c, v in e.items()}
-                                    for k, e in row["eval"].items()}), file=sys.stderr)
+                                    for k, e in row["eval"].items()}), file=sys.stderr, flush=True)
     return row
+
+
+def heal_curve(out: Path) -> list[dict]:
+    """The held-out evaluations the heal logged (step, stage, loss/ppl/mse): where the run was going."""
+    path = out / "heal" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{"stage": r["stage"], "step": r["step"], **r["eval"]} for r in rows if "eval" in r]
 
 
 def table(rows: list[dict], reference: dict | None, original: dict, args) -> list[str]:
@@ -162,14 +209,20 @@ def merge(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
-                        help="methods to run (none: only the reference)")
+    parser.add_argument("--methods", nargs="*", type=method_arg,
+                        default=["swa-sinks", "liger-attention", "lolcats", "lizard"],
+                        help=f"methods to run, in order ({', '.join(METHODS)}; variants +kd, +ops); the reference "
+                             "runs last unless listed")
     parser.add_argument("--no-reference", action="store_true", help="skip the original model + LoRA reference")
+    parser.add_argument("--data", type=Path, default=AUSTEN,
+                        help=f"directory of .txt files: heal on all but {HELD_OUT}, evaluate on {HELD_OUT}")
+    parser.add_argument("--device", default="cpu", help="torch device for healing and evaluation (cuda: one GPU)")
     parser.add_argument("--tokens", type=int, default=1_000_000, help="LoRA token budget per method")
     parser.add_argument("--transfer-tokens", type=int, default=250_000, help="attention-transfer token budget")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--transfer-lr", type=float, default=1e-2)
-    parser.add_argument("--distill", type=float, default=0.0, help="KL distillation weight in the LoRA stage")
+    parser.add_argument("--distill", type=float, default=0.5, help="KL distillation weight of the +kd variants")
+    parser.add_argument("--distill-temperature", type=float, default=2.0)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -191,16 +244,26 @@ def main(argv=None) -> int:
     from lincompile.heal.evaluate import evaluate, hf_forward
     from lincompile.models import load_model
 
+    if not (args.data / HELD_OUT).is_file():
+        parser.error(f"{args.data}: no {HELD_OUT} there (give --data DIR with the Austen novels as .txt files)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # every row alike: methods and reference
+    methods = list(args.methods)
+    if not args.no_reference and not any(parse_method(m)[0] == "reference" for m in methods):
+        methods.append("reference")
     args.workdir.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    loaded = load_model(args.model)
+    loaded = load_model(args.model)  # converted on CPU; healed and evaluated on --device
     other = other_domain_text(args.workdir / "other-domain.txt")
-    texts = {"persuasion": (tokenize(read_documents([str(AUSTEN / HELD_OUT)]), loaded.tokenizer), args.contexts),
+    texts = {"persuasion": (tokenize(read_documents([str(args.data / HELD_OUT)]), loaded.tokenizer), args.contexts),
              "other": (tokenize(read_documents([str(other)]), loaded.tokenizer), [512])}
-    original = {label: evaluate({"original": hf_forward(loaded.model)}, s, c, max_tokens=args.eval_tokens)["context"]
+    original_lm = loaded.model if args.device == "cpu" else copy.deepcopy(loaded.model).to(args.device)
+    original = {label: evaluate({"original": hf_forward(original_lm)}, s, c, max_tokens=args.eval_tokens,
+                                device=args.device)["context"]
                 for label, (s, c) in texts.items()}
+    del original_lm
     original = {label: {ctx: r["original"] for ctx, r in v.items()} for label, v in original.items()}
     rows, reference = [], None
 
@@ -209,21 +272,34 @@ def main(argv=None) -> int:
             args.json_path.write_text(json.dumps({"rows": rows, "reference": reference, "original": original,
                                                   "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
 
-    for m in args.methods:
-        rows.append(run_method(m, *METHODS[m], loaded, args, texts, original))
+    failed = []
+    for m in methods:
+        try:
+            row = run_method(m, loaded, args, texts, original)
+        except Exception as err:  # one method's failure must not lose the others' hours
+            import traceback
+
+            traceback.print_exc()
+            failed.append(f"{m}: {type(err).__name__}: {err}")
+            continue
+        if row["method"] == REFERENCE:
+            reference = row
+        else:
+            rows.append(row)
         save_partial()
-    if not args.no_reference:
-        reference = run_method("reference (original + LoRA)", "identity", ("lora",), loaded, args, texts, original)
     lines = table(rows, reference, original, args)
-    lines += ["", f"LoRA budget {args.tokens:,} tokens, transfer {args.transfer_tokens:,} tokens, seq_len "
-              f"{args.seq_len}, eval on the first {args.eval_tokens:,} tokens; total wall time "
-              f"{time.perf_counter() - t_all:.0f} s on {torch.get_num_threads()} threads", ""]
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} CPU threads")
+    lines += ["", f"LoRA budget {args.tokens:,} tokens (batch {args.batch_size} × {args.seq_len}, lr {args.lr:g}), "
+              f"transfer {args.transfer_tokens:,} tokens, eval on the first {args.eval_tokens:,} tokens; total wall "
+              f"time {time.perf_counter() - t_all:.0f} s on {where}", ""]
     lines += targets(rows, reference)
+    lines += [f"failed: {f}" for f in failed]
     print("\n".join(lines))
     save_partial()
     if args.readme:
         write_readme(args.readme, lines)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

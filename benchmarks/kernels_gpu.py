@@ -14,6 +14,10 @@ same problem): median ms from `triton.testing.do_bench` of forward and forward+b
     ours chunk_gla · fla chunk_gla (if fla-core is importable) · torch SDPA causal (flash) ·
     ours swa_attention (w=64) · ours liger_attention fused forward (+ its backward by recomputation).
 Prints the GPU name, a correctness table and a speed table, and writes both as JSON.
+`--tune`: instead, A/B the chunk_gla launch configurations of `triton_gla.Tuning` (bf16 operands, warps, stages,
+block sizes): correctness at T=2048 and forward / forward+backward time at T=2048 (B=32) and T=16384 (B=4) for
+each, plus a per-kernel time breakdown (torch.profiler) of the first and the fastest. `--variant NAME` runs the
+main benchmark with one of them.
 Targets (issue #6): ours ≥ fla chunk_gla speed; ≥ 5× SDPA forward at 16k.
 """
 
@@ -238,6 +242,103 @@ def speed_table(rows) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Tuning: chunk_gla launch configurations, A/B in one run.
+
+VARIANTS = {
+    "default": {},
+    "lowp": {"lowp": True},
+    "lowp w8": {"lowp": True, "num_warps": 8},
+    "lowp w8 s3": {"lowp": True, "num_warps": 8, "num_stages": 3},
+    "lowp bk128 bv128 w8": {"lowp": True, "block_k": 128, "block_v": 128, "num_warps": 8},
+    "lowp w4 s1": {"lowp": True, "num_warps": 4, "num_stages": 1},
+}
+
+
+def set_variant(name: str):
+    from lincompile.kernels import triton_gla
+
+    triton_gla.TUNING = triton_gla.Tuning(**VARIANTS[name])
+
+
+def gla_inputs(B, H, T, D, dev):
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=bf) * s for s in (D ** -0.5, D ** -0.5, 1.0))
+    g = F.logsigmoid(torch.randn(B, H, T, D, device=dev) + 3.0) / 4
+    return [x.requires_grad_(True) for x in (q, k, v, g)], torch.randn(B, H, T, D, device=dev, dtype=bf)
+
+
+def profile_gla(B, H, T, D, dev) -> dict:
+    """Per-kernel CUDA time (ms) of one chunk_gla forward+backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lincompile.kernels import fused
+
+    (q, k, v, g), do = gla_inputs(B, H, T, D, dev)
+    run = lambda: fused.chunk_gla(q, k, v, g, D ** -0.5, None)[0].backward(do)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key[:60]] = round(t / 1e3, 3)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
+
+
+def tune(args, dev) -> dict:
+    from lincompile.kernels import fused
+
+    H, D = args.heads, args.head_dim
+    sizes = [(32, 2048), (4, 16384)] if not args.smoke else [(1, 64), (1, 128)]
+    names = args.variants or list(VARIANTS)
+    rows = []
+    for name in names:
+        set_variant(name)
+        row = {"variant": name, **VARIANTS[name]}
+        try:
+            B0, T0 = (2, 2048) if not args.smoke else (1, 100)
+            errs = check_gla(B0, H, max(1, H // 4), T0, D, dev, scalar=False)
+            row["max_rel_err"] = max(errs.values())
+            for B, T in sizes:
+                (q, k, v, g), do = gla_inputs(B, H, T, D, dev)
+                fwd = lambda: fused.chunk_gla(q, k, v, g, D ** -0.5, None)[0]  # noqa: E731
+                with torch.no_grad():
+                    row[f"fwd_ms_{T}"] = bench(fwd, args.smoke)
+                row[f"fwd_bwd_ms_{T}"] = bench(lambda: fwd().backward(do), args.smoke)
+                del q, k, v, g, do
+        except Exception as err:
+            row["error"] = repr(err)[:300]
+        rows.append(row)
+        print("  " + json.dumps(row), flush=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    sdpa = {}
+    for B, T in sizes:  # the yardstick of the issue's target: ≥ 5× SDPA forward at 16k
+        (q, k, v, _), do = gla_inputs(B, H, T, D, dev)
+        fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        with torch.no_grad():
+            sdpa[f"fwd_ms_{T}"] = bench(fwd, args.smoke)
+        sdpa[f"fwd_bwd_ms_{T}"] = bench(lambda: fwd().backward(do), args.smoke)
+    print(f"  torch sdpa: {json.dumps(sdpa)}", flush=True)
+    ok = [r for r in rows if "error" not in r and r.get("max_rel_err", 1) <= 1e-2]
+    best = min(ok, key=lambda r: r.get(f"fwd_bwd_ms_{sizes[1][1]}", math.inf))["variant"] if ok else None
+    prof = {}
+    if dev == "cuda" and not args.smoke:
+        for name in dict.fromkeys([names[0], best]):
+            if name is None:
+                continue
+            set_variant(name)
+            prof[name] = profile_gla(4, H, 16384, D, dev)
+            print(f"  profile {name} (B=4 T=16384, fwd+bwd, ms): {json.dumps(prof[name])}", flush=True)
+    set_variant("default")
+    return {"rows": rows, "sdpa": sdpa, "best": best, "profile": prof}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768, 65536])
@@ -249,6 +350,10 @@ def main(argv=None):
     p.add_argument("--no-fla", action="store_true", help="leave out fla chunk_gla (its autotuning takes minutes)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, no do_bench (CPU under TRITON_INTERPRET=1)")
     p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--tune", action="store_true", help="A/B the chunk_gla launch configurations (see VARIANTS)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None, help="with --tune: which")
+    p.add_argument("--variant", choices=list(VARIANTS), default=None, help="run the benchmark with this one")
+    p.add_argument("--skip-check", action="store_true", help="leave out the correctness part")
     args = p.parse_args(argv)
     if args.smoke:
         args.lengths, args.tokens, args.heads, args.head_dim = [64, 128], 128, 2, 32
@@ -260,15 +365,30 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter)"
     print(f"device: {gpu} · torch {torch.__version__} · triton {triton.__version__}", flush=True)
     t0 = time.perf_counter()
-    print("correctness (bf16 inputs vs the PyTorch forms in fp32, relative error, target ≤ 1e-2):", flush=True)
-    checks = correctness(args, dev)
-    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.tune:
+        print(f"chunk_gla variants (bf16, H = {args.heads}, D = {args.head_dim}; median ms):", flush=True)
+        result = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__, **tune(args, dev),
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"  best: {result['best']} ({result['seconds']} s)")
+        if args.json_path:
+            with open(args.json_path, "w") as f:
+                json.dump(result, f, indent=1)
+        return
+    if args.variant:
+        set_variant(args.variant)
+        print(f"chunk_gla variant: {args.variant} {VARIANTS[args.variant]}", flush=True)
+    checks = []
+    if not args.skip_check:
+        print("correctness (bf16 inputs vs the PyTorch forms in fp32, relative error, target ≤ 1e-2):", flush=True)
+        checks = correctness(args, dev)
+        print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = []
     if not args.skip_speed:
         print(f"speed (bf16, B·T = {args.tokens}, H = {args.heads}, D = {args.head_dim}; median ms):", flush=True)
         rows = speed(args, dev)
         print("\n".join(speed_table(rows)))
-    result = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__, "correctness": checks,
+    result = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__, "variant": args.variant,
+              "correctness": checks,
               "speed": rows, "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(result))
     if args.json_path:

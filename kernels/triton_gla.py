@@ -11,12 +11,14 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
   forward   1. torch: b = cumulative sum of g restarted at every chunk (fp32, padded to a whole chunk count;
                padded gates are 0, so b stays flat there and b at the chunk's last row is its total decay).
             2. `_h_fwd`: sequential scan over chunks per (batch, kv head, K block, V block); stores the state
-               each chunk starts from, h[n] `[B, Hk, N, K, V]` fp32, and the final state.
+               each chunk starts from, h[n] `[B, Hk, N, K, V]` fp32 (input dtype under lowp), and the final
+               state (fp32).
             3. `_attn_intra`: the intra-chunk matrix A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk), s ≤ t,
-               per (query head, chunk) `[B, H, N·C, C]` fp32.
+               per (query head, chunk) `[B, H, N·C, C]` fp32 (input dtype under lowp).
             4. `_o_fwd`: o = scale (q ⊙ exp(b)) h[n] + A v per (query head, chunk, V block).
   backward  h is recomputed (2.) and A (3.); then
-            5. `_dh_bwd`: reverse scan, dh[n] = gradient of the state after chunk n,
+            5. `_dh_bwd`: reverse scan, dh[n] = gradient of the state after chunk n (fp32; input dtype under
+               lowp),
                dS_{n} = Diag(exp(b_last)) dS_{n+1} + scale Σ_{heads of the group} (q ⊙ exp(b))ᵀ do,
                starting from dfinal_state; what is left at the start is dinitial_state.
             6. `_dA_bwd`: dA[t, s] = scale do_t · v_s (s ≤ t), per query head.
@@ -40,10 +42,22 @@ key sub-chunk j):
     BEFORE the exp, so every exp argument is ≤ 0.
 Every exponent is therefore ≤ 0 and the scheme is exact for any gates, however negative (no e^80 bound).
 Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 matmuls (no TF32), bf16/fp16 inputs use TF32
-matmuls on fp32 operands (TF32 keeps more mantissa than the inputs had).
+matmuls on fp32 operands (TF32 keeps more mantissa than the inputs had) unless `TUNING.lowp` is set.
 
 Block sizes are powers of two ≥ 16 with masks, so K and V need not be powers of two (V = 65 is fine);
-K and V are each ≤ 256 (`supported`). No autotuning: one fixed configuration, also under TRITON_INTERPRET=1.
+K and V are each ≤ 256 (`supported`). No autotuning: one configuration per call, also under
+TRITON_INTERPRET=1, taken from the module global `TUNING` (a `Tuning`) when chunk_gla_fwd / chunk_gla_bwd
+is called, so a benchmark can A/B configurations in one process by assigning `triton_gla.TUNING = Tuning(...)`
+between calls. The defaults are the configuration above: BK, BV = next power of two of K, V clamped to
+[16, 64] (`block_k`, `block_v` move the upper bound: powers of two in [16, 256], else ValueError), Triton's
+default num_warps / num_stages (`num_warps`, `num_stages`: launch options of every chunk kernel), fp32 matmul
+operands. `lowp=True` with bf16 (or fp16) q, k, v: every tl.dot takes its operands in the input dtype with
+fp32 accumulation (gate factors are applied in fp32 first, then the product is rounded), and the scratch
+buffers A, h and dh are stored in the input dtype (they are read only as matmul operands); the diagonal
+16×16 blocks, the recurrent state carried in registers, the final state, dA, dB and the initial-state
+gradient stay fp32, and the exponent scheme and masks are the same. fp32 (or mixed-dtype) inputs ignore lowp.
+Under the interpreter a lowp dot is emulated (operands rounded to the input dtype, fp32 product), since
+the interpreter's tl.dot mishandles bf16. The decode step `fused_recurrent_gla_step` ignores `TUNING`.
 `POISON = True` (or LINCOMPILE_TRITON_POISON=1) fills every output and scratch buffer with NaN before launch,
 so that an element a kernel fails to write shows up in tests.
 """
@@ -51,6 +65,7 @@ so that an element a kernel fails to write shows up in tests.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -69,6 +84,45 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+@dataclass
+class Tuning:
+    """Knobs of the chunk kernels (not of the decode step), read from `TUNING` at every call of
+    chunk_gla_fwd / chunk_gla_bwd. The defaults are the fixed configuration the kernels had before."""
+
+    lowp: bool = False  # bf16/fp16 inputs: matmul operands, the intra-chunk matrix A and the chunk states h
+    #                     in the input dtype (fp32 accumulation), instead of fp32 operands with TF32 matmuls
+    num_warps: int | None = None  # launch option of every chunk kernel (None: Triton's default)
+    num_stages: int | None = None  # likewise
+    block_v: int = 64  # upper bound of the V block (BV = power of two in [16, block_v])
+    block_k: int = 64  # upper bound of the K block (BK)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError unless the block bounds are powers of two in [16, 256] and the launch options are
+        positive (num_warps a power of two)."""
+        for name in ("block_k", "block_v"):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, int) or not 16 <= x <= MAX_HEAD_DIM or x & (x - 1):
+                raise ValueError(f"Tuning.{name} must be a power of two in [16, {MAX_HEAD_DIM}], got {x!r}")
+        for name in ("num_warps", "num_stages"):
+            x = getattr(self, name)
+            if x is None:
+                continue
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1 or (name == "num_warps" and x & (x - 1)):
+                what = "a positive power of two" if name == "num_warps" else "a positive int"
+                raise ValueError(f"Tuning.{name} must be None or {what}, got {x!r}")
+
+
+TUNING = Tuning()
+
+# The Triton interpreter (3.x) mishandles bf16: tl.dot multiplies the raw 16-bit patterns as integers, and
+# fp32 -> bf16 casts truncate where the GPU rounds to nearest even. Under TRITON_INTERPRET=1 `_lowp` rounds
+# to nearest even itself and `_dot` emulates a low-precision dot (operands rounded, fp32 product).
+_INTERPRETED = tl.constexpr(_interpret())
+
+
 def _empty(*shape, device, dtype=torch.float32):
     x = torch.empty(*shape, device=device, dtype=dtype)
     if POISON:
@@ -78,6 +132,31 @@ def _empty(*shape, device, dtype=torch.float32):
 
 def _pow2(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+@triton.jit
+def _lowp(x, ET: tl.constexpr):
+    """x (fp32, or already ET) rounded to nearest even in ET, as a cast does on the GPU."""
+    if _INTERPRETED:
+        if ET == tl.bfloat16:
+            if x.dtype == tl.float32:  # round the fp32 bits to their top 16 (ties to even): the cast is then exact
+                u = x.to(tl.uint32, bitcast=True)
+                u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+                x = u.to(tl.float32, bitcast=True)
+    return x.to(ET)
+
+
+@triton.jit
+def _dot(a, b, acc, ET: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; operands in ET (the input dtype) when LOWP, else fp32 matmuls of
+    precision PREC. Gate factors are applied to a and b in fp32 before they get here."""
+    if LOWP:
+        if _INTERPRETED:
+            return tl.dot(_lowp(a, ET).to(tl.float32), _lowp(b, ET).to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a.to(ET), b.to(ET), acc)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,8 +169,9 @@ def _pow2(n: int, lo: int = 16, hi: int = 64) -> int:
 def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
            K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           USE_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr):
+           USE_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     ik, iv, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ET: tl.constexpr = k.dtype.element_ty
     ok = ik * BK + tl.arange(0, BK)
     ov = iv * BV + tl.arange(0, BV)
     oc = tl.arange(0, C)
@@ -107,7 +187,7 @@ def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for n in range(N):
-        tl.store(h + (ibk * N + n) * K * V + okv, S, mask=mkv)
+        tl.store(h + (ibk * N + n) * K * V + okv, _lowp(S, h.dtype.element_ty), mask=mkv)
         t0 = n * C
         mt = (oc < T - t0)[:, None]
         kk = tl.load(k + (ibk * T + t0) * K + ck, mask=mt & mk[None, :], other=0.0).to(tl.float32)
@@ -117,7 +197,7 @@ def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
             bl = tl.load(b + (ibk * Tp + t0 + C - 1) * KG + ok * SBK, mask=mk, other=0.0)
             kk = kk * tl.exp(bl[None, :] - bb)
             S = S * tl.exp(bl)[:, None]
-        S += tl.dot(tl.trans(kk), vv, input_precision=PREC)
+        S = _dot(tl.trans(kk), vv, S, ET, LOWP, PREC)
     tl.store(ht + ibk * K * V + okv, S, mask=mkv)
 
 
@@ -125,7 +205,7 @@ def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
 def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
                 K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
                 C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                USE_G: tl.constexpr, PREC: tl.constexpr):
+                USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     """A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk) for s ≤ t in the chunk (0 above the diagonal).
 
     Row block i (16 query rows): keys of earlier sub-chunks in one [16, C] matmul through the reference
@@ -133,6 +213,7 @@ def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
     the diagonal 16×16 block elementwise with exponents masked to ≤ 0.
     """
     n, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ET: tl.constexpr = q.dtype.element_ty
     ibk = (ibh // H) * Hk + (ibh % H) // G
     t0 = n * C
     oc = tl.arange(0, BC)
@@ -163,7 +244,7 @@ def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
                 d = tl.where(tri[:, :, None], bi_[:, None, :] - bi_[None, :, :], 0.0)
                 dia += tl.sum(qi[:, None, :] * ki[None, :, :] * tl.exp(d), axis=2)
             else:
-                dia += tl.dot(qi, tl.trans(ki), input_precision=PREC)
+                dia = _dot(qi, tl.trans(ki), dia, ET, LOWP, PREC)
             if i > 0:
                 kc = tl.load(k_base + k0 + ck, mask=mC & mk, other=0.0).to(tl.float32)
                 if USE_G:
@@ -171,21 +252,23 @@ def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
                     bc = tl.load(b_base + k0 * SBK + cb, mask=mk, other=0.0)
                     kc = kc * tl.exp(tl.where(oC[:, None] < i * BC, r - bc, 0.0))
                     qi = qi * tl.exp(bi_ - r)
-                off += tl.dot(qi, tl.trans(kc), input_precision=PREC)
+                off = _dot(qi, tl.trans(kc), off, ET, LOWP, PREC)
         # off-diagonal part (columns < i·BC) and zeros after the diagonal block; the diagonal block itself
         off = tl.where(oC[None, :] < i * BC, off, 0.0) * scale
         keep = (oC[None, :] < i * BC) | (oC[None, :] >= i * BC + BC)
-        tl.store(A_base + i * BC * C + rowsC + oC[None, :], off, mask=keep & (oc[:, None] < BC))
+        tl.store(A_base + i * BC * C + rowsC + oC[None, :], _lowp(off, A.dtype.element_ty),
+                 mask=keep & (oc[:, None] < BC))
         dia = tl.where(tri, dia, 0.0) * scale
-        tl.store(A_base + i * BC * C + i * BC + rowsC + oc[None, :], dia)
+        tl.store(A_base + i * BC * C + i * BC + rowsC + oc[None, :], _lowp(dia, A.dtype.element_ty))
 
 
 @triton.jit
 def _o_fwd(q, v, b, h, A, o, scale, T, Tp, H, Hk, G, N,
            K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           USE_G: tl.constexpr, PREC: tl.constexpr):
+           USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     n, iv, ibh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ET: tl.constexpr = q.dtype.element_ty
     ibk = (ibh // H) * Hk + (ibh % H) // G
     t0 = n * C
     oc = tl.arange(0, C)
@@ -204,11 +287,11 @@ def _o_fwd(q, v, b, h, A, o, scale, T, Tp, H, Hk, G, N,
         if USE_G:
             qq = qq * tl.exp(tl.load(b + (ibk * Tp + t0) * KG + k0 * SBK + cb, mask=mk, other=0.0))
         hh = tl.load(h + (ibk * N + n) * K * V + k0 * V + kv, mask=(okk < K - k0)[:, None] & mv, other=0.0)
-        acc += tl.dot(qq, hh, input_precision=PREC)
+        acc = _dot(qq, hh, acc, ET, LOWP, PREC)
     acc = acc * scale
     AA = tl.load(A + (ibh * Tp + t0) * C + oc[:, None] * C + oc[None, :])
     vv = tl.load(v + (ibk * T + t0) * V + cv, mask=mt & mv, other=0.0).to(tl.float32)
-    acc += tl.dot(AA, vv, input_precision=PREC)
+    acc = _dot(AA, vv, acc, ET, LOWP, PREC)
     tl.store(o + (ibh * T + t0) * V + cv, acc.to(o.dtype.element_ty), mask=mt & mv)
 
 
@@ -216,9 +299,11 @@ def _o_fwd(q, v, b, h, A, o, scale, T, Tp, H, Hk, G, N,
 def _dh_bwd(q, do, b, dht, dh, dh0, scale, T, Tp, H, Hk, G, N,
             K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            USE_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+            USE_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+            LOWP: tl.constexpr):
     """dh[n] = gradient of the state after chunk n (= before chunk n+1); dh0 = gradient of the initial state."""
     ik, iv, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ET: tl.constexpr = q.dtype.element_ty
     bi = ibk // Hk
     hk = ibk % Hk
     ok = ik * BK + tl.arange(0, BK)
@@ -238,7 +323,7 @@ def _dh_bwd(q, do, b, dht, dh, dh0, scale, T, Tp, H, Hk, G, N,
     for m in range(N):
         n = N - 1 - m
         t0 = n * C
-        tl.store(dh + (ibk * N + n) * K * V + okv, D, mask=mkv)
+        tl.store(dh + (ibk * N + n) * K * V + okv, _lowp(D, dh.dtype.element_ty), mask=mkv)
         mt = (oc < T - t0)[:, None]
         if USE_G:
             bb = tl.load(b + (ibk * Tp + t0) * KG + cb, mask=mk[None, :], other=0.0)
@@ -252,7 +337,7 @@ def _dh_bwd(q, do, b, dht, dh, dh0, scale, T, Tp, H, Hk, G, N,
             if USE_G:
                 qq = qq * eb
             dd = tl.load(do + (ibh * T + t0) * V + cv, mask=mt & mv[None, :], other=0.0).to(tl.float32)
-            acc += tl.dot(tl.trans(qq), dd, input_precision=PREC)
+            acc = _dot(tl.trans(qq), dd, acc, ET, LOWP, PREC)
         D += acc * scale
     if STORE_DH0:
         tl.store(dh0 + ibk * K * V + okv, D, mask=mkv)
@@ -260,9 +345,10 @@ def _dh_bwd(q, do, b, dht, dh, dh0, scale, T, Tp, H, Hk, G, N,
 
 @triton.jit
 def _dA_bwd(do, v, dA, scale, T, Tp, H, Hk, G,
-            V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+            V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     """dA[t, s] = scale do_t · v_s for s ≤ t in the chunk, 0 above the diagonal."""
     n, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ET: tl.constexpr = v.dtype.element_ty
     ibk = (ibh // H) * Hk + (ibh % H) // G
     t0 = n * C
     oc = tl.arange(0, C)
@@ -274,7 +360,7 @@ def _dA_bwd(do, v, dA, scale, T, Tp, H, Hk, G,
         m = mt & (ovv < V - v0)[None, :]
         dd = tl.load(do + (ibh * T + t0) * V + v0 + cv, mask=m, other=0.0).to(tl.float32)
         vv = tl.load(v + (ibk * T + t0) * V + v0 + cv, mask=m, other=0.0).to(tl.float32)
-        acc += tl.dot(dd, tl.trans(vv), input_precision=PREC)
+        acc = _dot(dd, tl.trans(vv), acc, ET, LOWP, PREC)
     acc = tl.where(oc[:, None] >= oc[None, :], acc * scale, 0.0)
     tl.store(dA + (ibh * Tp + t0) * C + oc[:, None] * C + oc[None, :], acc)
 
@@ -283,7 +369,7 @@ def _dA_bwd(do, v, dA, scale, T, Tp, H, Hk, G,
 def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
              K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
              C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             USE_G: tl.constexpr, PREC: tl.constexpr):
+             USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     """Per (chunk, K block, kv head): dq of the G query heads, dk summed over them, dB = Σ q⊙dq − k⊙dk.
 
     Sub-chunk i of 16 rows at a time. dq: keys of earlier sub-chunks through the reference at row i·16 − 1;
@@ -291,6 +377,7 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
     diagonal blocks elementwise with exponents masked to ≤ 0.
     """
     n, ik, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ET: tl.constexpr = q.dtype.element_ty
     bi = ibk // Hk
     hk = ibk % Hk
     t0 = n * C
@@ -346,13 +433,13 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
                 mv = (ovv < V - v0)[None, :]
                 dd = tl.load(do + (ibh * T + t0 + i * BC) * V + v0 + iv_, mask=mi & mv, other=0.0).to(tl.float32)
                 hh = tl.load(h_base + v0 + kv, mask=mkT & mv, other=0.0)
-                acc += tl.dot(dd, tl.trans(hh), input_precision=PREC)
+                acc = _dot(dd, tl.trans(hh), acc, ET, LOWP, PREC)
             acc = acc * scale
             if USE_G:
                 acc = acc * eb
             if i > 0:
                 dAr = tl.load(dA_base + oc[:, None] * C + oC[None, :], mask=(oC < i * BC)[None, :], other=0.0)
-                intra = tl.dot(dAr, kr, input_precision=PREC)
+                intra = _dot(dAr, kr, tl.zeros([BC, BK], dtype=tl.float32), ET, LOWP, PREC)
                 if USE_G:
                     intra = intra * qs
                 acc += intra
@@ -360,7 +447,7 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
             if USE_G:
                 acc += tl.sum(dAii[:, :, None] * ki[None, :, :] * e3, axis=1)
             else:
-                acc += tl.dot(dAii, ki, input_precision=PREC)
+                acc = _dot(dAii, ki, acc, ET, LOWP, PREC)
             tl.store(dq + (ibh * T + t0 + i * BC) * K + ik_, acc.to(dq.dtype.element_ty), mask=mi & mk)
             qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
             qdq += qi * acc
@@ -370,7 +457,7 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
             mv = (ovv < V - v0)[None, :]
             vv = tl.load(v_base + i * BC * V + v0 + iv_, mask=mi & mv, other=0.0).to(tl.float32)
             dhh = tl.load(dh_base + v0 + kv, mask=mkT & mv, other=0.0)
-            dkk += tl.dot(vv, tl.trans(dhh), input_precision=PREC)
+            dkk = _dot(vv, tl.trans(dhh), dkk, ET, LOWP, PREC)
         if USE_G:
             dkk = dkk * tl.exp(bl - bi_)
         intra = tl.zeros([BC, BK], dtype=tl.float32)
@@ -385,13 +472,13 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
                     qc = qc * qs2
                 dAc = tl.load(dA_base + i * BC + oC[:, None] * C + oc[None, :],
                               mask=(oC >= i * BC + BC)[:, None], other=0.0)
-                intra += tl.dot(tl.trans(dAc), qc, input_precision=PREC)
+                intra = _dot(tl.trans(dAc), qc, intra, ET, LOWP, PREC)
             qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
             dAii = tl.load(dA_base + i * BC * C + i * BC + oc[:, None] * C + oc[None, :])
             if USE_G:
                 diag += tl.sum(dAii[:, :, None] * qi[:, None, :] * e3, axis=0)
             else:
-                diag += tl.dot(tl.trans(dAii), qi, input_precision=PREC)
+                diag = _dot(tl.trans(dAii), qi, diag, ET, LOWP, PREC)
         if USE_G:
             if i < NC - 1:
                 intra = intra * ks2
@@ -404,9 +491,10 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
 def _dv_bwd(k, b, dh, A, do, dv, T, Tp, H, Hk, G, N,
             K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            USE_G: tl.constexpr, PREC: tl.constexpr):
+            USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
     """dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n]."""
     n, iv, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ET: tl.constexpr = k.dtype.element_ty
     bi = ibk // Hk
     hk = ibk % Hk
     t0 = n * C
@@ -428,13 +516,13 @@ def _dv_bwd(k, b, dh, A, do, dv, T, Tp, H, Hk, G, N,
             bl = tl.load(b + (ibk * Tp + t0 + C - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
             kk = kk * tl.exp(bl - bb)
         dhh = tl.load(dh + (ibk * N + n) * K * V + k0 * V + kv, mask=(okk < K - k0)[:, None] & mv, other=0.0)
-        acc += tl.dot(kk, dhh, input_precision=PREC)
+        acc = _dot(kk, dhh, acc, ET, LOWP, PREC)
     cc = oc[:, None] * C + oc[None, :]
     for gi in range(G):
         ibh = bi * H + hk * G + gi
         AA = tl.load(A + (ibh * Tp + t0) * C + cc)
         dd = tl.load(do + (ibh * T + t0) * V + cv, mask=mt & mv, other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(AA), dd, input_precision=PREC)
+        acc = _dot(tl.trans(AA), dd, acc, ET, LOWP, PREC)
     tl.store(dv + (ibk * T + t0) * V + cv, acc.to(dv.dtype.element_ty), mask=mt & mv)
 
 
@@ -530,21 +618,29 @@ class _Setup:
         self.b, self.KG, self.SBK = _cum_gates(g, self.B, self.Hk, self.T, self.N, self.C)
         self.use_g = self.b is not None
         self.b_arg = self.b if self.use_g else self.q  # a dummy pointer when there are no gates
-        self.BK = _pow2(self.K)
-        self.BV = _pow2(self.V)
+        t = TUNING  # read at every call, so that a benchmark can switch configurations between calls
+        t.validate()
+        self.BK = _pow2(self.K, hi=t.block_k)
+        self.BV = _pow2(self.V, hi=t.block_v)
         self.NK = triton.cdiv(self.K, self.BK)
         self.NV = triton.cdiv(self.V, self.BV)
         self.prec = _prec(q, k, v)
+        # lowp only for one common half dtype of q, k, v; fp32 (or mixed) inputs keep fp32 operands
+        self.lowp = bool(t.lowp) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+        self.sdt = q.dtype if self.lowp else torch.float32  # dtype of the scratch buffers A, h, dh
+        self.launch = {name: x for name, x in (("num_warps", t.num_warps), ("num_stages", t.num_stages))
+                       if x is not None}
         self.dev = q.device
 
     def consts(self):
         return dict(K=self.K, V=self.V, KG=self.KG, SBK=self.SBK, C=self.C, BK=self.BK, BV=self.BV,
-                    USE_G=self.use_g, PREC=self.prec)
+                    USE_G=self.use_g, PREC=self.prec, LOWP=self.lowp, **self.launch)
 
     def states(self, initial_state):
-        """h [B, Hk, N, K, V] (state each chunk starts from) and the final state, both fp32."""
+        """h [B, Hk, N, K, V] (state each chunk starts from; fp32, the input dtype under lowp) and the final
+        state (fp32)."""
         s = self
-        h = _empty(s.B, s.Hk, s.N, s.K, s.V, device=s.dev)
+        h = _empty(s.B, s.Hk, s.N, s.K, s.V, device=s.dev, dtype=s.sdt)
         ht = _empty(s.B, s.Hk, s.K, s.V, device=s.dev)
         h0 = initial_state.contiguous() if initial_state is not None else ht
         _h_fwd[(s.NK, s.NV, s.B * s.Hk)](s.k, s.v, s.b_arg, h0, h, ht, s.T, s.Tp, s.N,
@@ -553,10 +649,10 @@ class _Setup:
 
     def intra(self, scale):
         s = self
-        A = _empty(s.B, s.H, s.Tp, s.C, device=s.dev)
+        A = _empty(s.B, s.H, s.Tp, s.C, device=s.dev, dtype=s.sdt)
         _attn_intra[(s.N, s.B * s.H)](s.q, s.k, s.b_arg, A, scale, s.T, s.Tp, s.H, s.Hk, s.G,
                                       K=s.K, KG=s.KG, SBK=s.SBK, C=s.C, BC=SUB, BK=s.BK,
-                                      USE_G=s.use_g, PREC=s.prec)
+                                      USE_G=s.use_g, PREC=s.prec, LOWP=s.lowp, **s.launch)
         return A
 
 
@@ -616,14 +712,15 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
     B, H, Hk, G, N, T, Tp, K, V = s.B, s.H, s.Hk, s.G, s.N, s.T, s.Tp, s.K, s.V
     dev = s.dev
 
-    dh = _empty(B, Hk, N, K, V, device=dev)
+    dh = _empty(B, Hk, N, K, V, device=dev, dtype=s.sdt)
     dh0 = _empty(B, Hk, K, V, device=dev) if has_h0 else dh
     dht = dfinal_state if dfinal_state is not None else dh
     _dh_bwd[(s.NK, s.NV, B * Hk)](s.q, do, s.b_arg, dht, dh, dh0, scale, T, Tp, H, Hk, G, N,
                                   HAS_DHT=dfinal_state is not None, STORE_DH0=has_h0, **c)
 
     dA = _empty(B, H, Tp, s.C, device=dev)
-    _dA_bwd[(N, B * H)](do, s.v, dA, scale, T, Tp, H, Hk, G, V=V, C=s.C, BV=s.BV, PREC=prec)
+    _dA_bwd[(N, B * H)](do, s.v, dA, scale, T, Tp, H, Hk, G, V=V, C=s.C, BV=s.BV, PREC=prec, LOWP=s.lowp,
+                        **s.launch)
 
     dq = _empty(B, H, T, K, device=dev, dtype=q.dtype)
     dk = _empty(B, Hk, T, K, device=dev, dtype=k.dtype)

@@ -158,7 +158,8 @@ def load(path, allow_code: bool = False, device: str = "cpu"):
 
     root, meta, spec, config = read_outdir(path)
     model = build_from_config(config, dtype=meta.get("dtype", "float32"), attn_implementation=meta["attn_implementation"])
-    rebuilt = convert(model, spec, allow_code=allow_code, source=meta.get("model"), verify=False)
+    # Rebuilt on the target device: tensors the graph creates itself (positions, masks) are placed at capture.
+    rebuilt = convert(model.to(device), spec, allow_code=allow_code, source=meta.get("model"), verify=False)
     gm = rebuilt.graph_module
     load_weights(gm, root, meta, device)
     tokenizer = load_tokenizer(root)

@@ -269,7 +269,8 @@ class Runtime(nn.Module):
 def _positions_graph(model, spec, allow_code):
     from .passes.capture import capture
 
-    return _substitute(capture(model, spec.capture, positions=True), spec, allow_code)
+    device = str(next(model.parameters()).device)
+    return _substitute(capture(model, spec.capture, device=device, positions=True), spec, allow_code)
 
 
 def _substitute(captured, spec, allow_code):
@@ -379,7 +380,7 @@ def load(path, allow_code: bool = False, device: str = "cpu") -> Runtime:
         if ":" in rule.op and not allow_code:
             raise UsageError(f'{root}: op "{rule.op}" is user Python code: pass --allow-code to load it')
     model = build_from_config(config, dtype=meta.get("dtype", "float32"), attn_implementation=meta["attn_implementation"])
-    gm = _positions_graph(model, spec, allow_code)
+    gm = _positions_graph(model.to(device), spec, allow_code)  # captured where it will run (see emit.load)
     load_weights(gm, root, meta, device)
     tokenizer, generation = load_tokenizer(root), None
     if (root / "generation_config.json").exists():

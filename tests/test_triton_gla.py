@@ -212,3 +212,141 @@ def test_supported_and_errors():
     assert tg.supported(q.double(), k.double(), v.double(), None) is not None
     with pytest.raises(ValueError):
         tg.chunk_gla_fwd(q, k, v, g, SCALE, chunk=32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tuning knobs (tg.TUNING, read at every chunk_gla_fwd / chunk_gla_bwd call).
+
+
+@pytest.fixture(autouse=True)
+def restore_tuning():
+    """Every test starts from the default Tuning and leaves tg.TUNING as it found it."""
+    old = tg.TUNING
+    tg.TUNING = tg.Tuning()
+    try:
+        yield
+    finally:
+        tg.TUNING = old
+
+
+def oracle_grads(q, k, v, g, S0, do, dS):
+    leaves = [None if x is None else x.detach().cpu().float().clone().requires_grad_() for x in (q, k, v, g, S0)]
+    ro, rS = gla.gla_naive(*leaves[:4], SCALE, leaves[4])
+    ((ro * do.cpu()).sum() + (rS * dS.cpu()).sum()).backward()
+    return ro, rS, [None if x is None else x.grad for x in leaves]
+
+
+def fwd_bwd(q, k, v, g, S0, do, dS):
+    o, S = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    return [o, S, *tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, dS)]
+
+
+NAMES = ("o", "S", "dq", "dk", "dv", "dg", "dS0")
+
+
+@pytest.mark.parametrize("dtype,gate", [(torch.bfloat16, "channel"), (torch.float16, "scalar"),
+                                        (torch.bfloat16, None)])
+def test_lowp_half_precision(dtype, gate, monkeypatch):
+    """lowp: half-precision operands and scratch buffers stay within the bf16 tolerance of the fp32 result."""
+    B, H, Hk, T, K, V = 1, 2, 1, 70, 32, 33  # two chunks (the second one a masked tail), GQA
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(B, H, T, V, generator=gen).to(DEVICE).to(dtype)
+    dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
+    ref = fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)  # default Tuning, fp32 inputs
+    default = fwd_bwd(q, k, v, g, S0, do, dS)
+
+    scratch = []  # (shape, dtype) of every buffer the wrappers allocate
+    empty = tg._empty
+
+    def record(*shape, **kw):
+        scratch.append((shape, kw.get("dtype")))
+        return empty(*shape, **kw)
+
+    monkeypatch.setattr(tg, "_empty", record)
+    tg.TUNING = tg.Tuning(lowp=True)  # read at call time: the next calls run lowp
+    got = fwd_bwd(q, k, v, g, S0, do, dS)
+    for name, a, b, x in zip(NAMES, got, ref, (q, S0, q, k, v, g, S0)):
+        if x is None:
+            assert a is None, name
+            continue
+        assert a.dtype == (x.dtype if name in ("o", "dq", "dk", "dv") else torch.float32), name
+        assert torch.isfinite(a).all(), name
+        # dg = reverse cumsum of q ⊙ dq − k ⊙ dk cancels heavily, which amplifies the operand rounding:
+        # 1e-3 .. 1.5e-2 over seeds (the other outputs: ≤ 4e-3)
+        assert rel(a, b) <= (2e-2 if name == "dg" else 1e-2), name
+    assert not torch.equal(got[0], default[0])  # the knob reached the kernels
+    N, C = 2, tg.CHUNK
+    kinds = {(B, Hk, N, K, V): "h/dh", (B, H, N * C, C): "A/dA", (B, Hk, K, V): "final state/dS0"}
+    dts = {}
+    for shape, dt in scratch:
+        dts.setdefault(kinds.get(shape), set()).add(dt)
+    assert dts["h/dh"] == {dtype}  # chunk states and their gradients in the input dtype
+    assert dts["A/dA"] == {dtype, None}  # A in the input dtype, dA fp32
+    assert dts["final state/dS0"] == {None}  # fp32
+
+
+def test_lowp_ignored_for_fp32():
+    B, H, Hk, T, K, V = 1, 2, 1, 70, 32, 33
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel")
+    do = torch.randn(B, H, T, V).to(DEVICE)
+    dS = torch.randn(B, Hk, K, V).to(DEVICE)
+    ref = fwd_bwd(q, k, v, g, S0, do, dS)
+    tg.TUNING = tg.Tuning(lowp=True, num_warps=8, num_stages=2)  # launch options pass through
+    got = fwd_bwd(q, k, v, g, S0, do, dS)
+    for name, a, b in zip(NAMES, got, ref):
+        assert a.dtype == b.dtype and rel(a, b) <= 1e-6, name
+
+
+# (block_k, block_v, H, Hk, T, K, V, gate)
+BLOCKS = [
+    (32, 32, 2, 1, 70, 64, 64, "channel"),  # K and V over two blocks each, GQA
+    (32, 32, 2, 2, 70, 64, 64, "scalar"),
+    (16, 16, 2, 1, 40, 40, 33, "channel"),  # three blocks each, masked tails
+    (16, 32, 2, 1, 70, 33, 48, "scalar"),
+    (16, 16, 2, 1, 20, 32, 32, None),
+]
+
+
+@pytest.mark.parametrize("block_k,block_v,H,Hk,T,K,V,gate", BLOCKS)
+def test_block_sizes(block_k, block_v, H, Hk, T, K, V, gate):
+    """Smaller K / V blocks (the kernels loop over several) match the oracle; forward and every gradient."""
+    tg.TUNING = tg.Tuning(block_k=block_k, block_v=block_v)
+    q, k, v, g, S0 = make(1, H, Hk, T, K, V, gate, strong=True)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(1, H, T, V, generator=gen).to(DEVICE)
+    dS = torch.randn(1, Hk, K, V, generator=gen).to(DEVICE)
+    ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
+    got = fwd_bwd(q, k, v, g, S0, do, dS)
+    for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
+        if b is None:
+            assert a is None, name
+        else:
+            assert rel(a, b) <= 1e-4, name
+
+
+@pytest.mark.parametrize("kw", [dict(block_k=48), dict(block_v=8), dict(block_k=512), dict(block_v=0),
+                                dict(block_k=32.0), dict(num_warps=3), dict(num_warps=0), dict(num_stages=0)])
+def test_bad_tuning(kw):
+    with pytest.raises(ValueError):
+        tg.Tuning(**kw)
+
+
+def test_bad_tuning_at_call_time():
+    """A Tuning edited after construction is checked again when the kernels read it."""
+    q, k, v, g, S0 = make(1, 2, 1, 4, 16, 16, "channel")
+    tg.TUNING = tg.Tuning(block_k=32)
+    tg.TUNING.block_k = 24
+    with pytest.raises(ValueError, match="block_k"):
+        tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    tg.TUNING.block_k = 32
+    tg.TUNING.block_v = 300
+    with pytest.raises(ValueError, match="block_v"):
+        tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, torch.zeros_like(v.expand(1, 2, 4, 16)), None)
+
+
+def test_tuning_default_is_restored():
+    """The autouse fixture gives every test the default configuration, whatever an earlier test assigned."""
+    assert tg.TUNING == tg.Tuning()
+    assert (tg.TUNING.lowp, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k, tg.TUNING.block_v) == (
+        False, None, None, 64, 64)
