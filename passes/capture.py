@@ -8,6 +8,8 @@ with its module path and layer index, and check the graph against the eager mode
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +92,17 @@ def set_attn_implementation(model: nn.Module, impl: str) -> str | None:
     return None
 
 
+def _trace_attention(device):
+    """On CUDA, trace SDPA through its math backend: the fused kernels pad the mask to a multiple of 8 and put
+    guards on the length that a dynamic `seq` cannot satisfy. The graph still holds one SDPA node per layer,
+    and at run time that node picks its kernel as usual."""
+    if str(device).startswith("cuda"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
 def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5, positions: bool = False) -> Captured:
     """Export `model` and verify the captured graph reproduces its logits on a probe batch.
 
@@ -112,7 +125,7 @@ def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5, positi
         dims["position_ids"] = dims["input_ids"]
         inputs = (probe, torch.arange(probe_len, device=probe.device).expand_as(probe))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _trace_attention(device):
             program = torch.export.export(wrapper, inputs, dynamic_shapes=dims, strict=False)
     except Exception as err:  # torch.export raises many types; the first line is what the user needs
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
