@@ -118,8 +118,15 @@ def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5, positi
     probe_len = min(cfg.probe_len, max_len)
     probe = probe_ids(config.vocab_size, cfg.probe_batch, probe_len, device)
     wrapper = (PositionsWrapper if positions else CausalLMWrapper)(model).eval()
-    dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=4096),
-                          1: torch.export.Dim("seq", min=2, max=max(max_len, probe_len + 1))}}
+    seq_max = max(max_len, probe_len + 1)
+    if str(device).startswith("cuda"):
+        # CUDA's attention and matmul shape functions leave guards on the length that always hold (min() of
+        # strides) but that named Dims reject; DYNAMIC keeps the length dynamic and accepts them.
+        dims = {"input_ids": {0: torch.export.Dim.DYNAMIC(min=1, max=4096),
+                              1: torch.export.Dim.DYNAMIC(min=2, max=seq_max)}}
+    else:
+        dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=4096),
+                              1: torch.export.Dim("seq", min=2, max=seq_max)}}
     inputs = (probe,)
     if positions:
         dims["position_ids"] = dims["input_ids"]
