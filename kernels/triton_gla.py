@@ -8,8 +8,10 @@ q `[B, H, T, K]`, k `[B, Hk, T, K]`, v `[B, Hk, T, V]`, g `[B, Hk, T, K]` (per-c
 G = H / Hk, indexed inside the kernels, never repeated). g arrives clamped to [LOG_GATE_MIN, 0] = [-5, 0].
 
 Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is masked, so any T ≥ 1 works):
-  forward   1. torch: b = cumulative sum of g restarted at every chunk (fp32, padded to a whole chunk count;
-               padded gates are 0, so b stays flat there and b at the chunk's last row is its total decay).
+  forward   1. `_chunk_cumsum`: b = cumulative sum of g restarted at every chunk, fp32 `[B, Hk, N·C, KG]`
+               (one program per (chunk, K block, batch·kv head) loads a [C, BK] tile of g, rows ≥ T as zero
+               gates, and stores its tl.cumsum down the rows; so b stays flat past T and b at the chunk's last
+               row is its total decay).
             2. `_h_fwd`: sequential scan over chunks per (batch, kv head, K block, V block); stores the state
                each chunk starts from, h[n] `[B, Hk, N, K, V]` fp32 (input dtype under lowp), and the final
                state (fp32).
@@ -25,11 +27,17 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
             7. `_dqk_bwd`: dq (per query head) and dk (summed over the G query heads of the group inside the
                program: one program owns a kv head, no atomics), plus dB = Σ_heads q ⊙ dq − k ⊙ dk.
             8. `_dv_bwd`: dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n].
-            9. torch: dg. With B the cumulative log gate from the sequence start, every term of the loss that
+            9. dg. With B the cumulative log gate from the sequence start, every term of the loss that
                holds q_t holds it as q_t ⊙ exp(B_t), every term holding k_s as k_s ⊙ exp(−B_s), and the final
                state is exp(B_T) ⊙ (…), so per channel ∂L/∂B_t = q_t ⊙ dq_t − k_t ⊙ dk_t (+ Σ_v dS_T ⊙ S_T at
                t = T−1), and dg_t = Σ_{u ≥ t} ∂L/∂B_u (a reverse cumulative sum). The initial state enters
-               only through q ⊙ dq and S_T, so it needs no term of its own. Scalar gates: summed over K.
+               only through q ⊙ dq and S_T, so it needs no term of its own. Scalar gates: summed over K (torch,
+               before the scan). The scan is `_rev_cumsum`, in place on dB: one program per (K block of 32,
+               batch·kv head) walks the chunks from the last to the first, loads each [C, BK] tile with its
+               rows reversed so that tl.cumsum down the tile is the suffix sum within the chunk, adds the
+               carried total of the later chunks (which starts at the Σ_v dS_T ⊙ S_T term) and stores; a plain
+               sum in another order, no total − prefix cancellation. The two cumsum kernels take Triton's
+               default launch options, not `TUNING`'s.
 
 Numerical scheme (no exp of a large positive number anywhere). b is non-increasing inside a chunk and
 b ≥ −5·64 = −320, so exp(b_t) ≤ 1 and exp(b_last − b_s) ≤ 1 always (they may underflow to 0, which is the
@@ -38,8 +46,13 @@ key sub-chunk j):
   * j < i: through the reference r = b at the last row of sub-chunk i−1 (between the two sub-chunks), so
     exp(b_t − r) ≤ 1 on the query side and exp(r − b_s) ≤ 1 on the key side, then a matmul. (Backward dk
     uses the last row of the key sub-chunk j as reference: again both factors ≤ 1.)
-  * j = i: elementwise as a [16, 16, BK] tensor, exp(b_t − b_s) with the difference masked to 0 for t < s
-    BEFORE the exp, so every exp argument is ≤ 0.
+  * j = i: one row at a time, so no [16, 16, BK] tensor is formed. `_attn_intra` loops over the key rows s
+    of the sub-chunk: column s of the block is Σ_k q_tk k_sk exp(b_tk − b_sk) for the 16 query rows t, a
+    [16, BK] computation with the difference masked to 0 for t < s BEFORE the exp (so every exp argument is
+    ≤ 0; those entries are dropped), put into the [16, 16] block with tl.where(column == s, …). `_dqk_bwd`
+    does the same per key row s for dq (dq_t += dA_ts k_s exp(b_t − b_s), t ≥ s) and per query row t for dk
+    (dk_s += dA_ts q_t exp(b_t − b_s), s ≤ t), with the same masking; dA is 0 above the diagonal. The loops
+    stop at the last row < T (rows past it would add 0).
 Every exponent is therefore ≤ 0 and the scheme is exact for any gates, however negative (no e^80 bound).
 Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 matmuls (no TF32), bf16/fp16 inputs use TF32
 matmuls on fp32 operands (TF32 keeps more mantissa than the inputs had) unless `TUNING.lowp` is set.
@@ -209,8 +222,9 @@ def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
     """A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk) for s ≤ t in the chunk (0 above the diagonal).
 
     Row block i (16 query rows): keys of earlier sub-chunks in one [16, C] matmul through the reference
-    r = b at row i·16 − 1 (both factors ≤ 1; the exponents of keys at or after r are masked to 0 and those keys discarded);
-    the diagonal 16×16 block elementwise with exponents masked to ≤ 0.
+    r = b at row i·16 − 1 (both factors ≤ 1; the exponents of keys at or after r are masked to 0 and those
+    keys discarded); the diagonal 16×16 block one key row (column) at a time, [16, BK] each, exponents masked
+    to ≤ 0 before the exp.
     """
     n, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
@@ -236,14 +250,21 @@ def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
         off = tl.zeros([BC, C], dtype=tl.float32)
         dia = tl.zeros([BC, BC], dtype=tl.float32)
         for k0 in range(0, K, BK):
-            mk = (okk < K - k0)[None, :]
+            mk1 = okk < K - k0
+            mk = mk1[None, :]
             qi = tl.load(q_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
-            ki = tl.load(k_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
             if USE_G:
                 bi_ = tl.load(b_base + i * BC * KG + k0 * SBK + ib, mask=mk, other=0.0)
-                d = tl.where(tri[:, :, None], bi_[:, None, :] - bi_[None, :, :], 0.0)
-                dia += tl.sum(qi[:, None, :] * ki[None, :, :] * tl.exp(d), axis=2)
+                # column j of the diagonal block: key row j against the 16 query rows, exponent masked
+                # to 0 before the exp where t < j (those entries are dropped below)
+                for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
+                    kj = tl.load(k_base + (i * BC + j) * K + k0 + okk, mask=mk1, other=0.0).to(tl.float32)
+                    bj = tl.load(b_base + (i * BC + j) * KG + k0 * SBK + okk * SBK, mask=mk1, other=0.0)
+                    e = tl.exp(tl.where(oc[:, None] >= j, bi_ - bj[None, :], 0.0))
+                    col = tl.sum(qi * kj[None, :] * e, axis=1)
+                    dia = tl.where(oc[None, :] == j, dia + col[:, None], dia)
             else:
+                ki = tl.load(k_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
                 dia = _dot(qi, tl.trans(ki), dia, ET, LOWP, PREC)
             if i > 0:
                 kc = tl.load(k_base + k0 + ck, mask=mC & mk, other=0.0).to(tl.float32)
@@ -374,7 +395,8 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
 
     Sub-chunk i of 16 rows at a time. dq: keys of earlier sub-chunks through the reference at row i·16 − 1;
     dk: queries of later sub-chunks through the reference at row i·16 + 15 (the end of the key's sub-chunk);
-    diagonal blocks elementwise with exponents masked to ≤ 0.
+    diagonal blocks one row at a time ([16, BK] each: key rows for dq, query rows for dk) with exponents
+    masked to ≤ 0 before the exp.
     """
     n, ik, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
@@ -385,8 +407,8 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
     oc = tl.arange(0, BC)
     oC = tl.arange(0, C)
     ovv = tl.arange(0, BV)
-    tri = oc[:, None] >= oc[None, :]
-    mk = (ok < K)[None, :]
+    mk1 = ok < K
+    mk = mk1[None, :]
     mC = (oC < T - t0)[:, None]
     ck = oC[:, None] * K + ok[None, :]
     cb = oC[:, None] * KG + ok[None, :] * SBK
@@ -410,7 +432,6 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
         ki = tl.load(k_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
         if USE_G:
             bi_ = tl.load(b_base + i * BC * KG + ib, mask=mk, other=0.0)
-            e3 = tl.exp(tl.where(tri[:, :, None], bi_[:, None, :] - bi_[None, :, :], 0.0))  # [t, s, k]
             if i > 0:
                 r = tl.load(b_base + (i * BC - 1) * KG + ok[None, :] * SBK, mask=mk, other=0.0)
                 kr = kc * tl.exp(tl.where(oC[:, None] < i * BC, r - bc, 0.0))
@@ -443,10 +464,17 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
                 if USE_G:
                     intra = intra * qs
                 acc += intra
-            dAii = tl.load(dA_base + i * BC + oc[:, None] * C + oc[None, :])
             if USE_G:
-                acc += tl.sum(dAii[:, :, None] * ki[None, :, :] * e3, axis=1)
+                # diagonal block, one key row j at a time: acc[t] += dA[t, j] k_j exp(b_t − b_j), t ≥ j
+                # (dA is 0 above the diagonal; the exponent is masked to 0 there before the exp)
+                for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
+                    dAj = tl.load(dA_base + oc * C + i * BC + j)
+                    kj = tl.load(k_base + (i * BC + j) * K + ok, mask=mk1, other=0.0).to(tl.float32)
+                    bj = tl.load(b_base + (i * BC + j) * KG + ok * SBK, mask=mk1, other=0.0)
+                    e = tl.exp(tl.where(oc[:, None] >= j, bi_ - bj[None, :], 0.0))
+                    acc += dAj[:, None] * kj[None, :] * e
             else:
+                dAii = tl.load(dA_base + i * BC + oc[:, None] * C + oc[None, :])
                 acc = _dot(dAii, ki, acc, ET, LOWP, PREC)
             tl.store(dq + (ibh * T + t0 + i * BC) * K + ik_, acc.to(dq.dtype.element_ty), mask=mi & mk)
             qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
@@ -473,11 +501,17 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
                 dAc = tl.load(dA_base + i * BC + oC[:, None] * C + oc[None, :],
                               mask=(oC >= i * BC + BC)[:, None], other=0.0)
                 intra = _dot(tl.trans(dAc), qc, intra, ET, LOWP, PREC)
-            qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
-            dAii = tl.load(dA_base + i * BC * C + i * BC + oc[:, None] * C + oc[None, :])
             if USE_G:
-                diag += tl.sum(dAii[:, :, None] * qi[:, None, :] * e3, axis=0)
+                # diagonal block, one query row j at a time: dk[s] += dA[j, s] q_j exp(b_j − b_s), s ≤ j
+                for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
+                    dAj = tl.load(dA_base + (i * BC + j) * C + i * BC + oc)
+                    qj = tl.load(q_base + (i * BC + j) * K + ok, mask=mk1, other=0.0).to(tl.float32)
+                    bj = tl.load(b_base + (i * BC + j) * KG + ok * SBK, mask=mk1, other=0.0)
+                    e = tl.exp(tl.where(oc[:, None] <= j, bj[None, :] - bi_, 0.0))
+                    diag += dAj[:, None] * qj[None, :] * e
             else:
+                qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+                dAii = tl.load(dA_base + i * BC * C + i * BC + oc[:, None] * C + oc[None, :])
                 diag = _dot(tl.trans(dAii), qi, diag, ET, LOWP, PREC)
         if USE_G:
             if i < NC - 1:
@@ -524,6 +558,43 @@ def _dv_bwd(k, b, dh, A, do, dv, T, Tp, H, Hk, G, N,
         dd = tl.load(do + (ibh * T + t0) * V + cv, mask=mt & mv, other=0.0).to(tl.float32)
         acc = _dot(tl.trans(AA), dd, acc, ET, LOWP, PREC)
     tl.store(dv + (ibk * T + t0) * V + cv, acc.to(dv.dtype.element_ty), mask=mt & mv)
+
+
+@triton.jit
+def _chunk_cumsum(g, b, T, Tp, KG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """b = chunk-local inclusive cumulative sum of g in fp32, per (chunk, K block, batch·kv head): one [C, BK]
+    tile each. Rows ≥ T are zero gates (b stays flat there); every row < Tp of b is written."""
+    n, ik, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t0 = n * C
+    oc = tl.arange(0, C)
+    ok = ik * BK + tl.arange(0, BK)
+    mk = (ok < KG)[None, :]
+    ck = oc[:, None] * KG + ok[None, :]
+    x = tl.load(g + (ibk * T + t0) * KG + ck, mask=(oc < T - t0)[:, None] & mk, other=0.0).to(tl.float32)
+    tl.store(b + (ibk * Tp + t0) * KG + ck, tl.cumsum(x, axis=0), mask=mk)
+
+
+@triton.jit
+def _rev_cumsum(x, last, y, T, N, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, HAS_LAST: tl.constexpr):
+    """y[t] = Σ_{u ≥ t} x[u] (+ last, which belongs to row T−1) over the whole sequence, fp32, per (K block,
+    batch·kv head): walks the chunks from the last to the first, each [C, BK] tile loaded with its rows
+    reversed so that an inclusive tl.cumsum down the tile is the suffix sum; the running total of the later
+    chunks is carried across. y may be x (each tile is read before it is written)."""
+    ik, ibk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ok = ik * BK + tl.arange(0, BK)
+    mk = ok < K
+    rc = C - 1 - tl.arange(0, C)  # rows of a chunk, last first
+    cr = rc[:, None] * K + ok[None, :]
+    if HAS_LAST:
+        carry = tl.load(last + ibk * K + ok, mask=mk, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BK], dtype=tl.float32)
+    for m in range(N):
+        t0 = (N - 1 - m) * C
+        msk = (rc < T - t0)[:, None] & mk[None, :]
+        xx = tl.load(x + (ibk * T + t0) * K + cr, mask=msk, other=0.0).to(tl.float32)
+        tl.store(y + (ibk * T + t0) * K + cr, tl.cumsum(xx, axis=0) + carry[None, :], mask=msk)
+        carry += tl.sum(xx, axis=0)
 
 
 @triton.jit
@@ -589,16 +660,39 @@ def _prec(*xs) -> str:
 
 
 def _cum_gates(g, B, Hk, T, N, C):
-    """Chunk-local cumulative log gates, fp32 [B, Hk, N·C, KG], padded with zero gates; (b, KG, SBK)."""
+    """Chunk-local cumulative log gates, fp32 [B, Hk, N·C, KG], padded with zero gates; (b, KG, SBK).
+    Same values as `g.float()` zero-padded to N·C rows, then `.reshape(B, Hk, N, C, KG).cumsum(3)`, up to
+    the summation order (`_chunk_cumsum`)."""
     if g is None:
         return None, 1, 0
     KG = g.shape[-1]
-    gf = g.float()
-    pad = N * C - T
-    if pad:
-        gf = torch.nn.functional.pad(gf, (0, 0, 0, pad))
-    b = gf.reshape(B, Hk, N, C, KG).cumsum(3).reshape(B, Hk, N * C, KG).contiguous()
+    b = _empty(B, Hk, N * C, KG, device=g.device)
+    if N and B * Hk:
+        BK = _pow2(KG)
+        _chunk_cumsum[(N, triton.cdiv(KG, BK), B * Hk)](g.contiguous(), b, T, N * C, KG=KG, C=C, BK=BK)
     return b, KG, (1 if KG > 1 else 0)
+
+
+def _reverse_cumsum(x, last=None, out=None):
+    """Σ_{u ≥ t} x[..., u, :] over dim 2 of a [B, Hk, T, K] tensor, fp32 (`_rev_cumsum`): the value of
+    `x.flip(2).cumsum(2).flip(2)` up to the summation order, where x[:, :, T−1] is taken plus `last`
+    [B, Hk, K] if given (x itself is not modified unless out is x). out: fp32 contiguous [B, Hk, T, K]
+    (may be x), else a new tensor."""
+    B, Hk, T, K = x.shape
+    if out is None:
+        out = _empty(B, Hk, T, K, device=x.device)
+    elif out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be fp32 contiguous {tuple(x.shape)}, got {out.dtype} {tuple(out.shape)}")
+    has_last = last is not None
+    if has_last and tuple(last.shape) != (B, Hk, K):
+        raise ValueError(f"last must be {(B, Hk, K)}, got {tuple(last.shape)}")
+    x = x.contiguous()
+    if T and K and B * Hk:
+        BK = _pow2(K, hi=32)  # more programs (each walks the whole sequence) rather than wider tiles
+        lst = last.float().contiguous() if has_last else x
+        _rev_cumsum[(triton.cdiv(K, BK), B * Hk)](x, lst, out, T, triton.cdiv(T, CHUNK), K=K, C=CHUNK, BK=BK,
+                                                  HAS_LAST=has_last)
+    return out
 
 
 class _Setup:
@@ -733,11 +827,12 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
 
     dg = None
     if g is not None:
-        if dfinal_state is not None:  # the final state is exp(B_T) ⊙ (…): ∂L/∂B_{T-1} += Σ_v dS_T ⊙ S_T
-            dB[:, :, T - 1] += (dfinal_state * ht).sum(-1)
-        dg = dB.flip(2).cumsum(2).flip(2)
-        if g.shape[-1] == 1 and K != 1:
-            dg = dg.sum(-1, keepdim=True)
+        # the final state is exp(B_T) ⊙ (…): ∂L/∂B_{T-1} += Σ_v dS_T ⊙ S_T, which the reverse cumsum adds
+        last = (dfinal_state * ht).sum(-1) if dfinal_state is not None else None
+        if g.shape[-1] == 1 and K != 1:  # one gate per step: Σ_k of the reverse cumsum = reverse cumsum of Σ_k
+            dB = dB.sum(-1, keepdim=True)
+            last = None if last is None else last.sum(-1, keepdim=True)
+        dg = _reverse_cumsum(dB, last, out=dB)
     return dq, dk, dv, dg, (dh0 if has_h0 else None)
 
 

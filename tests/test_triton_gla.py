@@ -350,3 +350,61 @@ def test_tuning_default_is_restored():
     assert tg.TUNING == tg.Tuning()
     assert (tg.TUNING.lowp, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k, tg.TUNING.block_v) == (
         False, None, None, 64, 64)
+
+
+# --------------------------------------------------------------------------------------------------
+# The gate cumsum kernels against the PyTorch expressions they replace.
+
+
+@pytest.mark.parametrize("T", [1, 17, 64, 100, 129, 200])
+@pytest.mark.parametrize("KG", [1, 5, 32, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cum_gates_matches_torch(T, KG, dtype):
+    """Chunk-local cumsum == g.float() zero-padded to whole chunks, reshaped, cumsum over the chunk axis."""
+    B, Hk, C = 2, 3, tg.CHUNK
+    N = -(-T // C)
+    gen = torch.Generator().manual_seed(T * 1000 + KG)
+    g = F.logsigmoid(torch.randn(B, Hk, T, KG, generator=gen)).clamp_min(-5).to(dtype).to(DEVICE)
+    b, kg, sbk = tg._cum_gates(g, B, Hk, T, N, C)
+    ref = F.pad(g.float(), (0, 0, 0, N * C - T)).reshape(B, Hk, N, C, KG).cumsum(3).reshape(B, Hk, N * C, KG)
+    assert (kg, sbk) == (KG, 1 if KG > 1 else 0)
+    assert b.shape == ref.shape and b.dtype == torch.float32 and b.is_contiguous()
+    assert rel(b, ref) <= 1e-6
+    assert torch.isfinite(b).all()  # every row of the poisoned buffer written, the padding rows too
+    if N * C > T:  # flat after the last position (zero gates)
+        assert rel(b[:, :, T:], b[:, :, T - 1:T].expand_as(b[:, :, T:])) <= 1e-6
+    nc = g[:, :, :].transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous gates
+    assert rel(tg._cum_gates(nc, B, Hk, T, N, C)[0], ref) <= 1e-6
+    assert tg._cum_gates(None, B, Hk, T, N, C) == (None, 1, 0)
+
+
+@pytest.mark.parametrize("T", [1, 17, 64, 100, 129, 300])
+@pytest.mark.parametrize("K", [1, 16, 40, 80])
+@pytest.mark.parametrize("with_last", [False, True])
+def test_reverse_cumsum_matches_torch(T, K, with_last):
+    """Reverse cumsum over the whole sequence == x (+ last at row T−1) .flip(2).cumsum(2).flip(2)."""
+    B, Hk = 2, 3
+    gen = torch.Generator().manual_seed(T * 1000 + K)
+    x = torch.randn(B, Hk, T, K, generator=gen).to(DEVICE)
+    last = torch.randn(B, Hk, K, generator=gen).to(DEVICE) if with_last else None
+    x_copy = x.clone()
+    xl = x.clone()
+    if with_last:
+        xl[:, :, T - 1] += last
+    ref = xl.flip(2).cumsum(2).flip(2)
+    got = tg._reverse_cumsum(x, last)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert rel(got, ref) <= 1e-6
+    assert torch.equal(x, x_copy)  # not modified
+    inplace = tg._reverse_cumsum(x, last, out=x)
+    assert inplace is x and rel(x, ref) <= 1e-6
+
+
+def test_reverse_cumsum_keeps_small_suffixes():
+    """A suffix far smaller than the total keeps its own relative accuracy (no total − prefix cancellation)."""
+    T, K = 200, 16
+    x = torch.full((1, 1, T, K), 1e-3)
+    x[:, :, :10] = 1e6
+    got = tg._reverse_cumsum(x.to(DEVICE)).cpu()
+    ref = x.double().flip(2).cumsum(2).flip(2)
+    assert ((got[:, :, 10:] - ref[:, :, 10:]).abs() / ref[:, :, 10:]).max() <= 1e-5
