@@ -6,9 +6,10 @@
                               [--workdir bench-heal] [--json results.json] [--readme README.md]
 
 A method name may carry variants: `lizard+kd` heals with KL distillation against the original model
-(`--distill`, default weight 0.5, temperature `--distill-temperature`), `lizard+ops` also trains the
-operator's own parameters (gates, sinks, feature maps) during the LoRA stage. `reference` runs where it is
-listed (default: last); `--no-reference` leaves it out.
+(`--distill`, default weight 0.5, temperature `--distill-temperature`, default 2), `lizard+ops` also trains
+the operator's own parameters (gates, sinks, feature maps) during the LoRA stage (methods whose operators
+have parameters: lolcats, lizard). The reference takes no variants; it runs where `--methods` lists it, else
+last; `--no-reference` stops it being added (it cannot be combined with listing it).
 
 For each method: convert with its built-in spec, heal on the five Austen novels other than Persuasion
 (attention transfer when the operator has parameters, then LoRA r=8 α=16 on q/k/v/o with the LoRA token
@@ -64,8 +65,14 @@ def parse_method(name: str) -> tuple[str, tuple[str, ...]]:
     if bad:
         raise argparse.ArgumentTypeError(f"unknown variant +{bad[0]} of {base}; expected: "
                                          + ", ".join("+" + v for v in VARIANTS))
+    if variants and base == "reference":
+        raise argparse.ArgumentTypeError("the reference takes no variants: it is the original model + plain LoRA")
     if variants and not METHODS[base][1]:
         raise argparse.ArgumentTypeError(f"{base} is not healed: it takes no variants")
+    if "ops" in variants and "transfer" not in METHODS[base][1]:
+        raise argparse.ArgumentTypeError(f"{base}+ops: its operator has no parameters of its own to train")
+    if len(set(variants)) != len(variants):
+        raise argparse.ArgumentTypeError(f"{name}: a variant is repeated")
     return base, tuple(variants)
 
 
@@ -85,8 +92,8 @@ def heal_config(args, stages, variants=()):
     cfg.lora.enabled = "lora" in stages
     cfg.lora.tokens, cfg.lora.steps, cfg.lora.lr = args.tokens, None, args.lr
     cfg.lora.r, cfg.lora.alpha, cfg.lora.batch_size = 8, 16.0, args.batch_size
-    cfg.lora.distill.weight = args.distill if "kd" in variants else 0.0
-    cfg.lora.distill.temperature = args.distill_temperature
+    cfg.lora.distill.weight = (0.5 if args.distill is None else args.distill) if "kd" in variants else 0.0
+    cfg.lora.distill.temperature = 2.0 if args.distill_temperature is None else args.distill_temperature
     cfg.lora.train_ops = "ops" in variants
     cfg.eval_every, cfg.checkpoint_every, cfg.log_every = args.eval_every, 10 ** 9, 10
     return cfg
@@ -100,7 +107,7 @@ def run_method(name, loaded, args, texts, original_scores) -> dict:
     base, variants = parse_method(name)
     spec_name, stages = METHODS[base]
     out = args.workdir / name
-    name = REFERENCE + "".join("+" + v for v in variants) if base == "reference" else name
+    name = REFERENCE if base == "reference" else name
     t0 = time.perf_counter()
     converted = lincompile.convert(loaded.model, lincompile.Spec.builtin(spec_name), tokenizer=loaded.tokenizer,
                                    source=args.model)
@@ -221,8 +228,9 @@ def main(argv=None) -> int:
     parser.add_argument("--transfer-tokens", type=int, default=250_000, help="attention-transfer token budget")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--transfer-lr", type=float, default=1e-2)
-    parser.add_argument("--distill", type=float, default=0.5, help="KL distillation weight of the +kd variants")
-    parser.add_argument("--distill-temperature", type=float, default=2.0)
+    parser.add_argument("--distill", type=float, default=None, help="KL distillation weight of the +kd variants "
+                        "(0 < w ≤ 1; default 0.5)")
+    parser.add_argument("--distill-temperature", type=float, default=None, help="of the +kd variants (default 2)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=100)
@@ -244,6 +252,17 @@ def main(argv=None) -> int:
     from lincompile.heal.evaluate import evaluate, hf_forward
     from lincompile.models import load_model
 
+    kd = any("kd" in parse_method(m)[1] for m in args.methods)
+    if (args.distill is not None or args.distill_temperature is not None) and not kd:
+        parser.error("--distill/--distill-temperature apply to +kd methods only (e.g. --methods lizard+kd)")
+    if args.distill is not None and not 0 < args.distill <= 1:
+        parser.error(f"--distill must be in (0, 1], got {args.distill}")
+    if args.distill_temperature is not None and not args.distill_temperature > 0:
+        parser.error(f"--distill-temperature must be > 0, got {args.distill_temperature}")
+    if len(set(args.methods)) != len(args.methods):
+        parser.error("a method is listed twice (each writes its own directory under --workdir)")
+    if args.no_reference and "reference" in args.methods:
+        parser.error("--no-reference and --methods ... reference contradict each other")
     if not (args.data / HELD_OUT).is_file():
         parser.error(f"{args.data}: no {HELD_OUT} there (give --data DIR with the Austen novels as .txt files)")
     if args.threads:
@@ -251,7 +270,7 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # every row alike: methods and reference
     methods = list(args.methods)
-    if not args.no_reference and not any(parse_method(m)[0] == "reference" for m in methods):
+    if not args.no_reference and "reference" not in methods:
         methods.append("reference")
     args.workdir.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -265,14 +284,14 @@ def main(argv=None) -> int:
                 for label, (s, c) in texts.items()}
     del original_lm
     original = {label: {ctx: r["original"] for ctx, r in v.items()} for label, v in original.items()}
-    rows, reference = [], None
+    rows, reference, failed = [], None, []
 
     def save_partial():  # a run of hours keeps what it measured if it is stopped
         if args.json_path:
             args.json_path.write_text(json.dumps({"rows": rows, "reference": reference, "original": original,
+                                                  "failed": failed,
                                                   "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
 
-    failed = []
     for m in methods:
         try:
             row = run_method(m, loaded, args, texts, original)
@@ -280,7 +299,7 @@ def main(argv=None) -> int:
             import traceback
 
             traceback.print_exc()
-            failed.append(f"{m}: {type(err).__name__}: {err}")
+            failed.append(f"{m}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
             continue
         if row["method"] == REFERENCE:
             reference = row

@@ -296,6 +296,13 @@ def tune(args, dev) -> dict:
     H, D = args.heads, args.head_dim
     sizes = [(32, 2048), (4, 16384)] if not args.smoke else [(1, 64), (1, 128)]
     names = args.variants or list(VARIANTS)
+    try:
+        return _tune(args, dev, fused, H, D, sizes, names)
+    finally:
+        set_variant("default")
+
+
+def _tune(args, dev, fused, H, D, sizes, names) -> dict:
     rows = []
     for name in names:
         set_variant(name)
@@ -335,7 +342,6 @@ def tune(args, dev) -> dict:
             set_variant(name)
             prof[name] = profile_gla(4, H, 16384, D, dev)
             print(f"  profile {name} (B=4 T=16384, fwd+bwd, ms): {json.dumps(prof[name])}", flush=True)
-    set_variant("default")
     return {"rows": rows, "sdpa": sdpa, "best": best, "profile": prof}
 
 
@@ -355,6 +361,10 @@ def main(argv=None):
     p.add_argument("--variant", choices=list(VARIANTS), default=None, help="run the benchmark with this one")
     p.add_argument("--skip-check", action="store_true", help="leave out the correctness part")
     args = p.parse_args(argv)
+    if args.tune and args.variant:
+        p.error("--variant is for the benchmark; with --tune, choose with --variants")
+    if args.variants and not args.tune:
+        p.error("--variants goes with --tune")
     if args.smoke:
         args.lengths, args.tokens, args.heads, args.head_dim = [64, 128], 128, 2, 32
     dev = "cuda" if torch.cuda.is_available() else "cpu"

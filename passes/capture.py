@@ -103,8 +103,31 @@ def _trace_attention(device):
     return contextlib.nullcontext()
 
 
+def _check_dynamic(program, positions: bool, seq_max: int) -> None:
+    """Dim.DYNAMIC accepts guards that narrow a dimension: refuse a graph that would not take every batch size
+    and length the capture promises, and (positions capture) one whose position_ids are not input_ids' shape."""
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature
+                    .user_inputs]
+    shapes = [tuple(n.meta["val"].shape) for n in placeholders if "val" in n.meta]
+    if not shapes:
+        return
+    batch, seq = shapes[0][0], shapes[0][1]
+    for what, dim, low, high in (("batch", batch, 1, 4096), ("length", seq, 2, seq_max)):
+        if not isinstance(dim, torch.SymInt):
+            raise CaptureError(f"torch.export fixed the {what} at {dim}: the model's code does not allow another")
+        r = program.range_constraints.get(dim.node.expr)
+        # export reports sizes as ≥ 2 (its 0/1 rule) yet runs size 1: only a bound past that is a narrowing
+        if r is not None and (int(r.lower) > max(low, 2) or (r.upper.is_finite and int(r.upper) < high)):
+            raise CaptureError(f"torch.export narrowed the {what} to [{r.lower}, {r.upper}] (expected [{low}, {high}])")
+    def symbols(shape):
+        return tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else d for d in shape)
+
+    if positions and len(shapes) > 1 and symbols(shapes[1]) != symbols(shapes[0]):
+        raise CaptureError(f"position_ids were captured with shape {shapes[1]}, not input_ids' {shapes[0]}")
+
+
 @contextlib.contextmanager
-def _exact_matmul():
+def exact_matmul():
     """The capture check compares fp32 logits: TF32 matmuls (a user's global setting) would hide nothing
     but add 1e-3-level noise, so the check runs them at full precision."""
     previous = torch.get_float32_matmul_precision()
@@ -115,12 +138,28 @@ def _exact_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5, positions: bool = False) -> Captured:
+def logit_tolerance(tolerance: float, reference: torch.Tensor) -> float:
+    """The allowed max abs logit difference between two runs of the same model: `tolerance` for fp32 on CPU,
+    widened by a few ulps of the logits' scale for half precision, and by 1e-4 of it on GPUs, whose GEMMs pick
+    algorithms per layout (the graph's layouts are not always eager's). A broken graph is off by O(1)."""
+    scale = max(1.0, float(reference.float().abs().max()))
+    if reference.dtype in (torch.bfloat16, torch.float16):
+        tolerance = max(tolerance, 8 * torch.finfo(reference.dtype).eps * scale)
+    if reference.device.type != "cpu":
+        tolerance = max(tolerance, 1e-4 * scale)
+    return tolerance
+
+
+def capture(model: nn.Module, cfg, device=None, tolerance: float = 1e-5, positions: bool = False) -> Captured:
     """Export `model` and verify the captured graph reproduces its logits on a probe batch.
+
+    `device` (default: where the model's parameters are) is where the probe runs and the graph is traced.
 
     `positions=True` exports `(input_ids, position_ids)` instead of `(input_ids)` (see PositionsWrapper).
     """
     model.eval()
+    if device is None:
+        device = str(next(model.parameters()).device)
     notes = [n for n in [set_attn_implementation(model, cfg.attn_implementation)] if n]
     config = model.config
     max_len = cfg.max_seq_len
@@ -142,8 +181,12 @@ def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5, positi
         with torch.no_grad(), _trace_attention(device):
             program = torch.export.export(wrapper, inputs, dynamic_shapes=dims, strict=False)
     except Exception as err:  # torch.export raises many types; the first line is what the user needs
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CaptureError(f"torch.export failed on {type(model).__name__}: {first}") from err
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        first = lines[0] if lines else type(err).__name__
+        reason = next((line for line in lines[1:] if line.startswith("- ")), None)  # constraint errors' cause
+        raise CaptureError(f"torch.export failed on {type(model).__name__}: {first}"
+                           + (f" {reason}" if reason else "")) from err
+    _check_dynamic(program, positions, max(max_len, probe_len + 1))
     gm = program.module()
     if positions:
         _sizes_from_input_ids(gm)
@@ -151,14 +194,11 @@ def capture(model: nn.Module, cfg, device="cpu", tolerance: float = 1e-5, positi
         path = module_path(node)
         node.meta["lincompile_module"] = path
         node.meta["lincompile_layer"] = layer_index(path)
-    with torch.no_grad(), _exact_matmul():
+    with torch.no_grad(), exact_matmul():
         reference = wrapper(*inputs)
         got = gm(*inputs)
     diff = (got.float() - reference.float()).abs().max().item()
-    if probe.device.type != "cpu":
-        # GPU GEMMs pick algorithms per layout, and the graph's layouts are not always eager's: rounding-level
-        # differences that grow through the layers. A broken capture is off by O(1), far above this.
-        tolerance = max(tolerance, 1e-4 * max(1.0, reference.abs().max().item()))
+    tolerance = logit_tolerance(tolerance, reference)
     if not diff <= tolerance:
         raise CaptureError(f"captured graph does not reproduce the model: max abs logit diff {diff:.3g} > {tolerance:g}")
     return Captured(gm=gm, model=model, probe=probe, reference_logits=reference, max_abs_diff=diff, max_seq_len=max_len,

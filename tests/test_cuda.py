@@ -1,5 +1,6 @@
-"""The CUDA paths end to end on a tiny Llama: capture, heal (transfer + LoRA + distillation through the Triton
-kernels), load and generate on the GPU, each checked against the same thing done on the CPU.
+"""The CUDA paths end to end on a tiny Llama: capture on the GPU (run at lengths and batch sizes other than the
+probe's), heal (transfer + LoRA + distillation through the Triton kernels), the healed model loaded on the GPU
+against the same model loaded on the CPU, and generation on the GPU.
 
 Skipped where there is no CUDA device (CI); run them on a GPU machine with `pytest tests/test_cuda.py`.
 """
@@ -50,10 +51,11 @@ def healed(tmp_path_factory):
 def test_convert_captures_on_the_gpu():
     model = tiny_model("llama").cuda()
     converted = lincompile.convert(model, lincompile.Spec.builtin("lizard"))
-    ids = torch.randint(0, 128, (2, 40), device="cuda")
-    with torch.no_grad():
-        logits = converted(ids)
-    assert logits.is_cuda and torch.isfinite(logits).all()
+    for batch, length in ((1, 5), (3, 37), (2, 130)):  # odd sizes: nothing was specialised to the probe's
+        ids = torch.randint(0, 128, (batch, length), device="cuda")
+        with torch.no_grad():
+            logits = converted(ids)
+        assert logits.shape == (batch, length, 128) and logits.is_cuda and torch.isfinite(logits).all()
     kernels = [n.meta.get("lincompile_kernel") for n in converted.graph_module.graph.nodes]
     assert any(k for k in kernels), "the fuse pass put no kernel node into the CUDA graph"
 
@@ -65,7 +67,7 @@ def test_heal_on_cuda_then_load_on_gpu_and_cpu_agree(healed):
     assert set(report["stages"]) == {"transfer", "lora"}
     gpu = lincompile.load(healed, device="cuda")
     cpu = lincompile.load(healed)
-    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (3, 37), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = gpu(ids.cuda()), cpu(ids)
     assert torch.isfinite(a).all()
