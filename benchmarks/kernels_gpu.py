@@ -291,18 +291,18 @@ def profile_gla(B, H, T, D, dev) -> dict:
 
 
 def tune(args, dev) -> dict:
-    from lincompile.kernels import fused
-
     H, D = args.heads, args.head_dim
     sizes = [(32, 2048), (4, 16384)] if not args.smoke else [(1, 64), (1, 128)]
     names = args.variants or list(VARIANTS)
     try:
-        return _tune(args, dev, fused, H, D, sizes, names)
+        return _tune(args, dev, H, D, sizes, names)
     finally:
         set_variant("default")
 
 
-def _tune(args, dev, fused, H, D, sizes, names) -> dict:
+def _tune(args, dev, H, D, sizes, names) -> dict:
+    from lincompile.kernels import fused
+
     rows = []
     for name in names:
         set_variant(name)

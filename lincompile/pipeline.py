@@ -128,8 +128,7 @@ def convert(model: nn.Module, spec: Spec | str, *, tokenizer=None, allow_code: b
     step("capture")
     t0 = time.perf_counter()
     with _timed(timings, "capture"):
-        # Captured where the weights live: the graph keeps the device of tensors it creates (arange, masks).
-        captured = capture(model, spec.capture, device=str(next(model.parameters()).device))
+        captured = capture(model, spec.capture)  # where the weights live (capture's default)
     history.append(PassRecord("capture", time.perf_counter() - t0, snapshot(captured.gm), captured.notes))
 
     step("match")

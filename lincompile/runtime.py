@@ -269,8 +269,7 @@ class Runtime(nn.Module):
 def _positions_graph(model, spec, allow_code):
     from .passes.capture import capture
 
-    device = str(next(model.parameters()).device)
-    return _substitute(capture(model, spec.capture, device=device, positions=True), spec, allow_code)
+    return _substitute(capture(model, spec.capture, positions=True), spec, allow_code)
 
 
 def _substitute(captured, spec, allow_code):

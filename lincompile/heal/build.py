@@ -78,7 +78,7 @@ def build(lm: nn.Module, spec, *, lora_config=None, peft_model=None, with_teache
         lm = peft_model.base_model.model
     for p in lm.parameters():
         p.requires_grad_(False)  # stages switch on exactly what they train
-    captured = capture(lm, spec.capture, device=str(next(lm.parameters()).device))
+    captured = capture(lm, spec.capture)  # on the device the model lives on
     result = match(captured, spec)
     assignments = select(result, spec)
     plan = teacher_pass.prepare(captured.gm, assignments) if with_teacher else None
