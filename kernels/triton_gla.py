@@ -108,6 +108,8 @@ class Tuning:
     num_stages: int | None = None  # likewise
     block_v: int = 64  # upper bound of the V block (BV = power of two in [16, block_v])
     block_k: int = 64  # upper bound of the K block (BK)
+    split_intra: bool = False  # `_attn_intra`: one program per 16-row block of a chunk (4× the programs,
+    #                            the diagonal block's key loop unrolled) instead of one per chunk
 
     def __post_init__(self):
         self.validate()
@@ -218,18 +220,37 @@ def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
 def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
                 K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
                 C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+                USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, SPLIT: tl.constexpr):
     """A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk) for s ≤ t in the chunk (0 above the diagonal).
 
-    Row block i (16 query rows): keys of earlier sub-chunks in one [16, C] matmul through the reference
-    r = b at row i·16 − 1 (both factors ≤ 1; the exponents of keys at or after r are masked to 0 and those
-    keys discarded); the diagonal 16×16 block one key row (column) at a time, [16, BK] each, exponents masked
-    to ≤ 0 before the exp.
+    One program per (chunk, query head) walks the chunk's C/BC row blocks (`_intra_rows`), or with SPLIT one
+    program per (row block, chunk, query head): C/BC times more programs, each a quarter of the serial work,
+    and the diagonal block's key loop unrolled.
     """
-    n, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    ET: tl.constexpr = q.dtype.element_ty
+    ibh = tl.program_id(1).to(tl.int64)
     ibk = (ibh // H) * Hk + (ibh % H) // G
-    t0 = n * C
+    NC: tl.constexpr = C // BC
+    if SPLIT:
+        n = tl.program_id(0) // NC
+        _intra_rows(q, k, b, A, scale, T, Tp, ibh, ibk, n * C, tl.program_id(0) % NC,
+                    K, KG, SBK, C, BC, BK, USE_G, PREC, LOWP, True)
+    else:
+        t0 = tl.program_id(0) * C
+        for i in tl.static_range(NC):
+            _intra_rows(q, k, b, A, scale, T, Tp, ibh, ibk, t0, i, K, KG, SBK, C, BC, BK, USE_G, PREC, LOWP, False)
+
+
+@triton.jit
+def _intra_rows(q, k, b, A, scale, T, Tp, ibh, ibk, t0, i,
+                K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+                C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, UNROLL: tl.constexpr):
+    """Rows [i·BC, i·BC + BC) of the chunk starting at t0: keys of earlier sub-chunks in one [BC, C] matmul
+    through the reference r = b at row i·BC − 1 (both factors ≤ 1; the exponents of keys at or after r are
+    masked to 0 and those keys discarded); the diagonal BC×BC block one key row (column) at a time, [BC, BK]
+    each, exponents masked to ≤ 0 before the exp. UNROLL: the key loop has BC static steps (keys past T are
+    loaded as zeros and add 0) instead of stopping at the last row < T."""
+    ET: tl.constexpr = q.dtype.element_ty
     oc = tl.arange(0, BC)
     oC = tl.arange(0, C)
     tri = oc[:, None] >= oc[None, :]
@@ -244,43 +265,50 @@ def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
     A_base = A + (ibh * Tp + t0) * C
     rowsC = oc[:, None] * C
     mC = (oC < T - t0)[:, None]
-    NC: tl.constexpr = C // BC
-    for i in tl.static_range(NC):
-        mi = (oc < T - t0 - i * BC)[:, None]
-        off = tl.zeros([BC, C], dtype=tl.float32)
-        dia = tl.zeros([BC, BC], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            mk1 = okk < K - k0
-            mk = mk1[None, :]
-            qi = tl.load(q_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
-            if USE_G:
-                bi_ = tl.load(b_base + i * BC * KG + k0 * SBK + ib, mask=mk, other=0.0)
-                # column j of the diagonal block: key row j against the 16 query rows, exponent masked
-                # to 0 before the exp where t < j (those entries are dropped below)
+    mi = (oc < T - t0 - i * BC)[:, None]
+    off = tl.zeros([BC, C], dtype=tl.float32)
+    dia = tl.zeros([BC, BC], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        mk1 = okk < K - k0
+        mk = mk1[None, :]
+        qi = tl.load(q_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+        if USE_G:
+            bi_ = tl.load(b_base + i * BC * KG + k0 * SBK + ib, mask=mk, other=0.0)
+            # column j of the diagonal block: key row j against the BC query rows, exponent masked
+            # to 0 before the exp where t < j (those entries are dropped below)
+            if UNROLL:
+                for j in tl.static_range(BC):
+                    mj = mk1 & (okk * 0 + i * BC + j < T - t0)  # a vector compare: the row exists
+                    kj = tl.load(k_base + (i * BC + j) * K + k0 + okk, mask=mj, other=0.0).to(tl.float32)
+                    bj = tl.load(b_base + (i * BC + j) * KG + k0 * SBK + okk * SBK, mask=mk1, other=0.0)
+                    e = tl.exp(tl.where(oc[:, None] >= j, bi_ - bj[None, :], 0.0))
+                    col = tl.sum(qi * kj[None, :] * e, axis=1)
+                    dia = tl.where(oc[None, :] == j, dia + col[:, None], dia)
+            else:
                 for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
                     kj = tl.load(k_base + (i * BC + j) * K + k0 + okk, mask=mk1, other=0.0).to(tl.float32)
                     bj = tl.load(b_base + (i * BC + j) * KG + k0 * SBK + okk * SBK, mask=mk1, other=0.0)
                     e = tl.exp(tl.where(oc[:, None] >= j, bi_ - bj[None, :], 0.0))
                     col = tl.sum(qi * kj[None, :] * e, axis=1)
                     dia = tl.where(oc[None, :] == j, dia + col[:, None], dia)
-            else:
-                ki = tl.load(k_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
-                dia = _dot(qi, tl.trans(ki), dia, ET, LOWP, PREC)
-            if i > 0:
-                kc = tl.load(k_base + k0 + ck, mask=mC & mk, other=0.0).to(tl.float32)
-                if USE_G:
-                    r = tl.load(b_base + (i * BC - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
-                    bc = tl.load(b_base + k0 * SBK + cb, mask=mk, other=0.0)
-                    kc = kc * tl.exp(tl.where(oC[:, None] < i * BC, r - bc, 0.0))
-                    qi = qi * tl.exp(bi_ - r)
-                off = _dot(qi, tl.trans(kc), off, ET, LOWP, PREC)
-        # off-diagonal part (columns < i·BC) and zeros after the diagonal block; the diagonal block itself
-        off = tl.where(oC[None, :] < i * BC, off, 0.0) * scale
-        keep = (oC[None, :] < i * BC) | (oC[None, :] >= i * BC + BC)
-        tl.store(A_base + i * BC * C + rowsC + oC[None, :], _lowp(off, A.dtype.element_ty),
-                 mask=keep & (oc[:, None] < BC))
-        dia = tl.where(tri, dia, 0.0) * scale
-        tl.store(A_base + i * BC * C + i * BC + rowsC + oc[None, :], _lowp(dia, A.dtype.element_ty))
+        else:
+            ki = tl.load(k_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+            dia = _dot(qi, tl.trans(ki), dia, ET, LOWP, PREC)
+        if i > 0:
+            kc = tl.load(k_base + k0 + ck, mask=mC & mk, other=0.0).to(tl.float32)
+            if USE_G:
+                r = tl.load(b_base + (i * BC - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
+                bc = tl.load(b_base + k0 * SBK + cb, mask=mk, other=0.0)
+                kc = kc * tl.exp(tl.where(oC[:, None] < i * BC, r - bc, 0.0))
+                qi = qi * tl.exp(bi_ - r)
+            off = _dot(qi, tl.trans(kc), off, ET, LOWP, PREC)
+    # off-diagonal part (columns < i·BC) and zeros after the diagonal block; the diagonal block itself
+    off = tl.where(oC[None, :] < i * BC, off, 0.0) * scale
+    keep = (oC[None, :] < i * BC) | (oC[None, :] >= i * BC + BC)
+    tl.store(A_base + i * BC * C + rowsC + oC[None, :], _lowp(off, A.dtype.element_ty),
+             mask=keep & (oc[:, None] < BC))
+    dia = tl.where(tri, dia, 0.0) * scale
+    tl.store(A_base + i * BC * C + i * BC + rowsC + oc[None, :], _lowp(dia, A.dtype.element_ty))
 
 
 @triton.jit
@@ -724,6 +752,7 @@ class _Setup:
         self.sdt = q.dtype if self.lowp else torch.float32  # dtype of the scratch buffers A, h, dh
         self.launch = {name: x for name, x in (("num_warps", t.num_warps), ("num_stages", t.num_stages))
                        if x is not None}
+        self.split_intra = bool(t.split_intra)
         self.dev = q.device
 
     def consts(self):
@@ -744,9 +773,11 @@ class _Setup:
     def intra(self, scale):
         s = self
         A = _empty(s.B, s.H, s.Tp, s.C, device=s.dev, dtype=s.sdt)
-        _attn_intra[(s.N, s.B * s.H)](s.q, s.k, s.b_arg, A, scale, s.T, s.Tp, s.H, s.Hk, s.G,
-                                      K=s.K, KG=s.KG, SBK=s.SBK, C=s.C, BC=SUB, BK=s.BK,
-                                      USE_G=s.use_g, PREC=s.prec, LOWP=s.lowp, **s.launch)
+        split = s.split_intra
+        grid = (s.N * (s.C // SUB) if split else s.N, s.B * s.H)
+        _attn_intra[grid](s.q, s.k, s.b_arg, A, scale, s.T, s.Tp, s.H, s.Hk, s.G,
+                          K=s.K, KG=s.KG, SBK=s.SBK, C=s.C, BC=SUB, BK=s.BK,
+                          USE_G=s.use_g, PREC=s.prec, LOWP=s.lowp, SPLIT=split, **s.launch)
         return A
 
 

@@ -325,6 +325,45 @@ def test_block_sizes(block_k, block_v, H, Hk, T, K, V, gate):
             assert rel(a, b) <= 1e-4, name
 
 
+# (block_k, H, Hk, T, K, V, gate): tails inside the first, middle and last 16-row block of a chunk
+SPLIT = [
+    (64, 4, 2, 70, 16, 17, "channel"),  # GQA, the tail chunk's rows 6..63 past T
+    (64, 2, 2, 17, 16, 16, "scalar"),  # one chunk, T inside the second row block
+    (16, 2, 1, 40, 40, 16, "channel"),  # K over three blocks, T inside the third row block
+    (64, 2, 1, 128, 32, 32, None),  # no gates: the diagonal block is a matmul
+    (64, 2, 2, 1, 16, 16, "channel"),  # a single row
+]
+
+
+@pytest.mark.parametrize("block_k,H,Hk,T,K,V,gate", SPLIT)
+def test_split_intra(block_k, H, Hk, T, K, V, gate, monkeypatch):
+    """Tuning.split_intra: one `_attn_intra` program per 16-row block (the grid has C/16 times the programs)
+    gives the oracle's forward and gradients (the default, one program per chunk, is tested above)."""
+    q, k, v, g, S0 = make(1, H, Hk, T, K, V, gate, strong=True)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(1, H, T, V, generator=gen).to(DEVICE)
+    dS = torch.randn(1, Hk, K, V, generator=gen).to(DEVICE)
+    ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
+    grids = []
+    kernel = tg._attn_intra
+
+    class Spy:  # records the launch grid of every _attn_intra call
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tg, "_attn_intra", Spy())
+    tg.TUNING = tg.Tuning(split_intra=True, block_k=block_k)
+    got = fwd_bwd(q, k, v, g, S0, do, dS)
+    for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
+        if b is None:
+            assert a is None, name
+        else:
+            assert rel(a, b) <= 1e-4, name
+    n = -(-T // tg.CHUNK)
+    assert grids == [(4 * n, H), (4 * n, H)]  # the forward and the backward's recompute of A
+
+
 @pytest.mark.parametrize("kw", [dict(block_k=48), dict(block_v=8), dict(block_k=512), dict(block_v=0),
                                 dict(block_k=32.0), dict(num_warps=3), dict(num_warps=0), dict(num_stages=0)])
 def test_bad_tuning(kw):
@@ -348,8 +387,8 @@ def test_bad_tuning_at_call_time():
 def test_tuning_default_is_restored():
     """The autouse fixture gives every test the default configuration, whatever an earlier test assigned."""
     assert tg.TUNING == tg.Tuning()
-    assert (tg.TUNING.lowp, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k, tg.TUNING.block_v) == (
-        False, None, None, 64, 64)
+    assert (tg.TUNING.lowp, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k, tg.TUNING.block_v,
+            tg.TUNING.split_intra) == (False, None, None, 64, 64, False)
 
 
 # --------------------------------------------------------------------------------------------------
