@@ -203,9 +203,10 @@ def merge(args) -> int:
     rows = [r for run in runs for r in run["rows"]]
     reference = next((run["reference"] for run in runs if run.get("reference")), None)
     lines = table(rows, reference, runs[0]["original"], args)
-    lines += ["", "runs: " + "; ".join(f"{p.name}: LoRA {run['args']['tokens']} tokens, transfer "
-                                       f"{run['args']['transfer_tokens']}, seq_len {run['args']['seq_len']}, eval "
-                                       f"{run['args']['eval_tokens']} tokens" for p, run in zip(args.from_json, runs)),
+    lines += ["", "runs: " + "; ".join(f"{p.name}: LoRA {a['tokens']} tokens (batch {a['batch_size']}, lr {a['lr']}), "
+                                       f"transfer {a['transfer_tokens']}, seq_len {a['seq_len']}, eval "
+                                       f"{a['eval_tokens']} tokens, {a.get('device', 'cpu')}"
+                                       for p, a in zip(args.from_json, (run["args"] for run in runs))),
               ""] + targets(rows, reference)
     print("\n".join(lines))
     if args.readme:

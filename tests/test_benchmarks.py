@@ -1,0 +1,81 @@
+"""benchmarks/heal.py without a model: method names and variants, and the table, targets and README block
+that `--from-json` builds from saved runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def heal_bench():
+    spec = importlib.util.spec_from_file_location("heal_bench", ROOT / "benchmarks" / "heal.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_method_names_and_variants(heal_bench):
+    assert heal_bench.parse_method("lizard") == ("lizard", ())
+    assert heal_bench.parse_method("lizard+ops+kd") == ("lizard", ("ops", "kd"))
+    assert heal_bench.parse_method("liger-attention+kd") == ("liger-attention", ("kd",))
+    for bad, needle in [("foo", "unknown method"), ("lizard+fast", "unknown variant"),
+                        ("reference+kd", "no variants"), ("swa-sinks+kd", "not healed"),
+                        ("liger-attention+ops", "no parameters"), ("lizard+kd+kd", "repeated")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=needle):
+            heal_bench.parse_method(bad)
+
+
+def scores(ppl512, acc512, ppl2048):
+    return {"persuasion": {"512": {"ppl": ppl512, "acc": acc512}, "2048": {"ppl": ppl2048, "acc": acc512}},
+            "other": {"512": {"ppl": 20.0, "acc": 0.4}}}
+
+
+def run_json(path: Path, rows, reference, tokens=1000):
+    original = {"persuasion": {"512": {"ppl": 35.0, "acc": 0.33}, "2048": {"ppl": 30.0, "acc": 0.34}},
+                "other": {"512": {"ppl": 14.0, "acc": 0.47}}}
+    args = {"tokens": tokens, "batch_size": 8, "lr": 0.002, "transfer_tokens": 250, "seq_len": 512,
+            "eval_tokens": 4096, "device": "cuda"}
+    path.write_text(json.dumps({"rows": rows, "reference": reference, "original": original, "failed": [],
+                                "args": {k: str(v) for k, v in args.items()}}))
+    return path
+
+
+def row(method, stages, ev):
+    return {"method": method, "stages": stages, "tokens": 1250 if stages else 0, "heal_s": 12.0, "eval": ev}
+
+
+def test_merge_table_targets_and_readme(heal_bench, tmp_path, capsys):
+    ref = row(heal_bench.REFERENCE, ["lora"], scores(28.0, 0.36, 25.0))
+    a = run_json(tmp_path / "a.json", [row("lizard", ["transfer", "lora"], scores(32.0, 0.34, 30.0)),
+                                       row("swa-sinks", [], scores(42.0, 0.31, 40.0))], ref)
+    b = run_json(tmp_path / "b.json", [row("lolcats", ["transfer", "lora"], scores(31.0, 0.345, 50.0))], None)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{heal_bench.START}\nold table\n{heal_bench.END}\noutro\n")
+    assert heal_bench.main(["--from-json", str(a), str(b), "--readme", str(readme)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(lines) == {"method", "original (no LoRA)", "lizard", "swa-sinks", "lolcats", heal_bench.REFERENCE}
+    assert "| 94.4 % | 1.143 |" in lines["lizard"]  # 0.34 / 0.36 and 32 / 28
+    assert "| 95.8 % | 1.107 |" in lines["lolcats"]
+    assert "| 100.0 % | 1.000 |" in lines[heal_bench.REFERENCE]
+    # the best healed method by PPL at 512 is lolcats: PPL and accuracy met, but worse than swa-sinks at 2048
+    assert "best method: lolcats" in out
+    assert "31.00 vs 32.20 -> met" in out and "95.8 % -> met" in out and "50.00 vs 40.00 -> missed" in out
+    assert "a.json: LoRA 1000 tokens (batch 8, lr 0.002)" in out and "cuda" in out
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    assert text.count(heal_bench.START) == 1 and "best method: lolcats" in text
+
+
+def test_targets_need_a_reference(heal_bench, tmp_path, capsys):
+    a = run_json(tmp_path / "a.json", [row("lizard", ["transfer", "lora"], scores(32.0, 0.34, 30.0))], None)
+    assert heal_bench.main(["--from-json", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "targets: not checked" in out and "| lizard |" in out and "| - | - |" in out
