@@ -337,22 +337,25 @@ SPLIT = [
 
 @pytest.mark.parametrize("block_k,H,Hk,T,K,V,gate", SPLIT)
 def test_split_intra(block_k, H, Hk, T, K, V, gate, monkeypatch):
-    """Tuning.split_intra: one `_attn_intra` program per 16-row block (the grid has C/16 times the programs)
-    gives the oracle's forward and gradients (the default, one program per chunk, is tested above)."""
+    """Tuning.split_intra: A by `_attn_intra_split`, one program per 16-row block (C/16 times the programs),
+    gives the oracle's forward and gradients (the default `_attn_intra` is tested above)."""
     q, k, v, g, S0 = make(1, H, Hk, T, K, V, gate, strong=True)
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(1, H, T, V, generator=gen).to(DEVICE)
     dS = torch.randn(1, Hk, K, V, generator=gen).to(DEVICE)
     ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
     grids = []
-    kernel = tg._attn_intra
 
-    class Spy:  # records the launch grid of every _attn_intra call
+    class Spy:  # records which intra-chunk kernel ran, and its launch grid
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(tg, name)
+
         def __getitem__(self, grid):
-            grids.append(grid)
-            return kernel[grid]
+            grids.append((self.name, grid))
+            return self.kernel[grid]
 
-    monkeypatch.setattr(tg, "_attn_intra", Spy())
+    for name in ("_attn_intra", "_attn_intra_split"):
+        monkeypatch.setattr(tg, name, Spy(name))
     tg.TUNING = tg.Tuning(split_intra=True, block_k=block_k)
     got = fwd_bwd(q, k, v, g, S0, do, dS)
     for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
@@ -361,7 +364,7 @@ def test_split_intra(block_k, H, Hk, T, K, V, gate, monkeypatch):
         else:
             assert rel(a, b) <= 1e-4, name
     n = -(-T // tg.CHUNK)
-    assert grids == [(4 * n, H), (4 * n, H)]  # the forward and the backward's recompute of A
+    assert grids == [("_attn_intra_split", (4 * n, H))] * 2  # the forward and the backward's recompute of A
 
 
 @pytest.mark.parametrize("kw", [dict(block_k=48), dict(block_v=8), dict(block_k=512), dict(block_v=0),
