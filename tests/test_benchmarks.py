@@ -79,3 +79,25 @@ def test_targets_need_a_reference(heal_bench, tmp_path, capsys):
     assert heal_bench.main(["--from-json", str(a)]) == 0
     out = capsys.readouterr().out
     assert "targets: not checked" in out and "| lizard |" in out and "| - | - |" in out
+
+
+def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
+    """benchmarks/kernel_resources.py: both intra-chunk kernels compile for sm_90 here (no CUDA device) and
+    the cubin's resource usage is read back."""
+    pytest.importorskip("triton")
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton has no bundled cuobjdump")
+    import subprocess
+    import sys
+
+    out = tmp_path / "res.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--warps", "4",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["_attn_intra", "_attn_intra_split"]
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0 and r["programs_per_sm"] >= 1
+        assert f"| {r['kernel']} | 4 | 64 | {r['registers']} |" in run.stdout
