@@ -203,11 +203,16 @@ def merge(args) -> int:
     rows = [r for run in runs for r in run["rows"]]
     reference = next((run["reference"] for run in runs if run.get("reference")), None)
     lines = table(rows, reference, runs[0]["original"], args)
-    lines += ["", "runs: " + "; ".join(f"{p.name}: LoRA {a['tokens']} tokens (batch {a['batch_size']}, lr {a['lr']}), "
-                                       f"transfer {a['transfer_tokens']}, seq_len {a['seq_len']}, eval "
-                                       f"{a['eval_tokens']} tokens, {a.get('device', 'cpu')}"
-                                       for p, a in zip(args.from_json, (run["args"] for run in runs))),
-              ""] + targets(rows, reference)
+    def describe(path, run):
+        a = run["args"]
+        healed = any(r.get("stages") for r in run["rows"]) or run.get("reference")
+        what = (f"LoRA {a.get('tokens', '?')} tokens (batch {a.get('batch_size', '?')}, lr {a.get('lr', '?')}), "
+                f"transfer {a.get('transfer_tokens', '?')}, " if healed else "no heal, ")
+        return f"{path.name}: {what}seq_len {a.get('seq_len', '?')}, eval {a.get('eval_tokens', '?')} tokens, " \
+               f"{a.get('device', 'device not recorded')}"
+
+    lines += ["", "runs: " + "; ".join(describe(p, run) for p, run in zip(args.from_json, runs)), ""]
+    lines += targets(rows, reference)
     print("\n".join(lines))
     if args.readme:
         write_readme(args.readme, lines)

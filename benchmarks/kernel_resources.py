@@ -4,7 +4,8 @@
                                           [--json resources.json]
 
 Triton compiles each kernel for the target (`triton.compile` with a `GPUTarget`; its bundled ptxas makes the
-cubin) and the bundled `cuobjdump --dump-resource-usage` reads what the cubin needs per thread. That bounds
+cubin) and the bundled `cuobjdump --dump-resource-usage` reads what the cubin needs per thread, for the
+arguments `kernels_gpu.py` gives (bf16, per-channel gates, head_dim 128, 16 heads, T a multiple of 16). That bounds
 how many programs an SM holds at once (registers: 64 K per SM; shared memory: `--smem-kb` per SM), which
 matters for these latency-bound kernels. It says nothing about speed: `benchmarks/kernels_gpu.py --tune`
 measures that on a GPU. Runs on any machine with Triton installed (no CUDA device, no interpreter).
@@ -37,16 +38,23 @@ def cuobjdump() -> str:
 
 
 def compile_intra(kernel, arch: int, warps: int, block_k: int, head_dim: int):
+    """`kernel` compiled as `kernels_gpu.py` launches it: bf16 q/k, per-channel gates, 16 query heads on 16 kv
+    heads, T a multiple of 16. A launch specialises its arguments (Triton marks 16-byte aligned pointers and
+    integers divisible by 16, and folds integers equal to 1), which changes the code; the same marks are
+    given here."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {"q": "*bf16", "k": "*bf16", "b": "*fp32", "A": "*fp32", "scale": "fp32", "T": "i32", "Tp": "i32",
-           "H": "i32", "Hk": "i32", "G": "i32"}
-    const = {"K": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k, "USE_G": True,
-             "PREC": "tf32", "LOWP": False}  # bf16 inputs, per-channel gates: the benchmark's case
+           "H": "i32", "Hk": "i32", "G": "constexpr"}
+    const = {"G": 1, "K": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k, "USE_G": True,
+             "PREC": "tf32", "LOWP": False}
     sig.update({name: "constexpr" for name in const})
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(list(sig).index(k),): v for k, v in const.items()})
+    names = list(sig)
+    divisible = {(names.index(a),): [["tt.divisibility", 16]] for a in ("q", "k", "b", "A", "T", "Tp", "H", "Hk")}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs=divisible)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
@@ -54,17 +62,23 @@ def resources(compiled) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(compiled.asm["cubin"])
-        out = subprocess.run([cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                             check=True).stdout
-    fields = dict(re.findall(r"(\w+):(\d+)", out.split("Function", 1)[1]))
+        run = subprocess.run([cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True, text=True)
+    fields = dict(re.findall(r"(\w+):(\d+)", run.stdout.split("Function", 1)[-1]))
+    if run.returncode or not {"REG", "STACK", "LOCAL", "SHARED"} <= set(fields):
+        sys.exit(f"kernel_resources: cannot read cuobjdump's resource usage (exit {run.returncode}): "
+                 f"{(run.stderr or run.stdout).strip()[:500]}")
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
             "local_bytes": int(fields["LOCAL"]), "shared_bytes": int(fields["SHARED"]) + compiled.metadata.shared}
 
 
 def programs_per_sm(r: dict, warps: int, smem_kb: int) -> int:
-    by_regs = REGS_PER_SM // (r["registers"] * 32 * warps)
-    by_smem = (smem_kb * 1024) // r["shared_bytes"] if r["shared_bytes"] else by_regs
-    return min(by_regs, by_smem, MAX_WARPS_PER_SM // warps)
+    """Resident programs per SM (Hopper limits): registers are allocated per warp in units of 256 (per-thread
+    counts rounded up to a multiple of 8), each block also reserves 1 KB of shared memory, at most 32 blocks
+    and 64 warps."""
+    regs_per_warp = -(-r["registers"] // 8) * 8 * 32
+    by_regs = REGS_PER_SM // (regs_per_warp * warps)
+    by_smem = (smem_kb * 1024) // (r["shared_bytes"] + 1024)
+    return min(by_regs, by_smem, 32, MAX_WARPS_PER_SM // warps)
 
 
 def main(argv=None) -> int:
@@ -79,7 +93,9 @@ def main(argv=None) -> int:
     from lincompile.kernels import triton_gla as tg
 
     rows = []
-    print(f"sm_{args.arch}, head_dim {args.head_dim}, bf16, per-channel gates")
+    import triton
+
+    print(f"sm_{args.arch}, Triton {triton.__version__}, head_dim {args.head_dim}, bf16, per-channel gates")
     print("| kernel | warps | BK | registers | spills (stack/local bytes) | shared bytes | programs per SM |")
     print("|---|---|---|---|---|---|---|")
     for kernel in (tg._attn_intra, tg._attn_intra_split):
@@ -92,7 +108,10 @@ def main(argv=None) -> int:
                 print(f"| {r['kernel']} | {warps} | {bk} | {r['registers']} | {r['stack_bytes']}/{r['local_bytes']} | "
                       f"{r['shared_bytes']} | {r['programs_per_sm']} |", flush=True)
     if args.json_path:
-        args.json_path.write_text(json.dumps({"arch": args.arch, "head_dim": args.head_dim, "rows": rows}, indent=1))
+        import triton
+
+        args.json_path.write_text(json.dumps({"arch": args.arch, "triton": triton.__version__,
+                                              "head_dim": args.head_dim, "rows": rows}, indent=1))
     return 0
 
 

@@ -252,7 +252,8 @@ VARIANTS = {
     "lowp w8 s3": {"lowp": True, "num_warps": 8, "num_stages": 3},
     "lowp bk128 bv128 w8": {"lowp": True, "block_k": 128, "block_v": 128, "num_warps": 8},
     "lowp w4 s1": {"lowp": True, "num_warps": 4, "num_stages": 1},
-    "split": {"split_intra": True},  # one _attn_intra program per 16-row block, its key loop unrolled
+    "w8": {"num_warps": 8},  # the baseline of "split w8" (num_warps applies to every chunk kernel)
+    "split": {"split_intra": True},  # A by _attn_intra_split: one program per 16-row block
     "split w8": {"split_intra": True, "num_warps": 8},
 }
 

@@ -325,7 +325,7 @@ def test_block_sizes(block_k, block_v, H, Hk, T, K, V, gate):
             assert rel(a, b) <= 1e-4, name
 
 
-# (block_k, H, Hk, T, K, V, gate): tails inside the first, middle and last 16-row block of a chunk
+# (block_k, H, Hk, T, K, V, gate): tails inside the first and second 16-row blocks of a chunk, a single row
 SPLIT = [
     (64, 4, 2, 70, 16, 17, "channel"),  # GQA, the tail chunk's rows 6..63 past T
     (64, 2, 2, 17, 16, 16, "scalar"),  # one chunk, T inside the second row block
@@ -365,6 +365,32 @@ def test_split_intra(block_k, H, Hk, T, K, V, gate, monkeypatch):
             assert rel(a, b) <= 1e-4, name
     n = -(-T // tg.CHUNK)
     assert grids == [("_attn_intra_split", (4 * n, H))] * 2  # the forward and the backward's recompute of A
+
+
+# (B, H, Hk, T, K, gate, dtype): A itself, split against the default kernel
+SPLIT_A = [
+    (2, 4, 2, 60, 32, "channel", torch.float32),  # tail in the last row block, two batches, GQA
+    (1, 2, 2, 100, 16, None, torch.float32),  # no gates, a tail chunk
+    (1, 2, 1, 130, 16, "scalar", torch.float32),  # three chunks, scalar gates
+    (1, 2, 1, 70, 32, "channel", torch.bfloat16),  # lowp: bf16 operands and a bf16 A
+]
+
+
+@pytest.mark.parametrize("B,H,Hk,T,K,gate,dtype", SPLIT_A)
+def test_split_intra_gives_the_same_A(B, H, Hk, T, K, gate, dtype):
+    """The intra-chunk matrix A of `_attn_intra_split` equals `_attn_intra`'s element by element, including
+    the rows past T (zeros in both; the end-to-end tests cannot see them, they meet masked outputs)."""
+    q, k, v, g, _ = make(B, H, Hk, T, K, 16, gate, strong=True, dtype=dtype)
+    lowp = dtype != torch.float32
+    tg.TUNING = tg.Tuning(lowp=lowp)
+    default = tg._Setup(q, k, v, g, tg.CHUNK).intra(SCALE).float()
+    tg.TUNING = tg.Tuning(lowp=lowp, split_intra=True)
+    split = tg._Setup(q, k, v, g, tg.CHUNK).intra(SCALE).float()
+    assert torch.isfinite(split).all()
+    assert rel(split, default) <= (1e-2 if lowp else 1e-6)
+    assert (default[:, :, T:] == 0).all() and (split[:, :, T:] == 0).all()
+    upper = torch.ones(tg.CHUNK, tg.CHUNK, dtype=torch.bool).triu(1).repeat(split.shape[2] // tg.CHUNK, 1)
+    assert (split[:, :, upper] == 0).all()  # nothing above the diagonal of each chunk
 
 
 @pytest.mark.parametrize("kw", [dict(block_k=48), dict(block_v=8), dict(block_k=512), dict(block_v=0),
