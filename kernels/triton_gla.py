@@ -218,6 +218,25 @@ def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
 
 
 @triton.jit
+def _diag_gated(dia, qi, bi, k_rows, b_rows, n_rows, mk1,
+                K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """dia + the diagonal BC×BC block of Σ_k q_tk k_sk exp(b_tk − b_sk) over one K block, one key row
+    (column) s at a time: qi, bi the block's [BC, BK] query rows and their cumulative gates, k_rows / b_rows
+    pointers to its first key row's K block, n_rows the key rows < T (later ones would add 0). The exponent
+    is masked to 0 before the exp where t < s, so it is ≤ 0 wherever it is kept; those entries stay
+    unmasked in dia (callers zero the upper triangle)."""
+    oc = tl.arange(0, BC)
+    okk = tl.arange(0, BK)
+    for s in range(n_rows):
+        ks = tl.load(k_rows + s * K + okk, mask=mk1, other=0.0).to(tl.float32)
+        bs = tl.load(b_rows + s * KG + okk * SBK, mask=mk1, other=0.0)
+        e = tl.exp(tl.where(oc[:, None] >= s, bi - bs[None, :], 0.0))
+        col = tl.sum(qi * ks[None, :] * e, axis=1)
+        dia = tl.where(oc[None, :] == s, dia + col[:, None], dia)
+    return dia
+
+
+@triton.jit
 def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
                 K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
                 C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
@@ -258,14 +277,8 @@ def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
             qi = tl.load(q_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
             if USE_G:
                 bi_ = tl.load(b_base + i * BC * KG + k0 * SBK + ib, mask=mk, other=0.0)
-                # column j of the diagonal block: key row j against the 16 query rows, exponent masked
-                # to 0 before the exp where t < j (those entries are dropped below)
-                for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
-                    kj = tl.load(k_base + (i * BC + j) * K + k0 + okk, mask=mk1, other=0.0).to(tl.float32)
-                    bj = tl.load(b_base + (i * BC + j) * KG + k0 * SBK + okk * SBK, mask=mk1, other=0.0)
-                    e = tl.exp(tl.where(oc[:, None] >= j, bi_ - bj[None, :], 0.0))
-                    col = tl.sum(qi * kj[None, :] * e, axis=1)
-                    dia = tl.where(oc[None, :] == j, dia + col[:, None], dia)
+                dia = _diag_gated(dia, qi, bi_, k_base + i * BC * K + k0, b_base + i * BC * KG + k0 * SBK,
+                                  tl.minimum(BC, T - t0 - i * BC), mk1, K, KG, SBK, BC, BK)
             else:
                 ki = tl.load(k_base + i * BC * K + k0 + ik_, mask=mi & mk, other=0.0).to(tl.float32)
                 dia = _dot(qi, tl.trans(ki), dia, ET, LOWP, PREC)
@@ -336,12 +349,8 @@ def _attn_intra_split(q, k, b, A, scale, T, Tp, H, Hk, G,
         qi = tl.load(q_base + k0 + tile_k, mask=mi & mk, other=0.0).to(tl.float32)
         if USE_G:
             bi = tl.load(b_base + i * BC * KG + k0 * SBK + tile_b, mask=mk, other=0.0)
-            for s in range(tl.minimum(BC, T - t0 - i * BC)):  # column s: key row i·BC + s; rows ≥ T add 0
-                ks = tl.load(k_base + (i * BC + s) * K + k0 + okk, mask=mk1, other=0.0).to(tl.float32)
-                bs = tl.load(b_base + (i * BC + s) * KG + k0 * SBK + okk * SBK, mask=mk1, other=0.0)
-                e = tl.exp(tl.where(oc[:, None] >= s, bi - bs[None, :], 0.0))
-                col = tl.sum(qi * ks[None, :] * e, axis=1)
-                dia = tl.where(oc[None, :] == s, dia + col[:, None], dia)
+            dia = _diag_gated(dia, qi, bi, k_base + i * BC * K + k0, b_base + i * BC * KG + k0 * SBK,
+                              tl.minimum(BC, T - t0 - i * BC), mk1, K, KG, SBK, BC, BK)
         else:
             ki = tl.load(k_base + i * BC * K + k0 + tile_k, mask=mi & mk, other=0.0).to(tl.float32)
             dia = _dot(qi, tl.trans(ki), dia, ET, LOWP, PREC)

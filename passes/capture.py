@@ -106,8 +106,8 @@ def _trace_attention(device):
 def _check_dynamic(program, positions: bool, seq_max: int) -> None:
     """Dim.DYNAMIC accepts guards that narrow a dimension: refuse a graph that would not take every batch size
     and length the capture promises, and (positions capture) one whose position_ids are not input_ids' shape."""
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in program.graph_signature
-                    .user_inputs]
+    user_inputs = program.graph_signature.user_inputs
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
     shapes = [tuple(n.meta["val"].shape) for n in placeholders if "val" in n.meta]
     if not shapes:
         return
@@ -119,6 +119,7 @@ def _check_dynamic(program, positions: bool, seq_max: int) -> None:
         # export reports sizes as ≥ 2 (its 0/1 rule) yet runs size 1: only a bound past that is a narrowing
         if r is not None and (int(r.lower) > max(low, 2) or (r.upper.is_finite and int(r.upper) < high)):
             raise CaptureError(f"torch.export narrowed the {what} to [{r.lower}, {r.upper}] (expected [{low}, {high}])")
+
     def symbols(shape):
         return tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else d for d in shape)
 

@@ -298,6 +298,22 @@ def test_lowp_ignored_for_fp32():
         assert a.dtype == b.dtype and rel(a, b) <= 1e-6, name
 
 
+def check_against_oracle(H, Hk, T, K, V, gate):
+    """Forward and every gradient of the kernels (under the current tg.TUNING) against the oracle, fp32, 1e-4;
+    strong gates, an initial state, random output and final-state gradients."""
+    q, k, v, g, S0 = make(1, H, Hk, T, K, V, gate, strong=True)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(1, H, T, V, generator=gen).to(DEVICE)
+    dS = torch.randn(1, Hk, K, V, generator=gen).to(DEVICE)
+    ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
+    got = fwd_bwd(q, k, v, g, S0, do, dS)
+    for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
+        if b is None:
+            assert a is None, name
+        else:
+            assert rel(a, b) <= 1e-4, name
+
+
 # (block_k, block_v, H, Hk, T, K, V, gate)
 BLOCKS = [
     (32, 32, 2, 1, 70, 64, 64, "channel"),  # K and V over two blocks each, GQA
@@ -312,17 +328,7 @@ BLOCKS = [
 def test_block_sizes(block_k, block_v, H, Hk, T, K, V, gate):
     """Smaller K / V blocks (the kernels loop over several) match the oracle; forward and every gradient."""
     tg.TUNING = tg.Tuning(block_k=block_k, block_v=block_v)
-    q, k, v, g, S0 = make(1, H, Hk, T, K, V, gate, strong=True)
-    gen = torch.Generator().manual_seed(1)
-    do = torch.randn(1, H, T, V, generator=gen).to(DEVICE)
-    dS = torch.randn(1, Hk, K, V, generator=gen).to(DEVICE)
-    ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
-    got = fwd_bwd(q, k, v, g, S0, do, dS)
-    for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
-        if b is None:
-            assert a is None, name
-        else:
-            assert rel(a, b) <= 1e-4, name
+    check_against_oracle(H, Hk, T, K, V, gate)
 
 
 # (block_k, H, Hk, T, K, V, gate): tails inside the first and second 16-row blocks of a chunk, a single row
@@ -339,11 +345,6 @@ SPLIT = [
 def test_split_intra(block_k, H, Hk, T, K, V, gate, monkeypatch):
     """Tuning.split_intra: A by `_attn_intra_split`, one program per 16-row block (C/16 times the programs),
     gives the oracle's forward and gradients (the default `_attn_intra` is tested above)."""
-    q, k, v, g, S0 = make(1, H, Hk, T, K, V, gate, strong=True)
-    gen = torch.Generator().manual_seed(1)
-    do = torch.randn(1, H, T, V, generator=gen).to(DEVICE)
-    dS = torch.randn(1, Hk, K, V, generator=gen).to(DEVICE)
-    ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
     grids = []
 
     class Spy:  # records which intra-chunk kernel ran, and its launch grid
@@ -357,12 +358,7 @@ def test_split_intra(block_k, H, Hk, T, K, V, gate, monkeypatch):
     for name in ("_attn_intra", "_attn_intra_split"):
         monkeypatch.setattr(tg, name, Spy(name))
     tg.TUNING = tg.Tuning(split_intra=True, block_k=block_k)
-    got = fwd_bwd(q, k, v, g, S0, do, dS)
-    for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
-        if b is None:
-            assert a is None, name
-        else:
-            assert rel(a, b) <= 1e-4, name
+    check_against_oracle(H, Hk, T, K, V, gate)
     n = -(-T // tg.CHUNK)
     assert grids == [("_attn_intra_split", (4 * n, H))] * 2  # the forward and the backward's recompute of A
 
