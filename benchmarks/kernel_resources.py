@@ -1,4 +1,5 @@
-"""Registers, spills and shared memory of the chunk_gla intra-chunk kernels, compiled for a GPU without one.
+"""Registers, spills and shared memory of the chunk_gla intra-chunk kernels (forward A and output, backward dq/dk,
+for each `Tuning.intra` and `fused_o`), compiled for a GPU without one.
 
     python benchmarks/kernel_resources.py [--arch 90] [--warps 2 4 8] [--block-k 32 64] [--head-dim 128]
                                           [--json resources.json]
@@ -37,22 +38,45 @@ def cuobjdump() -> str:
     return str(path)
 
 
-def compile_intra(kernel, arch: int, warps: int, block_k: int, head_dim: int):
-    """`kernel` compiled as `kernels_gpu.py` launches it: bf16 q/k, per-channel gates, 16 query heads on 16 kv
-    heads, T a multiple of 16. A launch specialises its arguments (Triton marks 16-byte aligned pointers and
+# What each kernel is compiled as: (label, kernel name in triton_gla, constexprs beyond the common ones)
+KERNELS = [
+    ("_attn_intra", "_attn_intra", {}),  # Tuning.intra "rows"
+    ("_attn_intra_split", "_attn_intra_split", {}),  # "split"
+    ("_attn_intra_mm", "_attn_intra_mm", {}),  # "matmul" (the default)
+    ("_o_fwd", "_o_fwd", {}),  # the forward's output from A
+    ("_o_fwd_mm", "_o_fwd_mm", {}),  # Tuning.fused_o: A formed in the output kernel
+    ("_dqk_bwd rows", "_dqk_bwd", {"DIAG_MM": False}),  # "rows" and "split"
+    ("_dqk_bwd matmul", "_dqk_bwd", {"DIAG_MM": True}),  # "matmul"
+]
+_HALF = {"q", "k", "v", "do", "dq", "dk", "o"}  # bf16 tensors; every other pointer is fp32 (b, A, h, dh, dA, dB)
+_INTS = {"T", "Tp", "H", "Hk", "N"}
+
+
+def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, head_dim: int):
+    """`kernel` compiled as `kernels_gpu.py` launches it: bf16 q/k/v, per-channel gates, 16 query heads on 16
+    kv heads, T a multiple of 16. A launch specialises its arguments (Triton marks 16-byte aligned pointers and
     integers divisible by 16, and folds integers equal to 1), which changes the code; the same marks are
     given here."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {"q": "*bf16", "k": "*bf16", "b": "*fp32", "A": "*fp32", "scale": "fp32", "T": "i32", "Tp": "i32",
-           "H": "i32", "Hk": "i32", "G": "constexpr"}
-    const = {"G": 1, "K": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k, "USE_G": True,
-             "PREC": "tf32", "LOWP": False}
-    sig.update({name: "constexpr" for name in const})
+    common = {"G": 1, "K": head_dim, "V": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k,
+              "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": False, **extra}
+    sig, const = {}, {}
+    for p in kernel.params:
+        name = p.name
+        if p.is_constexpr or name == "G":
+            sig[name] = "constexpr"
+            const[name] = common[name]
+        elif name == "scale":
+            sig[name] = "fp32"
+        elif name in _INTS:
+            sig[name] = "i32"
+        else:
+            sig[name] = "*bf16" if name in _HALF else "*fp32"
     names = list(sig)
-    divisible = {(names.index(a),): [["tt.divisibility", 16]] for a in ("q", "k", "b", "A", "T", "Tp", "H", "Hk")}
+    divisible = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t not in ("constexpr", "fp32")}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
                     attrs=divisible)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
@@ -98,11 +122,11 @@ def main(argv=None) -> int:
     print(f"sm_{args.arch}, Triton {triton.__version__}, head_dim {args.head_dim}, bf16, per-channel gates")
     print("| kernel | warps | BK | registers | spills (stack/local bytes) | shared bytes | programs per SM |")
     print("|---|---|---|---|---|---|---|")
-    for kernel in (tg._attn_intra, tg._attn_intra_split):
+    for label, name, extra in KERNELS:
         for warps in args.warps:
             for bk in args.block_k:
-                r = resources(compile_intra(kernel, args.arch, warps, bk, args.head_dim))
-                r.update(kernel=kernel.__name__, warps=warps, block_k=bk,
+                r = resources(compile_kernel(getattr(tg, name), extra, args.arch, warps, bk, args.head_dim))
+                r.update(kernel=label, warps=warps, block_k=bk,
                          programs_per_sm=programs_per_sm(r, warps, args.smem_kb))
                 rows.append(r)
                 print(f"| {r['kernel']} | {warps} | {bk} | {r['registers']} | {r['stack_bytes']}/{r['local_bytes']} | "

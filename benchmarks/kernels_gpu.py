@@ -246,15 +246,16 @@ def speed_table(rows) -> list[str]:
 # Tuning: chunk_gla launch configurations, A/B in one run.
 
 VARIANTS = {
-    "default": {},
-    "lowp": {"lowp": True},
+    "default": {},  # intra "matmul": the diagonal 16x16 blocks as matmuls (forward A and backward dq/dk)
+    "rows": {"intra": "rows"},  # the diagonal blocks one row at a time: the default measured up to stop 10
+    "split": {"intra": "split"},  # "rows" with A by _attn_intra_split (one program per 16-row block)
+    "fused": {"fused_o": True},  # forward: A formed inside the output kernel, never stored
+    "w8": {"num_warps": 8},
+    "fused w8": {"fused_o": True, "num_warps": 8},
+    "bv32": {"block_v": 32},  # twice the programs for the state scans (h, dh)
+    "lowp": {"lowp": True},  # bf16 matmul operands and scratch buffers (dg error 1.6e-2 before: over 1e-2)
+    "lowp fused": {"lowp": True, "fused_o": True},
     "lowp w8": {"lowp": True, "num_warps": 8},
-    "lowp w8 s3": {"lowp": True, "num_warps": 8, "num_stages": 3},
-    "lowp bk128 bv128 w8": {"lowp": True, "block_k": 128, "block_v": 128, "num_warps": 8},
-    "lowp w4 s1": {"lowp": True, "num_warps": 4, "num_stages": 1},
-    "w8": {"num_warps": 8},  # the baseline of "split w8" (num_warps applies to every chunk kernel)
-    "split": {"split_intra": True},  # A by _attn_intra_split: one program per 16-row block
-    "split w8": {"split_intra": True, "num_warps": 8},
 }
 
 

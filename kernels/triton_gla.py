@@ -5,7 +5,8 @@ Semantics (key-gated form of `kernels/gla.py`, whose `gla_naive` is the oracle):
     o_t = scale · S_tᵀ q_t
 q `[B, H, T, K]`, k `[B, Hk, T, K]`, v `[B, Hk, T, V]`, g `[B, Hk, T, K]` (per-channel log gates), `[B, Hk, T, 1]`
 (one gate per head and step) or None (no decay); H a multiple of Hk (GQA: query head h reads kv head h // G,
-G = H / Hk, indexed inside the kernels, never repeated). g arrives clamped to [LOG_GATE_MIN, 0] = [-5, 0].
+G = H / Hk, indexed inside the kernels, never repeated). g is clamped at LOG_GATE_MIN = −5 inside the kernels
+(`_chunk_cumsum`), as in every form of kernels/gla.py, and dg is 0 where g was below it (`_rev_cumsum`).
 
 Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is masked, so any T ≥ 1 works):
   forward   1. `_chunk_cumsum`: b = cumulative sum of g restarted at every chunk, fp32 `[B, Hk, N·C, KG]`
@@ -15,10 +16,13 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
             2. `_h_fwd`: sequential scan over chunks per (batch, kv head, K block, V block); stores the state
                each chunk starts from, h[n] `[B, Hk, N, K, V]` fp32 (input dtype under lowp), and the final
                state (fp32).
-            3. `_attn_intra`: the intra-chunk matrix A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk), s ≤ t,
-               per (query head, chunk) `[B, H, N·C, C]` fp32 (input dtype under lowp); with
-               `TUNING.split_intra`, `_attn_intra_split` computes the same A with one program per 16-row block.
-            4. `_o_fwd`: o = scale (q ⊙ exp(b)) h[n] + A v per (query head, chunk, V block).
+            3. The intra-chunk matrix A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk), s ≤ t, per (query head,
+               chunk) `[B, H, N·C, C]` fp32 (input dtype under lowp), by `_attn_intra_mm` (one program per
+               16-row block; `TUNING.intra` "rows": `_attn_intra`, one program per chunk; "split":
+               `_attn_intra_split`).
+            4. `_o_fwd`: o = scale (q ⊙ exp(b)) h[n] + A v per (query head, chunk, V block). With
+               `TUNING.fused_o`, `_o_fwd_mm` does 3. and 4. in one kernel per 16-row block: A never leaves
+               the registers.
   backward  h is recomputed (2.) and A (3.); then
             5. `_dh_bwd`: reverse scan, dh[n] = gradient of the state after chunk n (fp32; input dtype under
                lowp),
@@ -40,21 +44,29 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
                sum in another order, no total − prefix cancellation. The two cumsum kernels take Triton's
                default launch options, not `TUNING`'s.
 
-Numerical scheme (no exp of a large positive number anywhere). b is non-increasing inside a chunk and
-b ≥ −5·64 = −320, so exp(b_t) ≤ 1 and exp(b_last − b_s) ≤ 1 always (they may underflow to 0, which is the
-right limit). The intra-chunk decay exp(b_t − b_s), t ≥ s, is formed per 16×16 block (query sub-chunk i,
-key sub-chunk j):
-  * j < i: through the reference r = b at the last row of sub-chunk i−1 (between the two sub-chunks), so
+Numerical scheme. b is non-increasing inside a chunk and b ≥ −5·64 = −320, so exp(b_t) ≤ 1 and
+exp(b_last − b_s) ≤ 1 always (they may underflow to 0, which is the right limit). The intra-chunk decay
+exp(b_t − b_s), t ≥ s, is factorised per 16-row block i through a reference r inside the chunk:
+  * "matmul" (the default): r = b at the block's middle row m = 16i + 7. The query block's factors
+    exp(b_t − r) and the key factors exp(r − b_s) of every key up to the block's end are then each
+    ≤ exp(8·5) = e^40 (the gates are clamped; keys of earlier blocks and queries after m get factors ≤ 1),
+    and for s ≤ t their product is ≤ 1. So the whole [16, C] row of A — off-diagonal and diagonal blocks —
+    is one matmul per K block, and entries s > t (where the product can be large) are dropped with tl.where,
+    never multiplied; keys after the block get exponent 0 (they are not loaded, or meet dA = 0). The backward
+    uses the same r for dq (dA's row block times the gated keys) and for dk (dA's column block, transposed,
+    times the gated queries from 16i on). Nothing overflows unless |q|, |k| or |dA·k| approach
+    fp32 max / e^40 ≈ 1e21, and no accuracy is lost: every term is rounded relative to its own size.
+    (gla.py's chunked form does the same with r at the block's first row: factors ≤ e^80.)
+  * "rows" and "split": no exp of a positive number at all. j < i (key sub-chunk before the query's):
+    through the reference r = b at the last row of sub-chunk i−1 (between the two sub-chunks), so
     exp(b_t − r) ≤ 1 on the query side and exp(r − b_s) ≤ 1 on the key side, then a matmul. (Backward dk
-    uses the last row of the key sub-chunk j as reference: again both factors ≤ 1.)
-  * j = i: one row at a time, so no [16, 16, BK] tensor is formed. `_attn_intra` loops over the key rows s
-    of the sub-chunk: column s of the block is Σ_k q_tk k_sk exp(b_tk − b_sk) for the 16 query rows t, a
-    [16, BK] computation with the difference masked to 0 for t < s BEFORE the exp (so every exp argument is
-    ≤ 0; those entries are dropped), put into the [16, 16] block with tl.where(column == s, …). `_dqk_bwd`
-    does the same per key row s for dq (dq_t += dA_ts k_s exp(b_t − b_s), t ≥ s) and per query row t for dk
-    (dk_s += dA_ts q_t exp(b_t − b_s), s ≤ t), with the same masking; dA is 0 above the diagonal. The loops
-    stop at the last row < T (rows past it would add 0).
-Every exponent is therefore ≤ 0 and the scheme is exact for any gates, however negative (no e^80 bound).
+    uses the last row of the key sub-chunk j as reference: again both factors ≤ 1.) j = i: one row at a
+    time, so no [16, 16, BK] tensor is formed: column s of the block is Σ_k q_tk k_sk exp(b_tk − b_sk) for
+    the 16 query rows t, a [16, BK] computation with the difference masked to 0 for t < s BEFORE the exp
+    (every exp argument ≤ 0; those entries are dropped), put into the block with tl.where(column == s, …).
+    `_dqk_bwd` does the same per key row s for dq (dq_t += dA_ts k_s exp(b_t − b_s), t ≥ s) and per query
+    row t for dk (dk_s += dA_ts q_t exp(b_t − b_s), s ≤ t); dA is 0 above the diagonal. The loops stop at
+    the last row < T (rows past it would add 0). Exact for any gates, but 16 dependent steps per block.
 Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 matmuls (no TF32), bf16/fp16 inputs use TF32
 matmuls on fp32 operands (TF32 keeps more mantissa than the inputs had) unless `TUNING.lowp` is set.
 
@@ -67,9 +79,11 @@ between calls. The defaults are the configuration above: BK, BV = next power of 
 default num_warps / num_stages (`num_warps`, `num_stages`: launch options of every chunk kernel), fp32 matmul
 operands. `lowp=True` with bf16 (or fp16) q, k, v: every tl.dot takes its operands in the input dtype with
 fp32 accumulation (gate factors are applied in fp32 first, then the product is rounded), and the scratch
-buffers A, h and dh are stored in the input dtype (they are read only as matmul operands); the diagonal
-16×16 blocks, the recurrent state carried in registers, the final state, dA, dB and the initial-state
-gradient stay fp32, and the exponent scheme and masks are the same. fp32 (or mixed-dtype) inputs ignore lowp.
+buffers A, h and dh are stored in the input dtype (they are read only as matmul operands); the products
+that form the diagonal 16×16 blocks (all of A's, and dq's and dk's intra-chunk products, in the matmul
+scheme; the row loops otherwise), the recurrent state carried in registers, the final state, dA, dB and the
+initial-state gradient stay fp32, and the exponent scheme and masks are the same. (With bf16 operands for
+the diagonal blocks, dg's error doubled: 2e-2 against 1e-2 in tests/test_triton_gla.py's lowp test.) fp32 (or mixed-dtype) inputs ignore lowp.
 Under the interpreter a lowp dot is emulated (operands rounded to the input dtype, fp32 product), since
 the interpreter's tl.dot mishandles bf16. The decode step `fused_recurrent_gla_step` ignores `TUNING`.
 `POISON = True` (or LINCOMPILE_TRITON_POISON=1) fills every output and scratch buffer with NaN before launch,
@@ -85,6 +99,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gla import LOG_GATE_MIN
+
 POISON = os.environ.get("LINCOMPILE_TRITON_POISON", "") not in ("", "0")
 
 CHUNK = 64
@@ -92,6 +108,7 @@ SUB = 16
 MAX_HEAD_DIM = 256
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTRA = ("matmul", "rows", "split")
 
 
 def _interpret() -> bool:
@@ -109,8 +126,13 @@ class Tuning:
     num_stages: int | None = None  # likewise
     block_v: int = 64  # upper bound of the V block (BV = power of two in [16, block_v])
     block_k: int = 64  # upper bound of the K block (BK)
-    split_intra: bool = False  # A by `_attn_intra_split`: one program per 16-row block of a chunk (4× the
-    #                            programs, [16, BK] tiles, far fewer registers) instead of `_attn_intra`
+    intra: str = "matmul"  # how the diagonal 16×16 blocks of the intra-chunk terms are formed (INTRA):
+    #   "matmul": one matmul per 16-row block through a reference at the block's middle row, forward
+    #             (`_attn_intra_mm`, one program per 16-row block) and backward (`_dqk_bwd`, DIAG_MM)
+    #   "rows":   one key (query) row at a time, per (chunk, head) (`_attn_intra`; `_dqk_bwd` row loops)
+    #   "split":  "rows" with one program per 16-row block for A (`_attn_intra_split`)
+    fused_o: bool = False  # forward: A formed inside the output kernel (`_o_fwd_mm`), never stored; needs
+    #                        intra "matmul"
 
     def __post_init__(self):
         self.validate()
@@ -118,6 +140,10 @@ class Tuning:
     def validate(self) -> None:
         """ValueError unless the block bounds are powers of two in [16, 256] and the launch options are
         positive (num_warps a power of two)."""
+        if self.intra not in INTRA:
+            raise ValueError(f"Tuning.intra must be one of {', '.join(INTRA)}, got {self.intra!r}")
+        if self.fused_o and self.intra != "matmul":
+            raise ValueError(f"Tuning.fused_o needs intra='matmul', got intra={self.intra!r}")
         for name in ("block_k", "block_v"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int) or not 16 <= x <= MAX_HEAD_DIM or x & (x - 1):
@@ -361,6 +387,51 @@ def _attn_intra_split(q, k, b, A, scale, T, Tp, H, Hk, G,
 
 
 @triton.jit
+def _attn_intra_mm(q, k, b, A, scale, T, Tp, H, Hk, G,
+                   K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+                   C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                   USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """`_attn_intra`'s A without its row loop: one program per (BC-row block i, chunk, query head) computes
+    the block's whole [BC, C] row of A as one matmul per K block, (q_t exp(b_t − r)) · (k_s exp(r − b_s)),
+    through the reference r = b at the block's middle row m = i·BC + BC/2 − 1: every factor is
+    ≤ exp((BC/2)·|LOG_GATE_MIN|) = e^40 (`_chunk_cumsum` clamps the gates; keys of earlier blocks get factors
+    ≤ 1), and for s ≤ t the product, exp(b_t − b_s), is ≤ 1. Keys after the block are not loaded (exponent 0
+    there); entries with s > t are dropped by tl.where, never multiplied."""
+    pid, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ET: tl.constexpr = q.dtype.element_ty
+    NC: tl.constexpr = C // BC
+    n, i = pid // NC, pid % NC
+    ibk = (ibh // H) * Hk + (ibh % H) // G
+    t0 = n * C
+    oc = tl.arange(0, BC)
+    oC = tl.arange(0, C)
+    okk = tl.arange(0, BK)
+    tile_q = oc[:, None] * K + okk[None, :]  # BC rows x K block (offsets)
+    tile_k = oC[:, None] * K + okk[None, :]  # C rows x K block
+    q_base = q + (ibh * T + t0 + i * BC) * K
+    k_base = k + (ibk * T + t0) * K
+    b_base = b + (ibk * Tp + t0) * KG
+    mi = (oc < T - t0 - i * BC)[:, None]  # query rows that exist
+    upto = (oC < i * BC + BC)[:, None]  # keys up to the end of the block
+    mkeys = upto & (oC < T - t0)[:, None]
+    acc = tl.zeros([BC, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        mk = (okk < K - k0)[None, :]
+        qi = tl.load(q_base + k0 + tile_q, mask=mi & mk, other=0.0).to(tl.float32)
+        kc = tl.load(k_base + k0 + tile_k, mask=mkeys & mk, other=0.0).to(tl.float32)
+        if USE_G:
+            r = tl.load(b_base + (i * BC + BC // 2 - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
+            bi = tl.load(b_base + i * BC * KG + k0 * SBK + oc[:, None] * KG + okk[None, :] * SBK, mask=mk,
+                         other=0.0)
+            bc = tl.load(b_base + k0 * SBK + oC[:, None] * KG + okk[None, :] * SBK, mask=mk, other=0.0)
+            qi = qi * tl.exp(bi - r)
+            kc = kc * tl.exp(tl.where(upto, r - bc, 0.0))
+        acc = _dot(qi, tl.trans(kc), acc, ET, False, PREC)  # fp32 operands even under lowp: see "lowp" above
+    acc = tl.where(oC[None, :] <= i * BC + oc[:, None], acc * scale, 0.0)
+    tl.store(A + (ibh * Tp + t0 + i * BC) * C + oc[:, None] * C + oC[None, :], _lowp(acc, A.dtype.element_ty))
+
+
+@triton.jit
 def _o_fwd(q, v, b, h, A, o, scale, T, Tp, H, Hk, G, N,
            K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -391,6 +462,59 @@ def _o_fwd(q, v, b, h, A, o, scale, T, Tp, H, Hk, G, N,
     vv = tl.load(v + (ibk * T + t0) * V + cv, mask=mt & mv, other=0.0).to(tl.float32)
     acc = _dot(AA, vv, acc, ET, LOWP, PREC)
     tl.store(o + (ibh * T + t0) * V + cv, acc.to(o.dtype.element_ty), mask=mt & mv)
+
+
+@triton.jit
+def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
+              K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+              C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+    """The forward's output without an A buffer (Tuning.fused_o): one program per (BC-row block i, chunk,
+    V block, query head) forms the block's [BC, C] row of A in registers exactly as `_attn_intra_mm` does
+    (reference at the block's middle row) and returns o_i = scale ((q_i ⊙ exp(b_i)) h[n] + A_i v), so A is
+    never written to memory nor read back (the backward still builds it for dv)."""
+    pid, iv, ibh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ET: tl.constexpr = q.dtype.element_ty
+    NC: tl.constexpr = C // BC
+    n, i = pid // NC, pid % NC
+    ibk = (ibh // H) * Hk + (ibh % H) // G
+    t0 = n * C
+    oc = tl.arange(0, BC)
+    oC = tl.arange(0, C)
+    okk = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    mv = (ov < V)[None, :]
+    q_base = q + (ibh * T + t0 + i * BC) * K
+    k_base = k + (ibk * T + t0) * K
+    b_base = b + (ibk * Tp + t0) * KG
+    mi = (oc < T - t0 - i * BC)[:, None]
+    upto = (oC < i * BC + BC)[:, None]
+    mkeys = upto & (oC < T - t0)[:, None]
+    inter = tl.zeros([BC, BV], dtype=tl.float32)
+    att = tl.zeros([BC, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        mk = (okk < K - k0)[None, :]
+        qi = tl.load(q_base + k0 + oc[:, None] * K + okk[None, :], mask=mi & mk, other=0.0).to(tl.float32)
+        kc = tl.load(k_base + k0 + oC[:, None] * K + okk[None, :], mask=mkeys & mk, other=0.0).to(tl.float32)
+        hh = tl.load(h + (ibk * N + n) * K * V + (k0 + okk[:, None]) * V + ov[None, :],
+                     mask=(okk < K - k0)[:, None] & mv, other=0.0)
+        if USE_G:
+            r = tl.load(b_base + (i * BC + BC // 2 - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
+            bi = tl.load(b_base + i * BC * KG + k0 * SBK + oc[:, None] * KG + okk[None, :] * SBK, mask=mk,
+                         other=0.0)
+            bc = tl.load(b_base + k0 * SBK + oC[:, None] * KG + okk[None, :] * SBK, mask=mk, other=0.0)
+            inter = _dot(qi * tl.exp(bi), hh, inter, ET, LOWP, PREC)
+            qi = qi * tl.exp(bi - r)
+            kc = kc * tl.exp(tl.where(upto, r - bc, 0.0))
+        else:
+            inter = _dot(qi, hh, inter, ET, LOWP, PREC)
+        att = _dot(qi, tl.trans(kc), att, ET, False, PREC)  # fp32 operands even under lowp
+    att = tl.where(oC[None, :] <= i * BC + oc[:, None], att, 0.0)
+    vv = tl.load(v + (ibk * T + t0) * V + oC[:, None] * V + ov[None, :], mask=(oC < T - t0)[:, None] & mv,
+                 other=0.0).to(tl.float32)
+    acc = _dot(att, vv, inter, ET, LOWP, PREC) * scale
+    tl.store(o + (ibh * T + t0 + i * BC) * V + oc[:, None] * V + ov[None, :], acc.to(o.dtype.element_ty),
+             mask=mi & mv)
 
 
 @triton.jit
@@ -467,13 +591,18 @@ def _dA_bwd(do, v, dA, scale, T, Tp, H, Hk, G,
 def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
              K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
              C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+             USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, DIAG_MM: tl.constexpr):
     """Per (chunk, K block, kv head): dq of the G query heads, dk summed over them, dB = Σ q⊙dq − k⊙dk.
 
-    Sub-chunk i of 16 rows at a time. dq: keys of earlier sub-chunks through the reference at row i·16 − 1;
-    dk: queries of later sub-chunks through the reference at row i·16 + 15 (the end of the key's sub-chunk);
-    diagonal blocks one row at a time ([16, BK] each: key rows for dq, query rows for dk) with exponents
-    masked to ≤ 0 before the exp.
+    Sub-chunk i of 16 rows at a time. DIAG_MM (Tuning.intra "matmul"): one reference r = b at the
+    sub-chunk's middle row i·16 + 7 for both; dq_i = exp(b_i − r) ⊙ (dA[i rows, :] (k ⊙ exp(r − b))) over the
+    keys up to the end of the sub-chunk, dk_i = exp(r − b_i) ⊙ (dA[:, i cols]ᵀ (q ⊙ exp(b − r))) over the
+    queries from its start: one matmul each, every factor ≤ e^40 as in `_attn_intra_mm` (dA is 0 above the
+    diagonal, and the factors outside those ranges are exp(0) = 1, so nothing infinite meets a zero).
+    Otherwise, dq: keys of earlier sub-chunks through the reference at row i·16 − 1; dk: queries of later
+    sub-chunks through the reference at row i·16 + 15 (the end of the key's sub-chunk); diagonal blocks one
+    row at a time ([16, BK] each: key rows for dq, query rows for dk) with exponents masked to ≤ 0 before
+    the exp.
     """
     n, ik, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
@@ -500,14 +629,27 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
     h_base = h + (ibk * N + n) * K * V
     dh_base = dh + (ibk * N + n) * K * V
     NC: tl.constexpr = C // BC
-    kc = tl.load(k_base + ck, mask=mC & mk, other=0.0).to(tl.float32)
+    # the chunk's k and b tiles: held across the sub-chunks, or (DIAG_MM) loaded again for each (from cache),
+    # which keeps the matmul form under 255 registers without spilling at 4 warps (kernel_resources.py)
+    if not DIAG_MM:
+        kc = tl.load(k_base + ck, mask=mC & mk, other=0.0).to(tl.float32)
     if USE_G:
-        bc = tl.load(b_base + cb, mask=mk, other=0.0)
+        if not DIAG_MM:
+            bc = tl.load(b_base + cb, mask=mk, other=0.0)
         bl = tl.load(b_base + (C - 1) * KG + ok[None, :] * SBK, mask=mk, other=0.0)
     for i in tl.static_range(NC):
         mi = (oc < T - t0 - i * BC)[:, None]
         ki = tl.load(k_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
-        if USE_G:
+        if DIAG_MM:
+            kr = tl.load(k_base + ck, mask=mC & mk, other=0.0).to(tl.float32)
+        if USE_G and DIAG_MM:
+            bi_ = tl.load(b_base + i * BC * KG + ib, mask=mk, other=0.0)
+            r = tl.load(b_base + (i * BC + BC // 2 - 1) * KG + ok[None, :] * SBK, mask=mk, other=0.0)
+            bc = tl.load(b_base + cb, mask=mk, other=0.0)
+            kr = kr * tl.exp(tl.where(oC[:, None] < i * BC + BC, r - bc, 0.0))
+            qs = tl.exp(bi_ - r)
+            eb = tl.exp(bi_)
+        elif USE_G:
             bi_ = tl.load(b_base + i * BC * KG + ib, mask=mk, other=0.0)
             if i > 0:
                 r = tl.load(b_base + (i * BC - 1) * KG + ok[None, :] * SBK, mask=mk, other=0.0)
@@ -518,7 +660,7 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
                 qs2 = tl.exp(tl.where(oC[:, None] >= i * BC + BC, bc - r2, 0.0))
                 ks2 = tl.exp(r2 - bi_)
             eb = tl.exp(bi_)
-        else:
+        elif not DIAG_MM:
             kr = kc
         # ---- dq of sub-chunk i, one query head at a time
         qdq = tl.zeros([BC, BK], dtype=tl.float32)
@@ -535,13 +677,21 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
             acc = acc * scale
             if USE_G:
                 acc = acc * eb
-            if i > 0:
+            if DIAG_MM:  # every key up to the end of sub-chunk i in one matmul (dA is 0 after the diagonal)
+                dAr = tl.load(dA_base + oc[:, None] * C + oC[None, :])
+                intra = _dot(dAr, kr, tl.zeros([BC, BK], dtype=tl.float32), ET, False, PREC)
+                if USE_G:
+                    intra = intra * qs
+                acc += intra
+            elif i > 0:
                 dAr = tl.load(dA_base + oc[:, None] * C + oC[None, :], mask=(oC < i * BC)[None, :], other=0.0)
                 intra = _dot(dAr, kr, tl.zeros([BC, BK], dtype=tl.float32), ET, LOWP, PREC)
                 if USE_G:
                     intra = intra * qs
                 acc += intra
-            if USE_G:
+            if DIAG_MM:
+                pass
+            elif USE_G:
                 # diagonal block, one key row j at a time: acc[t] += dA[t, j] k_j exp(b_t − b_j), t ≥ j
                 # (dA is 0 above the diagonal; the exponent is masked to 0 there before the exp)
                 for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
@@ -565,20 +715,31 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
             dkk = _dot(vv, tl.trans(dhh), dkk, ET, LOWP, PREC)
         if USE_G:
             dkk = dkk * tl.exp(bl - bi_)
+            if DIAG_MM:  # the query and key factors of dk, through the same reference r
+                qs2 = tl.exp(tl.where(oC[:, None] >= i * BC, tl.load(b_base + cb, mask=mk, other=0.0) - r, 0.0))
+                ks2 = tl.exp(r - bi_)
         intra = tl.zeros([BC, BK], dtype=tl.float32)
         diag = tl.zeros([BC, BK], dtype=tl.float32)
         for gi in range(G):
             ibh = bi * H + hk * G + gi
             q_base = q + (ibh * T + t0) * K
             dA_base = dA + (ibh * Tp + t0) * C
-            if i < NC - 1:
+            if DIAG_MM:  # every query from the start of sub-chunk i in one matmul (dA is 0 before it)
+                qc = tl.load(q_base + ck, mask=mC & mk, other=0.0).to(tl.float32)
+                if USE_G:
+                    qc = qc * qs2
+                dAc = tl.load(dA_base + i * BC + oC[:, None] * C + oc[None, :])
+                intra = _dot(tl.trans(dAc), qc, intra, ET, False, PREC)
+            elif i < NC - 1:
                 qc = tl.load(q_base + ck, mask=mC & mk, other=0.0).to(tl.float32)
                 if USE_G:
                     qc = qc * qs2
                 dAc = tl.load(dA_base + i * BC + oC[:, None] * C + oc[None, :],
                               mask=(oC >= i * BC + BC)[:, None], other=0.0)
                 intra = _dot(tl.trans(dAc), qc, intra, ET, LOWP, PREC)
-            if USE_G:
+            if DIAG_MM:
+                pass
+            elif USE_G:
                 # diagonal block, one query row j at a time: dk[s] += dA[j, s] q_j exp(b_j − b_s), s ≤ j
                 for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
                     dAj = tl.load(dA_base + (i * BC + j) * C + i * BC + oc)
@@ -591,7 +752,7 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
                 dAii = tl.load(dA_base + i * BC * C + i * BC + oc[:, None] * C + oc[None, :])
                 diag = _dot(tl.trans(dAii), qi, diag, ET, LOWP, PREC)
         if USE_G:
-            if i < NC - 1:
+            if DIAG_MM or i < NC - 1:
                 intra = intra * ks2
         dkk += intra + diag
         tl.store(dk + (ibk * T + t0 + i * BC) * K + ik_, dkk.to(dk.dtype.element_ty), mask=mi & mk)
@@ -638,9 +799,9 @@ def _dv_bwd(k, b, dh, A, do, dv, T, Tp, H, Hk, G, N,
 
 
 @triton.jit
-def _chunk_cumsum(g, b, T, Tp, KG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-    """b = chunk-local inclusive cumulative sum of g in fp32, per (chunk, K block, batch·kv head): one [C, BK]
-    tile each. Rows ≥ T are zero gates (b stays flat there); every row < Tp of b is written."""
+def _chunk_cumsum(g, b, T, Tp, KG: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, GMIN: tl.constexpr):
+    """b = chunk-local inclusive cumulative sum of max(g, GMIN) in fp32, per (chunk, K block, batch·kv head):
+    one [C, BK] tile each. Rows ≥ T are zero gates (b stays flat there); every row < Tp of b is written."""
     n, ik, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t0 = n * C
     oc = tl.arange(0, C)
@@ -648,15 +809,17 @@ def _chunk_cumsum(g, b, T, Tp, KG: tl.constexpr, C: tl.constexpr, BK: tl.constex
     mk = (ok < KG)[None, :]
     ck = oc[:, None] * KG + ok[None, :]
     x = tl.load(g + (ibk * T + t0) * KG + ck, mask=(oc < T - t0)[:, None] & mk, other=0.0).to(tl.float32)
-    tl.store(b + (ibk * Tp + t0) * KG + ck, tl.cumsum(x, axis=0), mask=mk)
+    tl.store(b + (ibk * Tp + t0) * KG + ck, tl.cumsum(tl.maximum(x, GMIN), axis=0), mask=mk)
 
 
 @triton.jit
-def _rev_cumsum(x, last, y, T, N, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, HAS_LAST: tl.constexpr):
+def _rev_cumsum(x, last, gate, y, T, N, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                HAS_LAST: tl.constexpr, HAS_GATE: tl.constexpr, GMIN: tl.constexpr):
     """y[t] = Σ_{u ≥ t} x[u] (+ last, which belongs to row T−1) over the whole sequence, fp32, per (K block,
     batch·kv head): walks the chunks from the last to the first, each [C, BK] tile loaded with its rows
     reversed so that an inclusive tl.cumsum down the tile is the suffix sum; the running total of the later
-    chunks is carried across. y may be x (each tile is read before it is written)."""
+    chunks is carried across. With HAS_GATE, y[t] is stored as 0 where gate[t] < GMIN (the gradient of the
+    clamp; gate laid out like x). y may be x (each tile is read before it is written)."""
     ik, ibk = tl.program_id(0), tl.program_id(1).to(tl.int64)
     ok = ik * BK + tl.arange(0, BK)
     mk = ok < K
@@ -670,7 +833,11 @@ def _rev_cumsum(x, last, y, T, N, K: tl.constexpr, C: tl.constexpr, BK: tl.const
         t0 = (N - 1 - m) * C
         msk = (rc < T - t0)[:, None] & mk[None, :]
         xx = tl.load(x + (ibk * T + t0) * K + cr, mask=msk, other=0.0).to(tl.float32)
-        tl.store(y + (ibk * T + t0) * K + cr, tl.cumsum(xx, axis=0) + carry[None, :], mask=msk)
+        yy = tl.cumsum(xx, axis=0) + carry[None, :]
+        if HAS_GATE:
+            gg = tl.load(gate + (ibk * T + t0) * K + cr, mask=msk, other=0.0).to(tl.float32)
+            yy = tl.where(gg >= GMIN, yy, 0.0)
+        tl.store(y + (ibk * T + t0) * K + cr, yy, mask=msk)
         carry += tl.sum(xx, axis=0)
 
 
@@ -746,16 +913,19 @@ def _cum_gates(g, B, Hk, T, N, C):
     b = _empty(B, Hk, N * C, KG, device=g.device)
     if N and B * Hk:
         BK = _pow2(KG)
-        _chunk_cumsum[(N, triton.cdiv(KG, BK), B * Hk)](g.contiguous(), b, T, N * C, KG=KG, C=C, BK=BK)
+        _chunk_cumsum[(N, triton.cdiv(KG, BK), B * Hk)](g.contiguous(), b, T, N * C, KG=KG, C=C, BK=BK,
+                                                        GMIN=LOG_GATE_MIN)
     return b, KG, (1 if KG > 1 else 0)
 
 
-def _reverse_cumsum(x, last=None, out=None):
+def _reverse_cumsum(x, last=None, out=None, gate=None):
     """Σ_{u ≥ t} x[..., u, :] over dim 2 of a [B, Hk, T, K] tensor, fp32 (`_rev_cumsum`): the value of
     `x.flip(2).cumsum(2).flip(2)` up to the summation order, where x[:, :, T−1] is taken plus `last`
-    [B, Hk, K] if given (x itself is not modified unless out is x). out: fp32 contiguous [B, Hk, T, K]
-    (may be x), else a new tensor."""
+    [B, Hk, K] if given (x itself is not modified unless out is x); zero where `gate` (x's shape, if given)
+    is below LOG_GATE_MIN. out: fp32 contiguous [B, Hk, T, K] (may be x), else a new tensor."""
     B, Hk, T, K = x.shape
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"gate must be {tuple(x.shape)}, got {tuple(gate.shape)}")
     if out is None:
         out = _empty(B, Hk, T, K, device=x.device)
     elif out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous():
@@ -767,8 +937,10 @@ def _reverse_cumsum(x, last=None, out=None):
     if T and K and B * Hk:
         BK = _pow2(K, hi=32)  # more programs (each walks the whole sequence) rather than wider tiles
         lst = last.float().contiguous() if has_last else x
-        _rev_cumsum[(triton.cdiv(K, BK), B * Hk)](x, lst, out, T, triton.cdiv(T, CHUNK), K=K, C=CHUNK, BK=BK,
-                                                  HAS_LAST=has_last)
+        gt = gate.contiguous() if gate is not None else x
+        _rev_cumsum[(triton.cdiv(K, BK), B * Hk)](x, lst, gt, out, T, triton.cdiv(T, CHUNK), K=K, C=CHUNK, BK=BK,
+                                                  HAS_LAST=has_last, HAS_GATE=gate is not None,
+                                                  GMIN=LOG_GATE_MIN)
     return out
 
 
@@ -801,7 +973,8 @@ class _Setup:
         self.sdt = q.dtype if self.lowp else torch.float32  # dtype of the scratch buffers A, h, dh
         self.launch = {name: x for name, x in (("num_warps", t.num_warps), ("num_stages", t.num_stages))
                        if x is not None}
-        self.split_intra = bool(t.split_intra)
+        self.intra_kind = t.intra
+        self.fused_o = bool(t.fused_o)
         self.dev = q.device
 
     def consts(self):
@@ -822,8 +995,8 @@ class _Setup:
     def intra(self, scale):
         s = self
         A = _empty(s.B, s.H, s.Tp, s.C, device=s.dev, dtype=s.sdt)
-        kernel = _attn_intra_split if s.split_intra else _attn_intra
-        grid = (s.N * (s.C // SUB) if s.split_intra else s.N, s.B * s.H)
+        kernel = {"matmul": _attn_intra_mm, "rows": _attn_intra, "split": _attn_intra_split}[s.intra_kind]
+        grid = (s.N if s.intra_kind == "rows" else s.N * (s.C // SUB), s.B * s.H)
         kernel[grid](s.q, s.k, s.b_arg, A, scale, s.T, s.Tp, s.H, s.Hk, s.G,
                      K=s.K, KG=s.KG, SBK=s.SBK, C=s.C, BC=SUB, BK=s.BK,
                      USE_G=s.use_g, PREC=s.prec, LOWP=s.lowp, **s.launch)
@@ -848,10 +1021,14 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64)
         return q.new_empty(s.B, s.H, 0, s.V), fin
     scale = float(scale)
     h, ht = s.states(initial_state)
-    A = s.intra(scale)
     o = _empty(s.B, s.H, s.T, s.V, device=s.dev, dtype=q.dtype)
-    _o_fwd[(s.N, s.NV, s.B * s.H)](s.q, s.v, s.b_arg, h, A, o, scale, s.T, s.Tp, s.H, s.Hk, s.G, s.N,
-                                   **s.consts())
+    if s.fused_o:
+        _o_fwd_mm[(s.N * (s.C // SUB), s.NV, s.B * s.H)](s.q, s.k, s.v, s.b_arg, h, o, scale, s.T, s.Tp, s.H,
+                                                          s.Hk, s.G, s.N, BC=SUB, **s.consts())
+    else:
+        A = s.intra(scale)
+        _o_fwd[(s.N, s.NV, s.B * s.H)](s.q, s.v, s.b_arg, h, A, o, scale, s.T, s.Tp, s.H, s.Hk, s.G, s.N,
+                                       **s.consts())
     return o, ht
 
 
@@ -900,7 +1077,7 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
     dk = _empty(B, Hk, T, K, device=dev, dtype=k.dtype)
     dB = _empty(B, Hk, T, K, device=dev)
     _dqk_bwd[(N, s.NK, B * Hk)](s.q, s.k, s.v, s.b_arg, h, do, dh, dA, dq, dk, dB, scale,
-                                T, Tp, H, Hk, G, N, BC=SUB, **c)
+                                T, Tp, H, Hk, G, N, BC=SUB, DIAG_MM=s.intra_kind == "matmul", **c)
 
     dv = _empty(B, Hk, T, V, device=dev, dtype=v.dtype)
     _dv_bwd[(N, s.NV, B * Hk)](s.k, s.b_arg, dh, A, do, dv, T, Tp, H, Hk, G, N, **c)
@@ -912,7 +1089,8 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
         if g.shape[-1] == 1 and K != 1:  # one gate per step: Σ_k of the reverse cumsum = reverse cumsum of Σ_k
             dB = dB.sum(-1, keepdim=True)
             last = None if last is None else last.sum(-1, keepdim=True)
-        dg = _reverse_cumsum(dB, last, out=dB)
+        # the kernels clamp g at LOG_GATE_MIN (`_chunk_cumsum`): no gradient reaches gates below it
+        dg = _reverse_cumsum(dB, last, out=dB, gate=g)
     return dq, dk, dv, dg, (dh0 if has_h0 else None)
 
 

@@ -82,7 +82,7 @@ def test_targets_need_a_reference(heal_bench, tmp_path, capsys):
 
 
 def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
-    """benchmarks/kernel_resources.py: both intra-chunk kernels compile for sm_90 here (no CUDA device) and
+    """benchmarks/kernel_resources.py: the intra-chunk kernels compile for sm_90 here (no CUDA device) and
     the cubin's resource usage is read back."""
     pytest.importorskip("triton")
     import triton
@@ -97,11 +97,17 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
                           "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["kernel"] for r in rows] == ["_attn_intra", "_attn_intra_split"]
+    labels = ["_attn_intra", "_attn_intra_split", "_attn_intra_mm", "_o_fwd", "_o_fwd_mm", "_dqk_bwd rows",
+              "_dqk_bwd matmul"]
+    assert [r["kernel"] for r in rows] == labels
     for r in rows:
         assert r["registers"] > 0 and r["shared_bytes"] > 0 and r["programs_per_sm"] >= 1
         assert f"| {r['kernel']} | 4 | 64 | {r['registers']} |" in run.stdout
-    intra, split = rows
+    by = {r["kernel"]: r for r in rows}
+    intra, split, mm = by["_attn_intra"], by["_attn_intra_split"], by["_attn_intra_mm"]
     # what the split kernel is for (README): fewer registers, more programs per SM, no spills
     assert split["registers"] < intra["registers"] and split["programs_per_sm"] > intra["programs_per_sm"]
     assert split["stack_bytes"] == split["local_bytes"] == 0
+    # the default's kernels fit without spilling (README); the matmul form needs fewer registers than the rows
+    assert mm["stack_bytes"] == mm["local_bytes"] == 0 and mm["registers"] < intra["registers"]
+    assert by["_o_fwd_mm"]["stack_bytes"] == by["_o_fwd_mm"]["local_bytes"] == 0

@@ -331,23 +331,32 @@ def test_block_sizes(block_k, block_v, H, Hk, T, K, V, gate):
     check_against_oracle(H, Hk, T, K, V, gate)
 
 
-# (block_k, H, Hk, T, K, V, gate): tails inside the first and second 16-row blocks of a chunk, a single row
-SPLIT = [
-    (64, 4, 2, 70, 16, 17, "channel"),  # GQA, the tail chunk's rows 6..63 past T
-    (64, 2, 2, 17, 16, 16, "scalar"),  # one chunk, T inside the second row block
-    (16, 2, 1, 40, 40, 16, "channel"),  # K over three blocks, T inside the third row block
-    (64, 2, 1, 128, 32, 32, None),  # no gates: the diagonal block is a matmul
-    (64, 2, 2, 1, 16, 16, "channel"),  # a single row
+# (intra, fused_o, block_k, H, Hk, T, K, V, gate): tails inside the first and second 16-row blocks of a chunk,
+# a single row; the default ("matmul", unfused) runs in every test above
+INTRA = [
+    ("rows", False, 64, 4, 2, 70, 16, 17, "channel"),  # GQA, the tail chunk's rows 6..63 past T
+    ("rows", False, 16, 2, 1, 40, 40, 16, "scalar"),  # K over three blocks, T inside the third row block
+    ("split", False, 64, 4, 2, 70, 16, 17, "channel"),
+    ("split", False, 64, 2, 2, 17, 16, 16, "scalar"),  # one chunk, T inside the second row block
+    ("split", False, 16, 2, 1, 40, 40, 16, "channel"),
+    ("split", False, 64, 2, 1, 128, 32, 32, None),  # no gates: the diagonal block is a matmul
+    ("split", False, 64, 2, 2, 1, 16, 16, "channel"),  # a single row
+    ("matmul", True, 64, 4, 2, 70, 16, 17, "channel"),
+    ("matmul", True, 16, 2, 1, 40, 40, 33, "scalar"),  # K and V over several blocks
+    ("matmul", True, 64, 2, 1, 100, 32, 16, None),
+    ("matmul", True, 64, 2, 2, 1, 16, 16, "channel"),
 ]
+KERNEL_OF = {"matmul": "_attn_intra_mm", "rows": "_attn_intra", "split": "_attn_intra_split"}
 
 
-@pytest.mark.parametrize("block_k,H,Hk,T,K,V,gate", SPLIT)
-def test_split_intra(block_k, H, Hk, T, K, V, gate, monkeypatch):
-    """Tuning.split_intra: A by `_attn_intra_split`, one program per 16-row block (C/16 times the programs),
-    gives the oracle's forward and gradients (the default `_attn_intra` is tested above)."""
+@pytest.mark.parametrize("intra,fused_o,block_k,H,Hk,T,K,V,gate", INTRA)
+def test_intra_kinds(intra, fused_o, block_k, H, Hk, T, K, V, gate, monkeypatch):
+    """Every Tuning.intra (and fused_o) gives the oracle's forward and gradients, and launches the kernels it
+    names: A by `_attn_intra` (one program per chunk) or `_attn_intra_split` / `_attn_intra_mm` (one per
+    16-row block), in the forward (unless fused_o: `_o_fwd_mm`, no A) and in the backward's recompute."""
     grids = []
 
-    class Spy:  # records which intra-chunk kernel ran, and its launch grid
+    class Spy:  # records which kernel ran, and its launch grid
         def __init__(self, name):
             self.name, self.kernel = name, getattr(tg, name)
 
@@ -355,16 +364,19 @@ def test_split_intra(block_k, H, Hk, T, K, V, gate, monkeypatch):
             grids.append((self.name, grid))
             return self.kernel[grid]
 
-    for name in ("_attn_intra", "_attn_intra_split"):
+    for name in (*KERNEL_OF.values(), "_o_fwd", "_o_fwd_mm"):
         monkeypatch.setattr(tg, name, Spy(name))
-    tg.TUNING = tg.Tuning(split_intra=True, block_k=block_k)
+    tg.TUNING = tg.Tuning(intra=intra, fused_o=fused_o, block_k=block_k)
     check_against_oracle(H, Hk, T, K, V, gate)
     n = -(-T // tg.CHUNK)
-    assert grids == [("_attn_intra_split", (4 * n, H))] * 2  # the forward and the backward's recompute of A
+    nv = -(-V // 64)
+    A = (KERNEL_OF[intra], (n if intra == "rows" else 4 * n, H))
+    forward = [("_o_fwd_mm", (4 * n, nv, H))] if fused_o else [A, ("_o_fwd", (n, nv, H))]
+    assert grids == forward + [A]  # the backward rebuilds A (dv needs it)
 
 
-# (B, H, Hk, T, K, gate, dtype): A itself, split against the default kernel
-SPLIT_A = [
+# (B, H, Hk, T, K, gate, dtype): A itself, each kind against "rows"
+SAME_A = [
     (2, 4, 2, 60, 32, "channel", torch.float32),  # tail in the last row block, two batches, GQA
     (1, 2, 2, 100, 16, None, torch.float32),  # no gates, a tail chunk
     (1, 2, 1, 130, 16, "scalar", torch.float32),  # three chunks, scalar gates
@@ -372,25 +384,65 @@ SPLIT_A = [
 ]
 
 
-@pytest.mark.parametrize("B,H,Hk,T,K,gate,dtype", SPLIT_A)
-def test_split_intra_gives_the_same_A(B, H, Hk, T, K, gate, dtype):
-    """The intra-chunk matrix A of `_attn_intra_split` equals `_attn_intra`'s element by element, including
-    the rows past T (zeros in both; the end-to-end tests cannot see them, they meet masked outputs)."""
+@pytest.mark.parametrize("B,H,Hk,T,K,gate,dtype", SAME_A)
+def test_intra_kinds_give_the_same_A(B, H, Hk, T, K, gate, dtype):
+    """The intra-chunk matrix A of "split" and "matmul" equals "rows"'s element by element, including the
+    rows past T (zeros in all; the end-to-end tests cannot see them, they meet masked outputs)."""
     q, k, v, g, _ = make(B, H, Hk, T, K, 16, gate, strong=True, dtype=dtype)
     lowp = dtype != torch.float32
-    tg.TUNING = tg.Tuning(lowp=lowp)
-    default = tg._Setup(q, k, v, g, tg.CHUNK).intra(SCALE).float()
-    tg.TUNING = tg.Tuning(lowp=lowp, split_intra=True)
-    split = tg._Setup(q, k, v, g, tg.CHUNK).intra(SCALE).float()
-    assert torch.isfinite(split).all()
-    assert rel(split, default) <= (1e-2 if lowp else 1e-6)
-    assert (default[:, :, T:] == 0).all() and (split[:, :, T:] == 0).all()
-    upper = torch.ones(tg.CHUNK, tg.CHUNK, dtype=torch.bool).triu(1).repeat(split.shape[2] // tg.CHUNK, 1)
-    assert (split[:, :, upper] == 0).all()  # nothing above the diagonal of each chunk
+    As = {}
+    for intra in tg.INTRA:
+        tg.TUNING = tg.Tuning(lowp=lowp, intra=intra)
+        As[intra] = tg._Setup(q, k, v, g, tg.CHUNK).intra(SCALE).float()
+    upper = torch.ones(tg.CHUNK, tg.CHUNK, dtype=torch.bool).triu(1).repeat(As["rows"].shape[2] // tg.CHUNK, 1)
+    for intra, a in As.items():
+        assert torch.isfinite(a).all(), intra
+        assert rel(a, As["rows"]) <= (1e-2 if lowp else 1e-6), intra
+        assert (a[:, :, T:] == 0).all(), intra
+        assert (a[:, :, upper] == 0).all(), intra  # nothing above the diagonal of each chunk
+
+
+@pytest.mark.parametrize("intra", tg.INTRA)
+def test_gates_at_the_clamp_with_large_inputs(intra):
+    """The matmul scheme's largest factors, e^40 on each side of a 16-row block, occur when every gate sits at
+    LOG_GATE_MIN; with |q|, |k| ~ 300 nothing overflows, and every kind matches the oracle."""
+    B, H, Hk, T, K, V = 1, 2, 1, 80, 32, 16
+    q, k, v, _, S0 = make(B, H, Hk, T, K, V, None)
+    q, k = q * 100, k * 100
+    g = torch.full((B, Hk, T, K), gla.LOG_GATE_MIN).to(DEVICE)
+    g[..., : K // 2] = -1e-3  # a slow half beside the fastest one
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(B, H, T, V, generator=gen).to(DEVICE)
+    dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
+    ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
+    tg.TUNING = tg.Tuning(intra=intra)
+    got = fwd_bwd(q, k, v, g, S0, do, dS)
+    for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) <= 1e-4, name
+
+
+def test_gates_below_the_clamp():
+    """Gates below LOG_GATE_MIN are clamped inside the kernels, as in every form of kernels/gla.py: the
+    outputs are those of the clamped gates and no gradient reaches the clamped entries."""
+    B, H, Hk, T, K, V = 1, 2, 1, 70, 16, 16
+    q, k, v, _, S0 = make(B, H, Hk, T, K, V, None)
+    gen = torch.Generator().manual_seed(2)
+    g = (torch.randn(B, Hk, T, K, generator=gen) * 6 - 4).clamp_max(0).to(DEVICE)  # ~1/2 below -5
+    assert (g < gla.LOG_GATE_MIN).float().mean() > 0.3
+    do = torch.randn(B, H, T, V, generator=gen).to(DEVICE)
+    dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
+    ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
+    got = fwd_bwd(q, k, v, g, S0, do, dS)
+    for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
+        assert rel(a, b) <= 1e-4, name
+    dg = got[5]
+    assert (dg[g < gla.LOG_GATE_MIN] == 0).all() and (dg[g >= gla.LOG_GATE_MIN] != 0).any()
 
 
 @pytest.mark.parametrize("kw", [dict(block_k=48), dict(block_v=8), dict(block_k=512), dict(block_v=0),
-                                dict(block_k=32.0), dict(num_warps=3), dict(num_warps=0), dict(num_stages=0)])
+                                dict(block_k=32.0), dict(num_warps=3), dict(num_warps=0), dict(num_stages=0),
+                                dict(intra="diagonal"), dict(intra="rows", fused_o=True)])
 def test_bad_tuning(kw):
     with pytest.raises(ValueError):
         tg.Tuning(**kw)
@@ -413,7 +465,7 @@ def test_tuning_default_is_restored():
     """The autouse fixture gives every test the default configuration, whatever an earlier test assigned."""
     assert tg.TUNING == tg.Tuning()
     assert (tg.TUNING.lowp, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k, tg.TUNING.block_v,
-            tg.TUNING.split_intra) == (False, None, None, 64, 64, False)
+            tg.TUNING.intra, tg.TUNING.fused_o) == (False, None, None, 64, 64, "matmul", False)
 
 
 # --------------------------------------------------------------------------------------------------
