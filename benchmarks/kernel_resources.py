@@ -1,5 +1,5 @@
 """Registers, spills and shared memory of the chunk_gla intra-chunk kernels (forward A and output, backward dq/dk,
-for each `Tuning.intra` and `fused_o`), compiled for a GPU without one.
+for each `Tuning.intra` and `fuse_intra`), compiled for a GPU without one.
 
     python benchmarks/kernel_resources.py [--arch 90] [--warps 2 4 8] [--block-k 32 64] [--head-dim 128]
                                           [--json resources.json]
@@ -44,9 +44,11 @@ KERNELS = [
     ("_attn_intra_split", "_attn_intra_split", {}),  # "split"
     ("_attn_intra_mm", "_attn_intra_mm", {}),  # "matmul" (the default)
     ("_o_fwd", "_o_fwd", {}),  # the forward's output from A
-    ("_o_fwd_mm", "_o_fwd_mm", {}),  # Tuning.fused_o: A formed in the output kernel
+    ("_o_fwd_mm", "_o_fwd_mm", {}),  # Tuning.fuse_intra: A formed in the output kernel
     ("_dqk_bwd rows", "_dqk_bwd", {"DIAG_MM": False}),  # "rows" and "split"
     ("_dqk_bwd matmul", "_dqk_bwd", {"DIAG_MM": True}),  # "matmul"
+    ("_dv_bwd", "_dv_bwd", {"FUSED": False}),
+    ("_dv_bwd fused", "_dv_bwd", {"FUSED": True}),  # fuse_intra: A formed in the dv kernel
 ]
 _HALF = {"q", "k", "v", "do", "dq", "dk", "o"}  # bf16 tensors; every other pointer is fp32 (b, A, h, dh, dA, dB)
 _INTS = {"T", "Tp", "H", "Hk", "N"}

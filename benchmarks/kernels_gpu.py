@@ -249,12 +249,12 @@ VARIANTS = {
     "default": {},  # intra "matmul": the diagonal 16x16 blocks as matmuls (forward A and backward dq/dk)
     "rows": {"intra": "rows"},  # the diagonal blocks one row at a time: the default measured up to stop 10
     "split": {"intra": "split"},  # "rows" with A by _attn_intra_split (one program per 16-row block)
-    "fused": {"fused_o": True},  # forward: A formed inside the output kernel, never stored
+    "fused": {"fuse_intra": True},  # A never stored: formed in the forward output and backward dv kernels
     "w8": {"num_warps": 8},
-    "fused w8": {"fused_o": True, "num_warps": 8},
+    "fused w8": {"fuse_intra": True, "num_warps": 8},
     "bv32": {"block_v": 32},  # twice the programs for the state scans (h, dh)
     "lowp": {"lowp": True},  # bf16 matmul operands and scratch buffers (dg error 1.6e-2 before: over 1e-2)
-    "lowp fused": {"lowp": True, "fused_o": True},
+    "lowp fused": {"lowp": True, "fuse_intra": True},
     "lowp w8": {"lowp": True, "num_warps": 8},
 }
 

@@ -21,9 +21,9 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
                16-row block; `TUNING.intra` "rows": `_attn_intra`, one program per chunk; "split":
                `_attn_intra_split`).
             4. `_o_fwd`: o = scale (q ⊙ exp(b)) h[n] + A v per (query head, chunk, V block). With
-               `TUNING.fused_o`, `_o_fwd_mm` does 3. and 4. in one kernel per 16-row block: A never leaves
-               the registers.
-  backward  h is recomputed (2.) and A (3.); then
+               `TUNING.fuse_intra`, `_o_fwd_mm` does 3. and 4. in one kernel per 16-row block, and the
+               backward's `_dv_bwd` forms A itself too: A never leaves the registers.
+  backward  h is recomputed (2.) and A (3.; not with fuse_intra); then
             5. `_dh_bwd`: reverse scan, dh[n] = gradient of the state after chunk n (fp32; input dtype under
                lowp),
                dS_{n} = Diag(exp(b_last)) dS_{n+1} + scale Σ_{heads of the group} (q ⊙ exp(b))ᵀ do,
@@ -31,7 +31,7 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
             6. `_dA_bwd`: dA[t, s] = scale do_t · v_s (s ≤ t), per query head.
             7. `_dqk_bwd`: dq (per query head) and dk (summed over the G query heads of the group inside the
                program: one program owns a kv head, no atomics), plus dB = Σ_heads q ⊙ dq − k ⊙ dk.
-            8. `_dv_bwd`: dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n].
+            8. `_dv_bwd`: dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n] (A formed in-kernel with fuse_intra).
             9. dg. With B the cumulative log gate from the sequence start, every term of the loss that
                holds q_t holds it as q_t ⊙ exp(B_t), every term holding k_s as k_s ⊙ exp(−B_s), and the final
                state is exp(B_T) ⊙ (…), so per channel ∂L/∂B_t = q_t ⊙ dq_t − k_t ⊙ dk_t (+ Σ_v dS_T ⊙ S_T at
@@ -131,8 +131,8 @@ class Tuning:
     #             (`_attn_intra_mm`, one program per 16-row block) and backward (`_dqk_bwd`, DIAG_MM)
     #   "rows":   one key (query) row at a time, per (chunk, head) (`_attn_intra`; `_dqk_bwd` row loops)
     #   "split":  "rows" with one program per 16-row block for A (`_attn_intra_split`)
-    fused_o: bool = False  # forward: A formed inside the output kernel (`_o_fwd_mm`), never stored; needs
-    #                        intra "matmul"
+    fuse_intra: bool = False  # A is never stored: formed inside the kernels that use it, the forward's output
+    #                           (`_o_fwd_mm`) and the backward's dv (`_dv_bwd`, FUSED); needs intra "matmul"
 
     def __post_init__(self):
         self.validate()
@@ -142,8 +142,8 @@ class Tuning:
         positive (num_warps a power of two)."""
         if self.intra not in INTRA:
             raise ValueError(f"Tuning.intra must be one of {', '.join(INTRA)}, got {self.intra!r}")
-        if self.fused_o and self.intra != "matmul":
-            raise ValueError(f"Tuning.fused_o needs intra='matmul', got intra={self.intra!r}")
+        if self.fuse_intra and self.intra != "matmul":
+            raise ValueError(f"Tuning.fuse_intra needs intra='matmul', got intra={self.intra!r}")
         for name in ("block_k", "block_v"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int) or not 16 <= x <= MAX_HEAD_DIM or x & (x - 1):
@@ -387,48 +387,59 @@ def _attn_intra_split(q, k, b, A, scale, T, Tp, H, Hk, G,
 
 
 @triton.jit
+def _intra_block(q_rows, k_chunk, b_chunk, i, n_rows, n_keys,
+                 K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+                 BK: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
+    """Row block i of the intra-chunk matrix, unscaled: [BC, C] with entry (t, s) = Σ_k q_tk k_sk exp(b_tk − b_sk)
+    for s ≤ t, 0 elsewhere; q_rows points at the block's first query row, k_chunk / b_chunk at the chunk's first
+    key row / gate row, n_rows / n_keys the block's query rows and the chunk's key rows < T. One matmul per K
+    block through the reference r = b at the block's middle row (see the module docstring: every factor
+    ≤ e^40), fp32 operands (TF32 for half inputs) even under lowp."""
+    ET: tl.constexpr = tl.float32
+    oc = tl.arange(0, BC)
+    oC = tl.arange(0, C)
+    okk = tl.arange(0, BK)
+    mi = (oc < n_rows)[:, None]
+    upto = (oC < i * BC + BC)[:, None]  # keys up to the end of the block
+    mkeys = upto & (oC < n_keys)[:, None]
+    att = tl.zeros([BC, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        mk = (okk < K - k0)[None, :]
+        qi = tl.load(q_rows + k0 + oc[:, None] * K + okk[None, :], mask=mi & mk, other=0.0).to(tl.float32)
+        kc = tl.load(k_chunk + k0 + oC[:, None] * K + okk[None, :], mask=mkeys & mk, other=0.0).to(tl.float32)
+        if USE_G:
+            r = tl.load(b_chunk + (i * BC + BC // 2 - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
+            bi = tl.load(b_chunk + i * BC * KG + k0 * SBK + oc[:, None] * KG + okk[None, :] * SBK, mask=mk,
+                         other=0.0)
+            bc = tl.load(b_chunk + k0 * SBK + oC[:, None] * KG + okk[None, :] * SBK, mask=mk, other=0.0)
+            qi = qi * tl.exp(bi - r)
+            kc = kc * tl.exp(tl.where(upto, r - bc, 0.0))
+        att = _dot(qi, tl.trans(kc), att, ET, False, PREC)
+    return tl.where(oC[None, :] <= i * BC + oc[:, None], att, 0.0)
+
+
+@triton.jit
 def _attn_intra_mm(q, k, b, A, scale, T, Tp, H, Hk, G,
                    K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
                    C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                    USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
-    """`_attn_intra`'s A without its row loop: one program per (BC-row block i, chunk, query head) computes
-    the block's whole [BC, C] row of A as one matmul per K block, (q_t exp(b_t − r)) · (k_s exp(r − b_s)),
-    through the reference r = b at the block's middle row m = i·BC + BC/2 − 1: every factor is
-    ≤ exp((BC/2)·|LOG_GATE_MIN|) = e^40 (`_chunk_cumsum` clamps the gates; keys of earlier blocks get factors
-    ≤ 1), and for s ≤ t the product, exp(b_t − b_s), is ≤ 1. Keys after the block are not loaded (exponent 0
-    there); entries with s > t are dropped by tl.where, never multiplied."""
+    """`_attn_intra`'s A without its row loop: one program per (BC-row block i, chunk, query head) stores the
+    block's whole [BC, C] row of A, `_intra_block` (one matmul per K block through the reference
+    r = b at the block's middle row m = i·BC + BC/2 − 1: every factor is ≤ exp((BC/2)·|LOG_GATE_MIN|) = e^40,
+    `_chunk_cumsum` clamps the gates; keys of earlier blocks get factors ≤ 1; for s ≤ t the product,
+    exp(b_t − b_s), is ≤ 1; keys after the block are not loaded (exponent 0 there); entries with s > t are
+    dropped by tl.where, never multiplied)."""
     pid, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    ET: tl.constexpr = q.dtype.element_ty
     NC: tl.constexpr = C // BC
     n, i = pid // NC, pid % NC
     ibk = (ibh // H) * Hk + (ibh % H) // G
     t0 = n * C
+    att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b + (ibk * Tp + t0) * KG, i,
+                       T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC)
     oc = tl.arange(0, BC)
     oC = tl.arange(0, C)
-    okk = tl.arange(0, BK)
-    tile_q = oc[:, None] * K + okk[None, :]  # BC rows x K block (offsets)
-    tile_k = oC[:, None] * K + okk[None, :]  # C rows x K block
-    q_base = q + (ibh * T + t0 + i * BC) * K
-    k_base = k + (ibk * T + t0) * K
-    b_base = b + (ibk * Tp + t0) * KG
-    mi = (oc < T - t0 - i * BC)[:, None]  # query rows that exist
-    upto = (oC < i * BC + BC)[:, None]  # keys up to the end of the block
-    mkeys = upto & (oC < T - t0)[:, None]
-    acc = tl.zeros([BC, C], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        mk = (okk < K - k0)[None, :]
-        qi = tl.load(q_base + k0 + tile_q, mask=mi & mk, other=0.0).to(tl.float32)
-        kc = tl.load(k_base + k0 + tile_k, mask=mkeys & mk, other=0.0).to(tl.float32)
-        if USE_G:
-            r = tl.load(b_base + (i * BC + BC // 2 - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
-            bi = tl.load(b_base + i * BC * KG + k0 * SBK + oc[:, None] * KG + okk[None, :] * SBK, mask=mk,
-                         other=0.0)
-            bc = tl.load(b_base + k0 * SBK + oC[:, None] * KG + okk[None, :] * SBK, mask=mk, other=0.0)
-            qi = qi * tl.exp(bi - r)
-            kc = kc * tl.exp(tl.where(upto, r - bc, 0.0))
-        acc = _dot(qi, tl.trans(kc), acc, ET, False, PREC)  # fp32 operands even under lowp: see "lowp" above
-    acc = tl.where(oC[None, :] <= i * BC + oc[:, None], acc * scale, 0.0)
-    tl.store(A + (ibh * Tp + t0 + i * BC) * C + oc[:, None] * C + oC[None, :], _lowp(acc, A.dtype.element_ty))
+    tl.store(A + (ibh * Tp + t0 + i * BC) * C + oc[:, None] * C + oC[None, :],
+             _lowp(att * scale, A.dtype.element_ty))
 
 
 @triton.jit
@@ -469,10 +480,9 @@ def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
               K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
               C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
-    """The forward's output without an A buffer (Tuning.fused_o): one program per (BC-row block i, chunk,
-    V block, query head) forms the block's [BC, C] row of A in registers exactly as `_attn_intra_mm` does
-    (reference at the block's middle row) and returns o_i = scale ((q_i ⊙ exp(b_i)) h[n] + A_i v), so A is
-    never written to memory nor read back (the backward still builds it for dv)."""
+    """The forward's output without an A buffer (Tuning.fuse_intra): one program per (BC-row block i, chunk,
+    V block, query head) forms the block's [BC, C] row of A in registers (`_intra_block`) and returns
+    o_i = scale ((q_i ⊙ exp(b_i)) h[n] + A_i v), so A is never written to memory nor read back."""
     pid, iv, ibh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
     NC: tl.constexpr = C // BC
@@ -484,32 +494,21 @@ def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
     okk = tl.arange(0, BK)
     ov = iv * BV + tl.arange(0, BV)
     mv = (ov < V)[None, :]
-    q_base = q + (ibh * T + t0 + i * BC) * K
-    k_base = k + (ibk * T + t0) * K
-    b_base = b + (ibk * Tp + t0) * KG
+    q_rows = q + (ibh * T + t0 + i * BC) * K
+    b_chunk = b + (ibk * Tp + t0) * KG
     mi = (oc < T - t0 - i * BC)[:, None]
-    upto = (oC < i * BC + BC)[:, None]
-    mkeys = upto & (oC < T - t0)[:, None]
     inter = tl.zeros([BC, BV], dtype=tl.float32)
-    att = tl.zeros([BC, C], dtype=tl.float32)
     for k0 in range(0, K, BK):
         mk = (okk < K - k0)[None, :]
-        qi = tl.load(q_base + k0 + oc[:, None] * K + okk[None, :], mask=mi & mk, other=0.0).to(tl.float32)
-        kc = tl.load(k_base + k0 + oC[:, None] * K + okk[None, :], mask=mkeys & mk, other=0.0).to(tl.float32)
+        qi = tl.load(q_rows + k0 + oc[:, None] * K + okk[None, :], mask=mi & mk, other=0.0).to(tl.float32)
+        if USE_G:
+            qi = qi * tl.exp(tl.load(b_chunk + i * BC * KG + k0 * SBK + oc[:, None] * KG + okk[None, :] * SBK,
+                                     mask=mk, other=0.0))
         hh = tl.load(h + (ibk * N + n) * K * V + (k0 + okk[:, None]) * V + ov[None, :],
                      mask=(okk < K - k0)[:, None] & mv, other=0.0)
-        if USE_G:
-            r = tl.load(b_base + (i * BC + BC // 2 - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
-            bi = tl.load(b_base + i * BC * KG + k0 * SBK + oc[:, None] * KG + okk[None, :] * SBK, mask=mk,
-                         other=0.0)
-            bc = tl.load(b_base + k0 * SBK + oC[:, None] * KG + okk[None, :] * SBK, mask=mk, other=0.0)
-            inter = _dot(qi * tl.exp(bi), hh, inter, ET, LOWP, PREC)
-            qi = qi * tl.exp(bi - r)
-            kc = kc * tl.exp(tl.where(upto, r - bc, 0.0))
-        else:
-            inter = _dot(qi, hh, inter, ET, LOWP, PREC)
-        att = _dot(qi, tl.trans(kc), att, ET, False, PREC)  # fp32 operands even under lowp
-    att = tl.where(oC[None, :] <= i * BC + oc[:, None], att, 0.0)
+        inter = _dot(qi, hh, inter, ET, LOWP, PREC)
+    att = _intra_block(q_rows, k + (ibk * T + t0) * K, b_chunk, i, T - t0 - i * BC, T - t0,
+                       K, KG, SBK, C, BC, BK, USE_G, PREC)
     vv = tl.load(v + (ibk * T + t0) * V + oC[:, None] * V + ov[None, :], mask=(oC < T - t0)[:, None] & mv,
                  other=0.0).to(tl.float32)
     acc = _dot(att, vv, inter, ET, LOWP, PREC) * scale
@@ -760,11 +759,12 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
 
 
 @triton.jit
-def _dv_bwd(k, b, dh, A, do, dv, T, Tp, H, Hk, G, N,
+def _dv_bwd(q, k, b, dh, A, do, dv, scale, T, Tp, H, Hk, G, N,
             K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
-            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
-    """dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n]."""
+            C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, FUSED: tl.constexpr):
+    """dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n]. FUSED (Tuning.fuse_intra): A is not read but formed
+    here, one BC-row block at a time (`_intra_block`), dv += scale A_iᵀ do_i; q and scale are used only then."""
     n, iv, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = k.dtype.element_ty
     bi = ibk // Hk
@@ -792,9 +792,19 @@ def _dv_bwd(k, b, dh, A, do, dv, T, Tp, H, Hk, G, N,
     cc = oc[:, None] * C + oc[None, :]
     for gi in range(G):
         ibh = bi * H + hk * G + gi
-        AA = tl.load(A + (ibh * Tp + t0) * C + cc)
-        dd = tl.load(do + (ibh * T + t0) * V + cv, mask=mt & mv, other=0.0).to(tl.float32)
-        acc = _dot(tl.trans(AA), dd, acc, ET, LOWP, PREC)
+        if FUSED:
+            ob = tl.arange(0, BC)
+            NC: tl.constexpr = C // BC
+            for i in tl.static_range(NC):
+                att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b + (ibk * Tp + t0) * KG,
+                                   i, T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC)
+                dd = tl.load(do + (ibh * T + t0 + i * BC) * V + ob[:, None] * V + ov[None, :],
+                             mask=(ob < T - t0 - i * BC)[:, None] & mv, other=0.0).to(tl.float32)
+                acc = _dot(tl.trans(att * scale), dd, acc, ET, LOWP, PREC)
+        else:
+            AA = tl.load(A + (ibh * Tp + t0) * C + cc)
+            dd = tl.load(do + (ibh * T + t0) * V + cv, mask=mt & mv, other=0.0).to(tl.float32)
+            acc = _dot(tl.trans(AA), dd, acc, ET, LOWP, PREC)
     tl.store(dv + (ibk * T + t0) * V + cv, acc.to(dv.dtype.element_ty), mask=mt & mv)
 
 
@@ -974,7 +984,7 @@ class _Setup:
         self.launch = {name: x for name, x in (("num_warps", t.num_warps), ("num_stages", t.num_stages))
                        if x is not None}
         self.intra_kind = t.intra
-        self.fused_o = bool(t.fused_o)
+        self.fuse_intra = bool(t.fuse_intra)
         self.dev = q.device
 
     def consts(self):
@@ -1022,7 +1032,7 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64)
     scale = float(scale)
     h, ht = s.states(initial_state)
     o = _empty(s.B, s.H, s.T, s.V, device=s.dev, dtype=q.dtype)
-    if s.fused_o:
+    if s.fuse_intra:
         _o_fwd_mm[(s.N * (s.C // SUB), s.NV, s.B * s.H)](s.q, s.k, s.v, s.b_arg, h, o, scale, s.T, s.Tp, s.H,
                                                           s.Hk, s.G, s.N, BC=SUB, **s.consts())
     else:
@@ -1059,7 +1069,7 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
     prec = "ieee" if s.prec == "ieee" and do.dtype == torch.float32 else "tf32"
     c = dict(s.consts(), PREC=prec)
     h, ht = s.states(initial_state)
-    A = s.intra(scale)
+    A = None if s.fuse_intra else s.intra(scale)  # fused: _dv_bwd forms A itself
     B, H, Hk, G, N, T, Tp, K, V = s.B, s.H, s.Hk, s.G, s.N, s.T, s.Tp, s.K, s.V
     dev = s.dev
 
@@ -1080,7 +1090,8 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
                                 T, Tp, H, Hk, G, N, BC=SUB, DIAG_MM=s.intra_kind == "matmul", **c)
 
     dv = _empty(B, Hk, T, V, device=dev, dtype=v.dtype)
-    _dv_bwd[(N, s.NV, B * Hk)](s.k, s.b_arg, dh, A, do, dv, T, Tp, H, Hk, G, N, **c)
+    _dv_bwd[(N, s.NV, B * Hk)](s.q, s.k, s.b_arg, dh, A if A is not None else dh, do, dv, scale, T, Tp, H, Hk,
+                               G, N, BC=SUB, FUSED=s.fuse_intra, **c)
 
     dg = None
     if g is not None:

@@ -244,10 +244,11 @@ def fwd_bwd(q, k, v, g, S0, do, dS):
 NAMES = ("o", "S", "dq", "dk", "dv", "dg", "dS0")
 
 
-@pytest.mark.parametrize("dtype,gate", [(torch.bfloat16, "channel"), (torch.float16, "scalar"),
-                                        (torch.bfloat16, None)])
-def test_lowp_half_precision(dtype, gate, monkeypatch):
-    """lowp: half-precision operands and scratch buffers stay within the bf16 tolerance of the fp32 result."""
+@pytest.mark.parametrize("dtype,gate,fuse", [(torch.bfloat16, "channel", False), (torch.float16, "scalar", False),
+                                             (torch.bfloat16, None, False), (torch.bfloat16, "channel", True)])
+def test_lowp_half_precision(dtype, gate, fuse, monkeypatch):
+    """lowp: half-precision operands and scratch buffers stay within the bf16 tolerance of the fp32 result
+    (with fuse_intra too, which stores no A)."""
     B, H, Hk, T, K, V = 1, 2, 1, 70, 32, 33  # two chunks (the second one a masked tail), GQA
     q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
@@ -264,7 +265,7 @@ def test_lowp_half_precision(dtype, gate, monkeypatch):
         return empty(*shape, **kw)
 
     monkeypatch.setattr(tg, "_empty", record)
-    tg.TUNING = tg.Tuning(lowp=True)  # read at call time: the next calls run lowp
+    tg.TUNING = tg.Tuning(lowp=True, fuse_intra=fuse)  # read at call time: the next calls run lowp
     got = fwd_bwd(q, k, v, g, S0, do, dS)
     for name, a, b, x in zip(NAMES, got, ref, (q, S0, q, k, v, g, S0)):
         if x is None:
@@ -282,7 +283,7 @@ def test_lowp_half_precision(dtype, gate, monkeypatch):
     for shape, dt in scratch:
         dts.setdefault(kinds.get(shape), set()).add(dt)
     assert dts["h/dh"] == {dtype}  # chunk states and their gradients in the input dtype
-    assert dts["A/dA"] == {dtype, None}  # A in the input dtype, dA fp32
+    assert dts["A/dA"] == ({None} if fuse else {dtype, None})  # A in the input dtype (if stored), dA fp32
     assert dts["final state/dS0"] == {None}  # fp32
 
 
@@ -331,7 +332,7 @@ def test_block_sizes(block_k, block_v, H, Hk, T, K, V, gate):
     check_against_oracle(H, Hk, T, K, V, gate)
 
 
-# (intra, fused_o, block_k, H, Hk, T, K, V, gate): tails inside the first and second 16-row blocks of a chunk,
+# (intra, fuse_intra, block_k, H, Hk, T, K, V, gate): tails inside the first and second 16-row blocks of a chunk,
 # a single row; the default ("matmul", unfused) runs in every test above
 INTRA = [
     ("rows", False, 64, 4, 2, 70, 16, 17, "channel"),  # GQA, the tail chunk's rows 6..63 past T
@@ -349,11 +350,12 @@ INTRA = [
 KERNEL_OF = {"matmul": "_attn_intra_mm", "rows": "_attn_intra", "split": "_attn_intra_split"}
 
 
-@pytest.mark.parametrize("intra,fused_o,block_k,H,Hk,T,K,V,gate", INTRA)
-def test_intra_kinds(intra, fused_o, block_k, H, Hk, T, K, V, gate, monkeypatch):
-    """Every Tuning.intra (and fused_o) gives the oracle's forward and gradients, and launches the kernels it
+@pytest.mark.parametrize("intra,fuse_intra,block_k,H,Hk,T,K,V,gate", INTRA)
+def test_intra_kinds(intra, fuse_intra, block_k, H, Hk, T, K, V, gate, monkeypatch):
+    """Every Tuning.intra (and fuse_intra) gives the oracle's forward and gradients, and launches the kernels it
     names: A by `_attn_intra` (one program per chunk) or `_attn_intra_split` / `_attn_intra_mm` (one per
-    16-row block), in the forward (unless fused_o: `_o_fwd_mm`, no A) and in the backward's recompute."""
+    16-row block), in the forward and in the backward's recompute; with fuse_intra no A kernel runs at all
+    (`_o_fwd_mm` in the forward, `_dv_bwd` forms A itself)."""
     grids = []
 
     class Spy:  # records which kernel ran, and its launch grid
@@ -366,13 +368,13 @@ def test_intra_kinds(intra, fused_o, block_k, H, Hk, T, K, V, gate, monkeypatch)
 
     for name in (*KERNEL_OF.values(), "_o_fwd", "_o_fwd_mm"):
         monkeypatch.setattr(tg, name, Spy(name))
-    tg.TUNING = tg.Tuning(intra=intra, fused_o=fused_o, block_k=block_k)
+    tg.TUNING = tg.Tuning(intra=intra, fuse_intra=fuse_intra, block_k=block_k)
     check_against_oracle(H, Hk, T, K, V, gate)
     n = -(-T // tg.CHUNK)
     nv = -(-V // 64)
     A = (KERNEL_OF[intra], (n if intra == "rows" else 4 * n, H))
-    forward = [("_o_fwd_mm", (4 * n, nv, H))] if fused_o else [A, ("_o_fwd", (n, nv, H))]
-    assert grids == forward + [A]  # the backward rebuilds A (dv needs it)
+    forward = [("_o_fwd_mm", (4 * n, nv, H))] if fuse_intra else [A, ("_o_fwd", (n, nv, H))]
+    assert grids == forward + ([] if fuse_intra else [A])  # unfused, the backward rebuilds A for dv
 
 
 # (B, H, Hk, T, K, gate, dtype): A itself, each kind against "rows"
@@ -442,7 +444,7 @@ def test_gates_below_the_clamp():
 
 @pytest.mark.parametrize("kw", [dict(block_k=48), dict(block_v=8), dict(block_k=512), dict(block_v=0),
                                 dict(block_k=32.0), dict(num_warps=3), dict(num_warps=0), dict(num_stages=0),
-                                dict(intra="diagonal"), dict(intra="rows", fused_o=True)])
+                                dict(intra="diagonal"), dict(intra="rows", fuse_intra=True)])
 def test_bad_tuning(kw):
     with pytest.raises(ValueError):
         tg.Tuning(**kw)
@@ -465,7 +467,7 @@ def test_tuning_default_is_restored():
     """The autouse fixture gives every test the default configuration, whatever an earlier test assigned."""
     assert tg.TUNING == tg.Tuning()
     assert (tg.TUNING.lowp, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k, tg.TUNING.block_v,
-            tg.TUNING.intra, tg.TUNING.fused_o) == (False, None, None, 64, 64, "matmul", False)
+            tg.TUNING.intra, tg.TUNING.fuse_intra) == (False, None, None, 64, 64, "matmul", False)
 
 
 # --------------------------------------------------------------------------------------------------
