@@ -44,7 +44,9 @@ KERNELS = [
     ("_attn_intra_split", "_attn_intra_split", {}),  # "split"
     ("_attn_intra_mm", "_attn_intra_mm", {}),  # "matmul" (the default)
     ("_o_fwd", "_o_fwd", {}),  # the forward's output from A
-    ("_o_fwd_mm", "_o_fwd_mm", {}),  # Tuning.fuse_intra: A formed in the output kernel
+    ("_o_fwd_mm", "_o_fwd_mm", {"RAW": True}),  # Tuning.fuse_intra: A and the gate cumsum in the output kernel
+    ("_h_fwd", "_h_fwd", {}),
+    ("_h_fwd raw gates", "_h_fwd", {"RAW": True}),  # fuse_intra's forward: the gate cumsum in the scan
     ("_dqk_bwd rows", "_dqk_bwd", {"DIAG_MM": False}),  # "rows" and "split"
     ("_dqk_bwd matmul", "_dqk_bwd", {"DIAG_MM": True}),  # "matmul"
     ("_dv_bwd", "_dv_bwd", {"FUSED": False}),
@@ -64,7 +66,8 @@ def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, hea
     from triton.compiler import ASTSource
 
     common = {"G": 1, "K": head_dim, "V": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k,
-              "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": False, **extra}
+              "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": False, "HAS_H0": False, "RAW": False, "GMIN": -5.0,
+              **extra}
     sig, const = {}, {}
     for p in kernel.params:
         name = p.name

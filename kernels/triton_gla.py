@@ -211,7 +211,10 @@ def _dot(a, b, acc, ET: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr):
 def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
            K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           USE_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+           USE_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+           RAW: tl.constexpr, GMIN: tl.constexpr):
+    """h[n] = the state chunk n starts from, and the final state. RAW: b is the gates g `[B, Hk, T, KG]`, and
+    each chunk's cumulative gates are taken here (as `_chunk_cumsum` does)."""
     ik, iv, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = k.dtype.element_ty
     ok = ik * BK + tl.arange(0, BK)
@@ -235,8 +238,13 @@ def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
         kk = tl.load(k + (ibk * T + t0) * K + ck, mask=mt & mk[None, :], other=0.0).to(tl.float32)
         vv = tl.load(v + (ibk * T + t0) * V + cv, mask=mt & mv[None, :], other=0.0).to(tl.float32)
         if USE_G:
-            bb = tl.load(b + (ibk * Tp + t0) * KG + cb, mask=mk[None, :], other=0.0)
-            bl = tl.load(b + (ibk * Tp + t0 + C - 1) * KG + ok * SBK, mask=mk, other=0.0)
+            if RAW:
+                gg = tl.load(b + (ibk * T + t0) * KG + cb, mask=mt & mk[None, :], other=0.0).to(tl.float32)
+                bb = tl.cumsum(tl.maximum(gg, GMIN), axis=0)
+                bl = tl.sum(tl.where(oc[:, None] == C - 1, bb, 0.0), axis=0)  # the last row, as it is in bb
+            else:
+                bb = tl.load(b + (ibk * Tp + t0) * KG + cb, mask=mk[None, :], other=0.0)
+                bl = tl.load(b + (ibk * Tp + t0 + C - 1) * KG + ok * SBK, mask=mk, other=0.0)
             kk = kk * tl.exp(bl[None, :] - bb)
             S = S * tl.exp(bl)[:, None]
         S = _dot(tl.trans(kk), vv, S, ET, LOWP, PREC)
@@ -387,14 +395,42 @@ def _attn_intra_split(q, k, b, A, scale, T, Tp, H, Hk, G,
 
 
 @triton.jit
+def _gates(b_chunk, i, n_keys, k0, K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr, C: tl.constexpr,
+           BC: tl.constexpr, BK: tl.constexpr, RAW: tl.constexpr, GMIN: tl.constexpr):
+    """The cumulative gates one matmul-scheme block needs, for the K block at k0: the chunk's [C, BK], its
+    row block i's [BC, BK] and the reference r = b at the block's middle row, [1, BK]. From the b buffer, or
+    (RAW) from the gates themselves: b_chunk then points at g's first row of the chunk, rows ≥ n_keys read
+    as zero gates, and the chunk-local cumsum of max(g, GMIN) is taken here; the block rows and r are picked
+    out of it (masked sums of zeros: the same values, bit for bit)."""
+    oC = tl.arange(0, C)
+    okk = tl.arange(0, BK)
+    mk = (okk < K - k0)[None, :]  # with one gate per step (SBK = 0) every column reads that gate
+    cols = k0 * SBK + okk[None, :] * SBK
+    if RAW:
+        gg = tl.load(b_chunk + oC[:, None] * KG + cols, mask=(oC < n_keys)[:, None] & mk, other=0.0)
+        bc = tl.cumsum(tl.maximum(gg.to(tl.float32), GMIN), axis=0)
+        NC: tl.constexpr = C // BC
+        sel = (tl.arange(0, NC) == i)[:, None, None]
+        bi = tl.sum(tl.where(sel, tl.reshape(bc, (NC, BC, BK)), 0.0), axis=0)
+        r = tl.sum(tl.where((oC == i * BC + BC // 2 - 1)[:, None], bc, 0.0), axis=0)[None, :]
+    else:
+        oc = tl.arange(0, BC)
+        bc = tl.load(b_chunk + oC[:, None] * KG + cols, mask=mk, other=0.0)
+        bi = tl.load(b_chunk + (i * BC + oc[:, None]) * KG + cols, mask=mk, other=0.0)
+        r = tl.load(b_chunk + (i * BC + BC // 2 - 1) * KG + cols, mask=mk, other=0.0)
+    return bc, bi, r
+
+
+@triton.jit
 def _intra_block(q_rows, k_chunk, b_chunk, i, n_rows, n_keys,
                  K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-                 BK: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr):
+                 BK: tl.constexpr, USE_G: tl.constexpr, PREC: tl.constexpr, RAW: tl.constexpr,
+                 GMIN: tl.constexpr):
     """Row block i of the intra-chunk matrix, unscaled: [BC, C] with entry (t, s) = Σ_k q_tk k_sk exp(b_tk − b_sk)
     for s ≤ t, 0 elsewhere; q_rows points at the block's first query row, k_chunk / b_chunk at the chunk's first
-    key row / gate row, n_rows / n_keys the block's query rows and the chunk's key rows < T. One matmul per K
-    block through the reference r = b at the block's middle row (see the module docstring: every factor
-    ≤ e^40), fp32 operands (TF32 for half inputs) even under lowp."""
+    key row / gate row (`_gates`: b, or g itself with RAW), n_rows / n_keys the block's query rows and the
+    chunk's key rows < T. One matmul per K block through the reference r = b at the block's middle row (see
+    the module docstring: every factor ≤ e^40), fp32 operands (TF32 for half inputs) even under lowp."""
     ET: tl.constexpr = tl.float32
     oc = tl.arange(0, BC)
     oC = tl.arange(0, C)
@@ -408,10 +444,7 @@ def _intra_block(q_rows, k_chunk, b_chunk, i, n_rows, n_keys,
         qi = tl.load(q_rows + k0 + oc[:, None] * K + okk[None, :], mask=mi & mk, other=0.0).to(tl.float32)
         kc = tl.load(k_chunk + k0 + oC[:, None] * K + okk[None, :], mask=mkeys & mk, other=0.0).to(tl.float32)
         if USE_G:
-            r = tl.load(b_chunk + (i * BC + BC // 2 - 1) * KG + k0 * SBK + okk[None, :] * SBK, mask=mk, other=0.0)
-            bi = tl.load(b_chunk + i * BC * KG + k0 * SBK + oc[:, None] * KG + okk[None, :] * SBK, mask=mk,
-                         other=0.0)
-            bc = tl.load(b_chunk + k0 * SBK + oC[:, None] * KG + okk[None, :] * SBK, mask=mk, other=0.0)
+            bc, bi, r = _gates(b_chunk, i, n_keys, k0, K, KG, SBK, C, BC, BK, RAW, GMIN)
             qi = qi * tl.exp(bi - r)
             kc = kc * tl.exp(tl.where(upto, r - bc, 0.0))
         att = _dot(qi, tl.trans(kc), att, ET, False, PREC)
@@ -435,7 +468,7 @@ def _attn_intra_mm(q, k, b, A, scale, T, Tp, H, Hk, G,
     ibk = (ibh // H) * Hk + (ibh % H) // G
     t0 = n * C
     att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b + (ibk * Tp + t0) * KG, i,
-                       T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC)
+                       T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC, False, 0.0)
     oc = tl.arange(0, BC)
     oC = tl.arange(0, C)
     tl.store(A + (ibh * Tp + t0 + i * BC) * C + oc[:, None] * C + oC[None, :],
@@ -479,10 +512,12 @@ def _o_fwd(q, v, b, h, A, o, scale, T, Tp, H, Hk, G, N,
 def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
               K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
               C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+              USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, RAW: tl.constexpr,
+              GMIN: tl.constexpr):
     """The forward's output without an A buffer (Tuning.fuse_intra): one program per (BC-row block i, chunk,
     V block, query head) forms the block's [BC, C] row of A in registers (`_intra_block`) and returns
-    o_i = scale ((q_i ⊙ exp(b_i)) h[n] + A_i v), so A is never written to memory nor read back."""
+    o_i = scale ((q_i ⊙ exp(b_i)) h[n] + A_i v), so A is never written to memory nor read back. RAW: b is
+    the gates g `[B, Hk, T, KG]`, cumulated here (`_gates`), so the forward needs no b buffer either."""
     pid, iv, ibh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
     NC: tl.constexpr = C // BC
@@ -495,20 +530,28 @@ def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
     ov = iv * BV + tl.arange(0, BV)
     mv = (ov < V)[None, :]
     q_rows = q + (ibh * T + t0 + i * BC) * K
-    b_chunk = b + (ibk * Tp + t0) * KG
+    b_chunk = b + (ibk * (T if RAW else Tp) + t0) * KG
     mi = (oc < T - t0 - i * BC)[:, None]
+    upto = (oC < i * BC + BC)[:, None]
+    mkeys = upto & (oC < T - t0)[:, None]
     inter = tl.zeros([BC, BV], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    att = tl.zeros([BC, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):  # `_intra_block`'s loop, with the inter-chunk product beside it
         mk = (okk < K - k0)[None, :]
         qi = tl.load(q_rows + k0 + oc[:, None] * K + okk[None, :], mask=mi & mk, other=0.0).to(tl.float32)
-        if USE_G:
-            qi = qi * tl.exp(tl.load(b_chunk + i * BC * KG + k0 * SBK + oc[:, None] * KG + okk[None, :] * SBK,
-                                     mask=mk, other=0.0))
+        kc = tl.load(k + (ibk * T + t0) * K + k0 + oC[:, None] * K + okk[None, :], mask=mkeys & mk,
+                     other=0.0).to(tl.float32)
         hh = tl.load(h + (ibk * N + n) * K * V + (k0 + okk[:, None]) * V + ov[None, :],
                      mask=(okk < K - k0)[:, None] & mv, other=0.0)
-        inter = _dot(qi, hh, inter, ET, LOWP, PREC)
-    att = _intra_block(q_rows, k + (ibk * T + t0) * K, b_chunk, i, T - t0 - i * BC, T - t0,
-                       K, KG, SBK, C, BC, BK, USE_G, PREC)
+        if USE_G:
+            bc, bi, r = _gates(b_chunk, i, T - t0, k0, K, KG, SBK, C, BC, BK, RAW, GMIN)
+            inter = _dot(qi * tl.exp(bi), hh, inter, ET, LOWP, PREC)
+            qi = qi * tl.exp(bi - r)
+            kc = kc * tl.exp(tl.where(upto, r - bc, 0.0))
+        else:
+            inter = _dot(qi, hh, inter, ET, LOWP, PREC)
+        att = _dot(qi, tl.trans(kc), att, tl.float32, False, PREC)
+    att = tl.where(oC[None, :] <= i * BC + oc[:, None], att, 0.0)
     vv = tl.load(v + (ibk * T + t0) * V + oC[:, None] * V + ov[None, :], mask=(oC < T - t0)[:, None] & mv,
                  other=0.0).to(tl.float32)
     acc = _dot(att, vv, inter, ET, LOWP, PREC) * scale
@@ -797,7 +840,7 @@ def _dv_bwd(q, k, b, dh, A, do, dv, scale, T, Tp, H, Hk, G, N,
             NC: tl.constexpr = C // BC
             for i in tl.static_range(NC):
                 att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b + (ibk * Tp + t0) * KG,
-                                   i, T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC)
+                                   i, T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC, False, 0.0)
                 dd = tl.load(do + (ibh * T + t0 + i * BC) * V + ob[:, None] * V + ov[None, :],
                              mask=(ob < T - t0 - i * BC)[:, None] & mv, other=0.0).to(tl.float32)
                 acc = _dot(tl.trans(att * scale), dd, acc, ET, LOWP, PREC)
@@ -968,9 +1011,11 @@ class _Setup:
         self.C = CHUNK
         self.N = triton.cdiv(self.T, self.C)
         self.Tp = self.N * self.C
-        self.b, self.KG, self.SBK = _cum_gates(g, self.B, self.Hk, self.T, self.N, self.C)
-        self.use_g = self.b is not None
-        self.b_arg = self.b if self.use_g else self.q  # a dummy pointer when there are no gates
+        self.g = g.contiguous() if g is not None else None
+        self.use_g = g is not None
+        self.KG = g.shape[-1] if self.use_g else 1
+        self.SBK = 1 if self.KG > 1 else 0
+        self._b = None
         t = TUNING  # read at every call, so that a benchmark can switch configurations between calls
         t.validate()
         self.BK = _pow2(self.K, hi=t.block_k)
@@ -987,19 +1032,31 @@ class _Setup:
         self.fuse_intra = bool(t.fuse_intra)
         self.dev = q.device
 
+    @property
+    def b_arg(self):
+        """The chunk-local cumulative gates (`_cum_gates`, computed on first use), or a dummy pointer when there
+        are no gates."""
+        if not self.use_g:
+            return self.q
+        if self._b is None:
+            self._b = _cum_gates(self.g, self.B, self.Hk, self.T, self.N, self.C)[0]
+        return self._b
+
     def consts(self):
         return dict(K=self.K, V=self.V, KG=self.KG, SBK=self.SBK, C=self.C, BK=self.BK, BV=self.BV,
                     USE_G=self.use_g, PREC=self.prec, LOWP=self.lowp, **self.launch)
 
-    def states(self, initial_state):
+    def states(self, initial_state, raw=False):
         """h [B, Hk, N, K, V] (state each chunk starts from; fp32, the input dtype under lowp) and the final
-        state (fp32)."""
+        state (fp32). raw: from the gates themselves (no b buffer)."""
         s = self
         h = _empty(s.B, s.Hk, s.N, s.K, s.V, device=s.dev, dtype=s.sdt)
         ht = _empty(s.B, s.Hk, s.K, s.V, device=s.dev)
         h0 = initial_state.contiguous() if initial_state is not None else ht
-        _h_fwd[(s.NK, s.NV, s.B * s.Hk)](s.k, s.v, s.b_arg, h0, h, ht, s.T, s.Tp, s.N,
-                                         HAS_H0=initial_state is not None, **s.consts())
+        gates = (s.g if s.use_g else s.q) if raw else s.b_arg
+        _h_fwd[(s.NK, s.NV, s.B * s.Hk)](s.k, s.v, gates, h0, h, ht, s.T, s.Tp, s.N,
+                                         HAS_H0=initial_state is not None, RAW=raw, GMIN=LOG_GATE_MIN,
+                                         **s.consts())
         return h, ht
 
     def intra(self, scale):
@@ -1030,11 +1087,14 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64)
                                                                                    dtype=torch.float32)
         return q.new_empty(s.B, s.H, 0, s.V), fin
     scale = float(scale)
-    h, ht = s.states(initial_state)
+    # fuse_intra: neither A nor the cumulative gates b are stored; the two kernels cumulate g themselves
+    h, ht = s.states(initial_state, raw=s.fuse_intra)
     o = _empty(s.B, s.H, s.T, s.V, device=s.dev, dtype=q.dtype)
     if s.fuse_intra:
-        _o_fwd_mm[(s.N * (s.C // SUB), s.NV, s.B * s.H)](s.q, s.k, s.v, s.b_arg, h, o, scale, s.T, s.Tp, s.H,
-                                                          s.Hk, s.G, s.N, BC=SUB, **s.consts())
+        gates = s.g if s.use_g else s.q
+        _o_fwd_mm[(s.N * (s.C // SUB), s.NV, s.B * s.H)](s.q, s.k, s.v, gates, h, o, scale, s.T, s.Tp, s.H,
+                                                          s.Hk, s.G, s.N, BC=SUB, RAW=True, GMIN=LOG_GATE_MIN,
+                                                          **s.consts())
     else:
         A = s.intra(scale)
         _o_fwd[(s.N, s.NV, s.B * s.H)](s.q, s.v, s.b_arg, h, A, o, scale, s.T, s.Tp, s.H, s.Hk, s.G, s.N,

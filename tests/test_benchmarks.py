@@ -97,8 +97,8 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
                           "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    labels = ["_attn_intra", "_attn_intra_split", "_attn_intra_mm", "_o_fwd", "_o_fwd_mm", "_dqk_bwd rows",
-              "_dqk_bwd matmul", "_dv_bwd", "_dv_bwd fused"]
+    labels = ["_attn_intra", "_attn_intra_split", "_attn_intra_mm", "_o_fwd", "_o_fwd_mm", "_h_fwd",
+              "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul", "_dv_bwd", "_dv_bwd fused"]
     assert [r["kernel"] for r in rows] == labels
     for r in rows:
         assert r["registers"] > 0 and r["shared_bytes"] > 0 and r["programs_per_sm"] >= 1
@@ -110,5 +110,5 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert split["stack_bytes"] == split["local_bytes"] == 0
     # the default's kernels fit without spilling (README); the matmul form needs fewer registers than the rows
     assert mm["stack_bytes"] == mm["local_bytes"] == 0 and mm["registers"] < intra["registers"]
-    for name in ("_o_fwd_mm", "_dqk_bwd matmul", "_dv_bwd fused"):
+    for name in ("_o_fwd_mm", "_h_fwd raw gates", "_dqk_bwd matmul", "_dv_bwd fused"):
         assert by[name]["stack_bytes"] == by[name]["local_bytes"] == 0, name

@@ -355,7 +355,7 @@ def test_intra_kinds(intra, fuse_intra, block_k, H, Hk, T, K, V, gate, monkeypat
     """Every Tuning.intra (and fuse_intra) gives the oracle's forward and gradients, and launches the kernels it
     names: A by `_attn_intra` (one program per chunk) or `_attn_intra_split` / `_attn_intra_mm` (one per
     16-row block), in the forward and in the backward's recompute; with fuse_intra no A kernel runs at all
-    (`_o_fwd_mm` in the forward, `_dv_bwd` forms A itself)."""
+    (`_o_fwd_mm` in the forward, `_dv_bwd` forms A itself) and the forward stores no cumulative gates."""
     grids = []
 
     class Spy:  # records which kernel ran, and its launch grid
@@ -366,15 +366,18 @@ def test_intra_kinds(intra, fuse_intra, block_k, H, Hk, T, K, V, gate, monkeypat
             grids.append((self.name, grid))
             return self.kernel[grid]
 
-    for name in (*KERNEL_OF.values(), "_o_fwd", "_o_fwd_mm"):
+    for name in (*KERNEL_OF.values(), "_o_fwd", "_o_fwd_mm", "_chunk_cumsum"):
         monkeypatch.setattr(tg, name, Spy(name))
     tg.TUNING = tg.Tuning(intra=intra, fuse_intra=fuse_intra, block_k=block_k)
     check_against_oracle(H, Hk, T, K, V, gate)
     n = -(-T // tg.CHUNK)
     nv = -(-V // 64)
     A = (KERNEL_OF[intra], (n if intra == "rows" else 4 * n, H))
-    forward = [("_o_fwd_mm", (4 * n, nv, H))] if fuse_intra else [A, ("_o_fwd", (n, nv, H))]
-    assert grids == forward + ([] if fuse_intra else [A])  # unfused, the backward rebuilds A for dv
+    cum = [("_chunk_cumsum", (n, 1, Hk))] if gate else []  # K, KG ≤ 64: one K block
+    if fuse_intra:  # the forward cumulates the gates in its own kernels, and nothing builds A
+        assert grids == [("_o_fwd_mm", (4 * n, nv, H))] + cum
+    else:  # the backward rebuilds A for dv
+        assert grids == cum + [A, ("_o_fwd", (n, nv, H))] + cum + [A]
 
 
 # (B, H, Hk, T, K, gate, dtype): A itself, each kind against "rows"
@@ -424,9 +427,12 @@ def test_gates_at_the_clamp_with_large_inputs(intra):
         assert rel(a, b) <= 1e-4, name
 
 
-def test_gates_below_the_clamp():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gates_below_the_clamp(fuse):
     """Gates below LOG_GATE_MIN are clamped inside the kernels, as in every form of kernels/gla.py: the
-    outputs are those of the clamped gates and no gradient reaches the clamped entries."""
+    outputs are those of the clamped gates and no gradient reaches the clamped entries (fuse_intra: the
+    forward's kernels cumulate and clamp the gates themselves)."""
+    tg.TUNING = tg.Tuning(fuse_intra=fuse)
     B, H, Hk, T, K, V = 1, 2, 1, 70, 16, 16
     q, k, v, _, S0 = make(B, H, Hk, T, K, V, None)
     gen = torch.Generator().manual_seed(2)
