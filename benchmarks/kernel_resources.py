@@ -52,7 +52,7 @@ KERNELS = [
     ("_dv_bwd", "_dv_bwd", {"FUSED": False}),
     ("_dv_bwd fused", "_dv_bwd", {"FUSED": True}),  # fuse_intra: A formed in the dv kernel
 ]
-_HALF = {"q", "k", "v", "do", "dq", "dk", "o"}  # bf16 tensors; every other pointer is fp32 (b, A, h, dh, dA, dB)
+_HALF = {"q", "k", "v", "do", "dq", "dk", "dv", "o"}  # bf16 tensors; every other pointer is fp32 (b, A, h, dh, dA, dB)
 _INTS = {"T", "Tp", "H", "Hk", "N"}
 
 

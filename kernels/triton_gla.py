@@ -6,7 +6,8 @@ Semantics (key-gated form of `kernels/gla.py`, whose `gla_naive` is the oracle):
 q `[B, H, T, K]`, k `[B, Hk, T, K]`, v `[B, Hk, T, V]`, g `[B, Hk, T, K]` (per-channel log gates), `[B, Hk, T, 1]`
 (one gate per head and step) or None (no decay); H a multiple of Hk (GQA: query head h reads kv head h // G,
 G = H / Hk, indexed inside the kernels, never repeated). g is clamped at LOG_GATE_MIN = −5 inside the kernels
-(`_chunk_cumsum`), as in every form of kernels/gla.py, and dg is 0 where g was below it (`_rev_cumsum`).
+(`_chunk_cumsum`; the decode step too), as in every form of kernels/gla.py, and dg is 0 where g was below
+it (`_rev_cumsum`); a NaN gate stays NaN.
 
 Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is masked, so any T ≥ 1 works):
   forward   1. `_chunk_cumsum`: b = cumulative sum of g restarted at every chunk, fp32 `[B, Hk, N·C, KG]`
@@ -48,15 +49,16 @@ Numerical scheme. b is non-increasing inside a chunk and b ≥ −5·64 = −320
 exp(b_last − b_s) ≤ 1 always (they may underflow to 0, which is the right limit). The intra-chunk decay
 exp(b_t − b_s), t ≥ s, is factorised per 16-row block i through a reference r inside the chunk:
   * "matmul" (the default): r = b at the block's middle row m = 16i + 7. The query block's factors
-    exp(b_t − r) and the key factors exp(r − b_s) of every key up to the block's end are then each
-    ≤ exp(8·5) = e^40 (the gates are clamped; keys of earlier blocks and queries after m get factors ≤ 1),
+    exp(b_t − r) are then ≤ exp(7·5) = e^35 and the key factors exp(r − b_s) of every key up to the block's
+    end ≤ exp(8·5) = e^40 (the gates are clamped; keys of earlier blocks and queries after m get factors ≤ 1),
     and for s ≤ t their product is ≤ 1. So the whole [16, C] row of A — off-diagonal and diagonal blocks —
     is one matmul per K block, and entries s > t (where the product can be large) are dropped with tl.where,
     never multiplied; keys after the block get exponent 0 (they are not loaded, or meet dA = 0). The backward
     uses the same r for dq (dA's row block times the gated keys) and for dk (dA's column block, transposed,
-    times the gated queries from 16i on). Nothing overflows unless |q|, |k| or |dA·k| approach
-    fp32 max / e^40 ≈ 1e21, and no accuracy is lost: every term is rounded relative to its own size.
-    (gla.py's chunked form does the same with r at the block's first row: factors ≤ e^80.)
+    times the gated queries from 16i on). The dropped entries s > t may overflow to inf (from |q|, |k| ~ 1e3);
+    tl.where selects them away. Kept entries stay finite unless |q|, |k| or |dA·k| approach fp32 max / e^40
+    ≈ 1e21, and every term is rounded relative to its own size (factors under e^−87 flush to zero: terms too
+    small to matter). (gla.py's chunked form does the same with r just before the block: factors ≤ e^80.)
   * "rows" and "split": no exp of a positive number at all. j < i (key sub-chunk before the query's):
     through the reference r = b at the last row of sub-chunk i−1 (between the two sub-chunks), so
     exp(b_t − r) ≤ 1 on the query side and exp(r − b_s) ≤ 1 on the key side, then a matmul. (Backward dk
@@ -118,7 +120,8 @@ def _interpret() -> bool:
 @dataclass
 class Tuning:
     """Knobs of the chunk kernels (not of the decode step), read from `TUNING` at every call of
-    chunk_gla_fwd / chunk_gla_bwd. The defaults are the fixed configuration the kernels had before."""
+    chunk_gla_fwd / chunk_gla_bwd. The defaults: the matmul scheme, unfused, fp32 operands, Triton's launch
+    options, blocks of at most 64."""
 
     lowp: bool = False  # bf16/fp16 inputs: matmul operands, the intra-chunk matrix A and the chunk states h
     #                     in the input dtype (fp32 accumulation), instead of fp32 operands with TF32 matmuls
@@ -240,7 +243,7 @@ def _h_fwd(k, v, b, h0, h, ht, T, Tp, N,
         if USE_G:
             if RAW:
                 gg = tl.load(b + (ibk * T + t0) * KG + cb, mask=mt & mk[None, :], other=0.0).to(tl.float32)
-                bb = tl.cumsum(tl.maximum(gg, GMIN), axis=0)
+                bb = tl.cumsum(tl.maximum(gg, GMIN, propagate_nan=tl.PropagateNan.ALL), axis=0)
                 bl = tl.sum(tl.where(oc[:, None] == C - 1, bb, 0.0), axis=0)  # the last row, as it is in bb
             else:
                 bb = tl.load(b + (ibk * Tp + t0) * KG + cb, mask=mk[None, :], other=0.0)
@@ -408,7 +411,7 @@ def _gates(b_chunk, i, n_keys, k0, K: tl.constexpr, KG: tl.constexpr, SBK: tl.co
     cols = k0 * SBK + okk[None, :] * SBK
     if RAW:
         gg = tl.load(b_chunk + oC[:, None] * KG + cols, mask=(oC < n_keys)[:, None] & mk, other=0.0)
-        bc = tl.cumsum(tl.maximum(gg.to(tl.float32), GMIN), axis=0)
+        bc = tl.cumsum(tl.maximum(gg.to(tl.float32), GMIN, propagate_nan=tl.PropagateNan.ALL), axis=0)
         NC: tl.constexpr = C // BC
         sel = (tl.arange(0, NC) == i)[:, None, None]
         bi = tl.sum(tl.where(sel, tl.reshape(bc, (NC, BC, BK)), 0.0), axis=0)
@@ -554,7 +557,7 @@ def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
     att = tl.where(oC[None, :] <= i * BC + oc[:, None], att, 0.0)
     vv = tl.load(v + (ibk * T + t0) * V + oC[:, None] * V + ov[None, :], mask=(oC < T - t0)[:, None] & mv,
                  other=0.0).to(tl.float32)
-    acc = _dot(att, vv, inter, ET, LOWP, PREC) * scale
+    acc = _dot(att * scale, vv, inter * scale, ET, LOWP, PREC)  # scaled before lowp rounds it, as A is
     tl.store(o + (ibh * T + t0 + i * BC) * V + oc[:, None] * V + ov[None, :], acc.to(o.dtype.element_ty),
              mask=mi & mv)
 
@@ -862,7 +865,8 @@ def _chunk_cumsum(g, b, T, Tp, KG: tl.constexpr, C: tl.constexpr, BK: tl.constex
     mk = (ok < KG)[None, :]
     ck = oc[:, None] * KG + ok[None, :]
     x = tl.load(g + (ibk * T + t0) * KG + ck, mask=(oc < T - t0)[:, None] & mk, other=0.0).to(tl.float32)
-    tl.store(b + (ibk * Tp + t0) * KG + ck, tl.cumsum(tl.maximum(x, GMIN), axis=0), mask=mk)
+    x = tl.maximum(x, GMIN, propagate_nan=tl.PropagateNan.ALL)  # a NaN gate stays NaN, as in the oracle
+    tl.store(b + (ibk * Tp + t0) * KG + ck, tl.cumsum(x, axis=0), mask=mk)
 
 
 @triton.jit
@@ -897,7 +901,7 @@ def _rev_cumsum(x, last, gate, y, T, N, K: tl.constexpr, C: tl.constexpr, BK: tl
 @triton.jit
 def _step_kernel(q, k, v, g, S, S_out, o, scale, H, Hk, G,
                  K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr):
+                 BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, GMIN: tl.constexpr):
     iv, ibk = tl.program_id(0), tl.program_id(1).to(tl.int64)
     bi = ibk // Hk
     hk = ibk % Hk
@@ -910,7 +914,7 @@ def _step_kernel(q, k, v, g, S, S_out, o, scale, H, Hk, G,
     s = tl.load(S + ibk * K * V + okv, mask=mkv, other=0.0).to(tl.float32)
     if USE_G:
         gg = tl.load(g + ibk * KG + ok * SBK, mask=mk, other=0.0).to(tl.float32)
-        s = s * tl.exp(gg)[:, None]
+        s = s * tl.exp(tl.maximum(gg, GMIN, propagate_nan=tl.PropagateNan.ALL))[:, None]
     kk = tl.load(k + ibk * K + ok, mask=mk, other=0.0).to(tl.float32)
     vv = tl.load(v + ibk * V + ov, mask=mv, other=0.0).to(tl.float32)
     s += kk[:, None] * vv[None, :]
@@ -1190,5 +1194,6 @@ def fused_recurrent_gla_step(q, k, v, g, state, scale: float, inplace: bool = Fa
     BV = max(16, min(triton.next_power_of_2(V), max(16, 4096 // BK)))
     grid = (triton.cdiv(V, BV), B * Hk)
     _step_kernel[grid](q, k, v, g if g is not None else q, S, S_out, o, float(scale), H, Hk, H // Hk,
-                       K=K, V=V, KG=KG, SBK=1 if KG > 1 else 0, BK=BK, BV=BV, USE_G=g is not None)
+                       K=K, V=V, KG=KG, SBK=1 if KG > 1 else 0, BK=BK, BV=BV, USE_G=g is not None,
+                       GMIN=LOG_GATE_MIN)
     return o, S_out

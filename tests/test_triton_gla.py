@@ -244,11 +244,13 @@ def fwd_bwd(q, k, v, g, S0, do, dS):
 NAMES = ("o", "S", "dq", "dk", "dv", "dg", "dS0")
 
 
-@pytest.mark.parametrize("dtype,gate,fuse", [(torch.bfloat16, "channel", False), (torch.float16, "scalar", False),
-                                             (torch.bfloat16, None, False), (torch.bfloat16, "channel", True)])
-def test_lowp_half_precision(dtype, gate, fuse, monkeypatch):
+@pytest.mark.parametrize("dtype,gate,intra,fuse", [
+    (torch.bfloat16, "channel", "matmul", False), (torch.float16, "scalar", "matmul", False),
+    (torch.bfloat16, None, "matmul", False), (torch.bfloat16, "channel", "matmul", True),
+    (torch.float16, "channel", "matmul", True), (torch.bfloat16, "channel", "rows", False)])
+def test_lowp_half_precision(dtype, gate, intra, fuse, monkeypatch):
     """lowp: half-precision operands and scratch buffers stay within the bf16 tolerance of the fp32 result
-    (with fuse_intra too, which stores no A)."""
+    (with fuse_intra too, which stores no A, and with the row scheme)."""
     B, H, Hk, T, K, V = 1, 2, 1, 70, 32, 33  # two chunks (the second one a masked tail), GQA
     q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
@@ -265,7 +267,7 @@ def test_lowp_half_precision(dtype, gate, fuse, monkeypatch):
         return empty(*shape, **kw)
 
     monkeypatch.setattr(tg, "_empty", record)
-    tg.TUNING = tg.Tuning(lowp=True, fuse_intra=fuse)  # read at call time: the next calls run lowp
+    tg.TUNING = tg.Tuning(lowp=True, intra=intra, fuse_intra=fuse)  # read at call time: the next calls run lowp
     got = fwd_bwd(q, k, v, g, S0, do, dS)
     for name, a, b, x in zip(NAMES, got, ref, (q, S0, q, k, v, g, S0)):
         if x is None:
@@ -285,6 +287,21 @@ def test_lowp_half_precision(dtype, gate, fuse, monkeypatch):
     assert dts["h/dh"] == {dtype}  # chunk states and their gradients in the input dtype
     assert dts["A/dA"] == ({None} if fuse else {dtype, None})  # A in the input dtype (if stored), dA fp32
     assert dts["final state/dS0"] == {None}  # fp32
+
+
+def test_lowp_fused_scales_before_rounding():
+    """fp16 lowp: the fused output kernel rounds scale·A to fp16 as the stored A is, so q·k beyond fp16's
+    range (scale·q·k within it) gives the unfused result, not inf."""
+    q, k, v, g, S0 = make(1, 2, 1, 40, 16, 16, "channel", dtype=torch.float16)
+    q, v = (q.float() * 70).half(), (v.float() * 0.01).half()
+    k = q[:, :1].clone()  # q_t·k_t = |q_t|²
+    assert (q.float() * k.float()).sum(-1).abs().max() > 65504  # q_t·k_t itself overflows fp16
+    tg.TUNING = tg.Tuning(lowp=True)
+    ref, _ = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    tg.TUNING = tg.Tuning(lowp=True, fuse_intra=True)
+    got, _ = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    assert torch.isfinite(ref).all() and torch.isfinite(got).all()
+    assert rel(got, ref) <= 1e-2
 
 
 def test_lowp_ignored_for_fp32():
@@ -407,36 +424,39 @@ def test_intra_kinds_give_the_same_A(B, H, Hk, T, K, gate, dtype):
         assert (a[:, :, upper] == 0).all(), intra  # nothing above the diagonal of each chunk
 
 
-@pytest.mark.parametrize("intra", tg.INTRA)
-def test_gates_at_the_clamp_with_large_inputs(intra):
-    """The matmul scheme's largest factors, e^40 on each side of a 16-row block, occur when every gate sits at
-    LOG_GATE_MIN; with |q|, |k| ~ 300 nothing overflows, and every kind matches the oracle."""
+@pytest.mark.parametrize("intra,fuse", [("matmul", False), ("matmul", True), ("rows", False), ("split", False)])
+@pytest.mark.parametrize("qs,ks", [(100.0, 100.0), (1e-7, 1e7)])
+def test_gates_at_the_clamp_with_large_inputs(intra, fuse, qs, ks):
+    """The matmul scheme's largest factors (e^35 on the query side, e^40 on the key side of a 16-row block)
+    occur when the gates sit at LOG_GATE_MIN; half the channels do here, beside slow ones. Large q and k
+    (~100), and tiny q with huge k (1e-7, 1e7: k·e^40 is finite, k·e^75, a reference at the block's start,
+    is not) match the oracle for every scheme."""
     B, H, Hk, T, K, V = 1, 2, 1, 80, 32, 16
     q, k, v, _, S0 = make(B, H, Hk, T, K, V, None)
-    q, k = q * 100, k * 100
+    q, k = q * qs, k * ks
     g = torch.full((B, Hk, T, K), gla.LOG_GATE_MIN).to(DEVICE)
     g[..., : K // 2] = -1e-3  # a slow half beside the fastest one
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(B, H, T, V, generator=gen).to(DEVICE)
     dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
     ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
-    tg.TUNING = tg.Tuning(intra=intra)
+    tg.TUNING = tg.Tuning(intra=intra, fuse_intra=fuse)
     got = fwd_bwd(q, k, v, g, S0, do, dS)
     for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
         assert torch.isfinite(a).all(), name
         assert rel(a, b) <= 1e-4, name
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_gates_below_the_clamp(fuse):
+@pytest.mark.parametrize("fuse,KG", [(False, 16), (True, 16), (False, 1), (True, 1)])
+def test_gates_below_the_clamp(fuse, KG):
     """Gates below LOG_GATE_MIN are clamped inside the kernels, as in every form of kernels/gla.py: the
     outputs are those of the clamped gates and no gradient reaches the clamped entries (fuse_intra: the
-    forward's kernels cumulate and clamp the gates themselves)."""
+    forward's kernels cumulate and clamp the gates themselves); per-channel and scalar gates."""
     tg.TUNING = tg.Tuning(fuse_intra=fuse)
     B, H, Hk, T, K, V = 1, 2, 1, 70, 16, 16
     q, k, v, _, S0 = make(B, H, Hk, T, K, V, None)
     gen = torch.Generator().manual_seed(2)
-    g = (torch.randn(B, Hk, T, K, generator=gen) * 6 - 4).clamp_max(0).to(DEVICE)  # ~1/2 below -5
+    g = (torch.randn(B, Hk, T, KG, generator=gen) * 6 - 4).clamp_max(0).to(DEVICE)  # ~1/2 below -5
     assert (g < gla.LOG_GATE_MIN).float().mean() > 0.3
     do = torch.randn(B, H, T, V, generator=gen).to(DEVICE)
     dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
@@ -446,6 +466,30 @@ def test_gates_below_the_clamp(fuse):
         assert rel(a, b) <= 1e-4, name
     dg = got[5]
     assert (dg[g < gla.LOG_GATE_MIN] == 0).all() and (dg[g >= gla.LOG_GATE_MIN] != 0).any()
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_nan_gate_stays_nan(fuse):
+    """The clamp keeps a NaN gate NaN (as torch's clamp does), so a diverging model is not hidden."""
+    tg.TUNING = tg.Tuning(fuse_intra=fuse)
+    q, k, v, g, S0 = make(1, 2, 1, 40, 16, 16, "channel")
+    g = g.clone()
+    g[0, 0, 20, 3] = float("nan")
+    o, S = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    assert torch.isnan(o[:, :, 20:]).all() and torch.isnan(S[:, :, 3]).all()
+    assert torch.isfinite(o[:, :, :16]).all()  # (rows 16-19 share a reference with row 20: NaN too)
+    step_o, step_S = tg.fused_recurrent_gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 20], S0, SCALE)
+    assert torch.isnan(step_S[:, :, 3]).all() and torch.isnan(step_o).all()
+
+
+def test_decode_step_clamps_the_gate():
+    """The decode step clamps like the chunk kernels and `gla.gla_step`: one step from a state equals a
+    one-position chunk, with gates far below LOG_GATE_MIN."""
+    q, k, v, _, S0 = make(2, 4, 2, 1, 16, 16, None)
+    g = torch.full((2, 2, 1, 16), -30.0).to(DEVICE)
+    o, S = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    so, sS = tg.fused_recurrent_gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], S0, SCALE)
+    assert rel(so, o[:, :, 0]) <= 1e-5 and rel(sS, S) <= 1e-5
 
 
 @pytest.mark.parametrize("kw", [dict(block_k=48), dict(block_v=8), dict(block_k=512), dict(block_v=0),
