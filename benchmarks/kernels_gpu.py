@@ -16,7 +16,8 @@ same problem): median ms from `triton.testing.do_bench` of forward and forward+b
 Prints the GPU name, a correctness table and a speed table, and writes both as JSON.
 `--tune`: instead, A/B the chunk_gla launch configurations of `triton_gla.Tuning` (bf16 operands, warps, stages,
 block sizes): correctness at T=2048 and forward / forward+backward time at T=2048 (B=32) and T=16384 (B=4) for
-each, plus a per-kernel time breakdown (torch.profiler) of the first and the fastest. `--variant NAME` runs the
+each, plus a per-kernel time breakdown (torch.profiler) of the first, of "rows" (the scheme measured before
+the matmul default) and of the fastest. `--variant NAME` runs the
 main benchmark with one of them.
 Targets (issue #6): ours ≥ fla chunk_gla speed; ≥ 5× SDPA forward at 16k.
 """
@@ -249,13 +250,13 @@ VARIANTS = {
     "default": {},  # intra "matmul": the diagonal 16x16 blocks as matmuls (forward A and backward dq/dk)
     "rows": {"intra": "rows"},  # the diagonal blocks one row at a time: the default measured up to stop 10
     "split": {"intra": "split"},  # "rows" with A by _attn_intra_split (one program per 16-row block)
-    "fused": {"fuse_intra": True},  # A never stored: formed in the forward output and backward dv kernels
+    "fused": {"fuse_intra": True},  # neither A nor (forward) the cumulative gates are ever stored
+    "half h": {"half_states": True},  # the forward's chunk states in bf16 (the backward recomputes fp32)
+    "fused half h": {"fuse_intra": True, "half_states": True},
     "w8": {"num_warps": 8},
-    "fused w8": {"fuse_intra": True, "num_warps": 8},
     "bv32": {"block_v": 32},  # twice the programs for the state scans (h, dh)
     "lowp": {"lowp": True},  # bf16 matmul operands and scratch buffers (dg error 1.6e-2 before: over 1e-2)
     "lowp fused": {"lowp": True, "fuse_intra": True},
-    "lowp w8": {"lowp": True, "num_warps": 8},
 }
 
 
@@ -340,7 +341,7 @@ def _tune(args, dev, H, D, sizes, names) -> dict:
     best = min(ok, key=lambda r: r.get(f"fwd_bwd_ms_{sizes[1][1]}", math.inf))["variant"] if ok else None
     prof = {}
     if dev == "cuda" and not args.smoke:
-        for name in dict.fromkeys([names[0], best]):
+        for name in dict.fromkeys([names[0], *(["rows"] if "rows" in names else []), best]):
             if name is None:
                 continue
             set_variant(name)

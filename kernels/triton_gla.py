@@ -85,7 +85,8 @@ buffers A, h and dh are stored in the input dtype (they are read only as matmul 
 that form the diagonal 16×16 blocks (all of A's, and dq's and dk's intra-chunk products, in the matmul
 scheme; the row loops otherwise), the recurrent state carried in registers, the final state, dA, dB and the
 initial-state gradient stay fp32, and the exponent scheme and masks are the same. (With bf16 operands for
-the diagonal blocks, dg's error doubled: 2e-2 against 1e-2 in tests/test_triton_gla.py's lowp test.) fp32 (or mixed-dtype) inputs ignore lowp.
+the diagonal blocks, dg's error doubled: 2e-2 against 1e-2 in tests/test_triton_gla.py's lowp test.) fp32 (or mixed-dtype) inputs ignore lowp. `half_states=True` stores only the forward's h in the input
+dtype (the backward recomputes h in fp32), so only the inter-chunk part of o sees the rounding.
 Under the interpreter a lowp dot is emulated (operands rounded to the input dtype, fp32 product), since
 the interpreter's tl.dot mishandles bf16. The decode step `fused_recurrent_gla_step` ignores `TUNING`.
 `POISON = True` (or LINCOMPILE_TRITON_POISON=1) fills every output and scratch buffer with NaN before launch,
@@ -134,6 +135,8 @@ class Tuning:
     #             (`_attn_intra_mm`, one program per 16-row block) and backward (`_dqk_bwd`, DIAG_MM)
     #   "rows":   one key (query) row at a time, per (chunk, head) (`_attn_intra`; `_dqk_bwd` row loops)
     #   "split":  "rows" with one program per 16-row block for A (`_attn_intra_split`)
+    half_states: bool = False  # forward only: the chunk states h in the input dtype (bf16/fp16 inputs), half
+    #                            their bytes; the backward recomputes them in fp32, so gradients are unchanged
     fuse_intra: bool = False  # A is never stored: formed inside the kernels that use it, the forward's output
     #                           (`_o_fwd_mm`) and the backward's dv (`_dv_bwd`, FUSED); needs intra "matmul"
 
@@ -1030,6 +1033,8 @@ class _Setup:
         # lowp only for one common half dtype of q, k, v; fp32 (or mixed) inputs keep fp32 operands
         self.lowp = bool(t.lowp) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
         self.sdt = q.dtype if self.lowp else torch.float32  # dtype of the scratch buffers A, h, dh
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        self.fwd_hdt = q.dtype if half and t.half_states else self.sdt  # dtype of the forward's h
         self.launch = {name: x for name, x in (("num_warps", t.num_warps), ("num_stages", t.num_stages))
                        if x is not None}
         self.intra_kind = t.intra
@@ -1050,11 +1055,11 @@ class _Setup:
         return dict(K=self.K, V=self.V, KG=self.KG, SBK=self.SBK, C=self.C, BK=self.BK, BV=self.BV,
                     USE_G=self.use_g, PREC=self.prec, LOWP=self.lowp, **self.launch)
 
-    def states(self, initial_state, raw=False):
-        """h [B, Hk, N, K, V] (state each chunk starts from; fp32, the input dtype under lowp) and the final
-        state (fp32). raw: from the gates themselves (no b buffer)."""
+    def states(self, initial_state, raw=False, dtype=None):
+        """h [B, Hk, N, K, V] (state each chunk starts from; fp32, the input dtype under lowp, or `dtype`) and
+        the final state (fp32). raw: from the gates themselves (no b buffer)."""
         s = self
-        h = _empty(s.B, s.Hk, s.N, s.K, s.V, device=s.dev, dtype=s.sdt)
+        h = _empty(s.B, s.Hk, s.N, s.K, s.V, device=s.dev, dtype=dtype or s.sdt)
         ht = _empty(s.B, s.Hk, s.K, s.V, device=s.dev)
         h0 = initial_state.contiguous() if initial_state is not None else ht
         gates = (s.g if s.use_g else s.q) if raw else s.b_arg
@@ -1092,7 +1097,7 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64)
         return q.new_empty(s.B, s.H, 0, s.V), fin
     scale = float(scale)
     # fuse_intra: neither A nor the cumulative gates b are stored; the two kernels cumulate g themselves
-    h, ht = s.states(initial_state, raw=s.fuse_intra)
+    h, ht = s.states(initial_state, raw=s.fuse_intra, dtype=s.fwd_hdt)
     o = _empty(s.B, s.H, s.T, s.V, device=s.dev, dtype=q.dtype)
     if s.fuse_intra:
         gates = s.g if s.use_g else s.q

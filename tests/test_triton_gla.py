@@ -304,6 +304,38 @@ def test_lowp_fused_scales_before_rounding():
     assert rel(got, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("dtype,fuse", [(torch.bfloat16, False), (torch.float16, True)])
+def test_half_states(dtype, fuse, monkeypatch):
+    """half_states: the forward stores h in the input dtype (its output stays within the bf16 tolerance of the
+    fp32 result), the backward is untouched (gradients equal to the default's, bit for bit); fp32 inputs
+    ignore it."""
+    B, H, Hk, T, K, V = 1, 2, 1, 150, 32, 16  # three chunks: two states that are stored and read
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel", dtype=dtype)
+    do = torch.randn(B, H, T, V).to(DEVICE).to(dtype)
+    dS = torch.randn(B, Hk, K, V).to(DEVICE)
+    ref = fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)
+    tg.TUNING = tg.Tuning(fuse_intra=fuse)
+    default = fwd_bwd(q, k, v, g, S0, do, dS)
+    hs = []
+    empty = tg._empty
+
+    def record(*shape, **kw):
+        if len(shape) == 5:
+            hs.append(kw.get("dtype"))
+        return empty(*shape, **kw)
+
+    monkeypatch.setattr(tg, "_empty", record)
+    tg.TUNING = tg.Tuning(fuse_intra=fuse, half_states=True)
+    got = fwd_bwd(q, k, v, g, S0, do, dS)
+    assert hs[0] == dtype and set(hs[1:]) == {torch.float32}  # the forward's h; the backward's h and dh
+    assert rel(got[0], ref[0]) <= 1e-2 and not torch.equal(got[0], default[0])
+    for name, a, b in zip(NAMES[1:], got[1:], default[1:]):
+        assert torch.equal(a, b), name
+    hs.clear()
+    fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)
+    assert set(hs) == {torch.float32}
+
+
 def test_lowp_ignored_for_fp32():
     B, H, Hk, T, K, V = 1, 2, 1, 70, 32, 33
     q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel")
@@ -517,7 +549,8 @@ def test_tuning_default_is_restored():
     """The autouse fixture gives every test the default configuration, whatever an earlier test assigned."""
     assert tg.TUNING == tg.Tuning()
     assert (tg.TUNING.lowp, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k, tg.TUNING.block_v,
-            tg.TUNING.intra, tg.TUNING.fuse_intra) == (False, None, None, 64, 64, "matmul", False)
+            tg.TUNING.intra, tg.TUNING.fuse_intra, tg.TUNING.half_states) == (False, None, None, 64, 64, "matmul",
+                                                                               False, False)
 
 
 # --------------------------------------------------------------------------------------------------
