@@ -66,7 +66,7 @@ def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, hea
     from triton.compiler import ASTSource
 
     common = {"G": 1, "K": head_dim, "V": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k,
-              "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": False, "HAS_H0": False, "RAW": False, "GMIN": -5.0,
+              "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": False, "HAS_H0": False, "RAW": False, "GMIN": -5.0, "APREC": "tf32",
               **extra}
     sig, const = {}, {}
     for p in kernel.params:

@@ -6,17 +6,19 @@ Semantics (key-gated form of `kernels/gla.py`, whose `gla_naive` is the oracle):
 q `[B, H, T, K]`, k `[B, Hk, T, K]`, v `[B, Hk, T, V]`, g `[B, Hk, T, K]` (per-channel log gates), `[B, Hk, T, 1]`
 (one gate per head and step) or None (no decay); H a multiple of Hk (GQA: query head h reads kv head h // G,
 G = H / Hk, indexed inside the kernels, never repeated). g is clamped at LOG_GATE_MIN = −5 inside the kernels
-(`_chunk_cumsum`; the decode step too), as in every form of kernels/gla.py, and dg is 0 where g was below
-it (`_rev_cumsum`); a NaN gate stays NaN.
+(wherever it is cumulated: `_chunk_cumsum`, or the fused forward's `_h_fwd` / `_o_fwd_mm`; the decode step
+too), as in every form of kernels/gla.py, and dg is 0 where g was below it (`_rev_cumsum`); a NaN gate stays
+NaN.
 
 Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is masked, so any T ≥ 1 works):
   forward   1. `_chunk_cumsum`: b = cumulative sum of g restarted at every chunk, fp32 `[B, Hk, N·C, KG]`
                (one program per (chunk, K block, batch·kv head) loads a [C, BK] tile of g, rows ≥ T as zero
                gates, and stores its tl.cumsum down the rows; so b stays flat past T and b at the chunk's last
-               row is its total decay).
+               row is its total decay). Skipped with `TUNING.fuse_intra`: 2. and 4. then cumulate g
+               themselves (RAW).
             2. `_h_fwd`: sequential scan over chunks per (batch, kv head, K block, V block); stores the state
-               each chunk starts from, h[n] `[B, Hk, N, K, V]` fp32 (input dtype under lowp), and the final
-               state (fp32).
+               each chunk starts from, h[n] `[B, Hk, N, K, V]` fp32 (input dtype under lowp or, in the
+               forward only, `TUNING.half_states`), and the final state (fp32).
             3. The intra-chunk matrix A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk), s ≤ t, per (query head,
                chunk) `[B, H, N·C, C]` fp32 (input dtype under lowp), by `_attn_intra_mm` (one program per
                16-row block; `TUNING.intra` "rows": `_attn_intra`, one program per chunk; "split":
@@ -86,7 +88,8 @@ that form the diagonal 16×16 blocks (all of A's, and dq's and dk's intra-chunk 
 scheme; the row loops otherwise), the recurrent state carried in registers, the final state, dA, dB and the
 initial-state gradient stay fp32, and the exponent scheme and masks are the same. (With bf16 operands for
 the diagonal blocks, dg's error doubled: 2e-2 against 1e-2 in tests/test_triton_gla.py's lowp test.) fp32 (or mixed-dtype) inputs ignore lowp. `half_states=True` stores only the forward's h in the input
-dtype (the backward recomputes h in fp32), so only the inter-chunk part of o sees the rounding.
+dtype (the backward recomputes its own h: fp32 unless lowp), so only the inter-chunk part of o sees the
+rounding.
 Under the interpreter a lowp dot is emulated (operands rounded to the input dtype, fp32 product), since
 the interpreter's tl.dot mishandles bf16. The decode step `fused_recurrent_gla_step` ignores `TUNING`.
 `POISON = True` (or LINCOMPILE_TRITON_POISON=1) fills every output and scratch buffer with NaN before launch,
@@ -136,7 +139,8 @@ class Tuning:
     #   "rows":   one key (query) row at a time, per (chunk, head) (`_attn_intra`; `_dqk_bwd` row loops)
     #   "split":  "rows" with one program per 16-row block for A (`_attn_intra_split`)
     half_states: bool = False  # forward only: the chunk states h in the input dtype (bf16/fp16 inputs), half
-    #                            their bytes; the backward recomputes them in fp32, so gradients are unchanged
+    #                            their bytes; the backward recomputes its own h (fp32 unless lowp), so
+    #                            gradients are unchanged
     fuse_intra: bool = False  # A is never stored: formed inside the kernels that use it, the forward's output
     #                           (`_o_fwd_mm`) and the backward's dv (`_dv_bwd`, FUSED); needs intra "matmul"
 
@@ -521,9 +525,11 @@ def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
               USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, RAW: tl.constexpr,
               GMIN: tl.constexpr):
     """The forward's output without an A buffer (Tuning.fuse_intra): one program per (BC-row block i, chunk,
-    V block, query head) forms the block's [BC, C] row of A in registers (`_intra_block`) and returns
+    V block, query head) forms the block's [BC, C] row of A in registers — `_intra_block`'s loop, inlined so
+    that the inter-chunk product (q_i ⊙ exp(b_i)) h[n] shares its loads — and returns
     o_i = scale ((q_i ⊙ exp(b_i)) h[n] + A_i v), so A is never written to memory nor read back. RAW: b is
-    the gates g `[B, Hk, T, KG]`, cumulated here (`_gates`), so the forward needs no b buffer either."""
+    the gates g `[B, Hk, T, KG]`, cumulated here (`_gates`), so the forward needs no b buffer either. A (and
+    the gate cumsum) are recomputed per V block and query head: fewer bytes, more arithmetic."""
     pid, iv, ibh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
     NC: tl.constexpr = C // BC
@@ -811,9 +817,11 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
 def _dv_bwd(q, k, b, dh, A, do, dv, scale, T, Tp, H, Hk, G, N,
             K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
             C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, FUSED: tl.constexpr):
+            USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, FUSED: tl.constexpr,
+            APREC: tl.constexpr):
     """dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n]. FUSED (Tuning.fuse_intra): A is not read but formed
-    here, one BC-row block at a time (`_intra_block`), dv += scale A_iᵀ do_i; q and scale are used only then."""
+    here, one BC-row block at a time (`_intra_block`, at the forward's precision APREC), dv += scale A_iᵀ do_i;
+    q and scale are used only then."""
     n, iv, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = k.dtype.element_ty
     bi = ibk // Hk
@@ -846,7 +854,7 @@ def _dv_bwd(q, k, b, dh, A, do, dv, scale, T, Tp, H, Hk, G, N,
             NC: tl.constexpr = C // BC
             for i in tl.static_range(NC):
                 att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b + (ibk * Tp + t0) * KG,
-                                   i, T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC, False, 0.0)
+                                   i, T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, APREC, False, 0.0)
                 dd = tl.load(do + (ibh * T + t0 + i * BC) * V + ob[:, None] * V + ov[None, :],
                              mask=(ob < T - t0 - i * BC)[:, None] & mv, other=0.0).to(tl.float32)
                 acc = _dot(tl.trans(att * scale), dd, acc, ET, LOWP, PREC)
@@ -1033,7 +1041,7 @@ class _Setup:
         # lowp only for one common half dtype of q, k, v; fp32 (or mixed) inputs keep fp32 operands
         self.lowp = bool(t.lowp) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
         self.sdt = q.dtype if self.lowp else torch.float32  # dtype of the scratch buffers A, h, dh
-        half = q.dtype in (torch.float16, torch.bfloat16)
+        half = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
         self.fwd_hdt = q.dtype if half and t.half_states else self.sdt  # dtype of the forward's h
         self.launch = {name: x for name, x in (("num_warps", t.num_warps), ("num_stages", t.num_stages))
                        if x is not None}
@@ -1160,7 +1168,7 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
 
     dv = _empty(B, Hk, T, V, device=dev, dtype=v.dtype)
     _dv_bwd[(N, s.NV, B * Hk)](s.q, s.k, s.b_arg, dh, A if A is not None else dh, do, dv, scale, T, Tp, H, Hk,
-                               G, N, BC=SUB, FUSED=s.fuse_intra, **c)
+                               G, N, BC=SUB, FUSED=s.fuse_intra, APREC=s.prec, **c)
 
     dg = None
     if g is not None:

@@ -348,13 +348,13 @@ def test_lowp_ignored_for_fp32():
         assert a.dtype == b.dtype and rel(a, b) <= 1e-6, name
 
 
-def check_against_oracle(H, Hk, T, K, V, gate):
+def check_against_oracle(H, Hk, T, K, V, gate, B=1):
     """Forward and every gradient of the kernels (under the current tg.TUNING) against the oracle, fp32, 1e-4;
     strong gates, an initial state, random output and final-state gradients."""
-    q, k, v, g, S0 = make(1, H, Hk, T, K, V, gate, strong=True)
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, strong=True)
     gen = torch.Generator().manual_seed(1)
-    do = torch.randn(1, H, T, V, generator=gen).to(DEVICE)
-    dS = torch.randn(1, Hk, K, V, generator=gen).to(DEVICE)
+    do = torch.randn(B, H, T, V, generator=gen).to(DEVICE)
+    dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
     ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
     got = fwd_bwd(q, k, v, g, S0, do, dS)
     for name, a, b in zip(NAMES, got, [ro, rS, *grads]):
@@ -393,6 +393,7 @@ INTRA = [
     ("split", False, 64, 2, 2, 1, 16, 16, "channel"),  # a single row
     ("matmul", True, 64, 4, 2, 70, 16, 17, "channel"),
     ("matmul", True, 16, 2, 1, 40, 40, 33, "scalar"),  # K and V over several blocks
+    ("matmul", True, 16, 2, 1, 40, 40, 33, "channel"),  # per-channel gates over K blocks, a partial last one
     ("matmul", True, 64, 2, 1, 100, 32, 16, None),
     ("matmul", True, 64, 2, 2, 1, 16, 16, "channel"),
 ]
@@ -427,6 +428,13 @@ def test_intra_kinds(intra, fuse_intra, block_k, H, Hk, T, K, V, gate, monkeypat
         assert grids == [("_o_fwd_mm", (4 * n, nv, H))] + cum
     else:  # the backward rebuilds A for dv
         assert grids == cum + [A, ("_o_fwd", (n, nv, H))] + cum + [A]
+
+
+def test_fuse_intra_batches():
+    """fuse_intra with two batches, GQA, per-channel gates over three K blocks: the batch strides of the raw
+    gates, the fused output and the fused dv."""
+    tg.TUNING = tg.Tuning(fuse_intra=True, block_k=16)
+    check_against_oracle(4, 2, 70, 40, 20, "channel", B=2)
 
 
 # (B, H, Hk, T, K, gate, dtype): A itself, each kind against "rows"
