@@ -87,9 +87,10 @@ buffers A, h and dh are stored in the input dtype (they are read only as matmul 
 that form the diagonal 16×16 blocks (all of A's, and dq's and dk's intra-chunk products, in the matmul
 scheme; the row loops otherwise), the recurrent state carried in registers, the final state, dA, dB and the
 initial-state gradient stay fp32, and the exponent scheme and masks are the same. (With bf16 operands for
-the diagonal blocks, dg's error doubled: 2e-2 against 1e-2 in tests/test_triton_gla.py's lowp test.) fp32 (or mixed-dtype) inputs ignore lowp. `half_states=True` stores only the forward's h in the input
-dtype (the backward recomputes its own h: fp32 unless lowp), so only the inter-chunk part of o sees the
-rounding.
+the diagonal blocks, dg's error doubled in the interpreter's bf16 emulation: 2e-2 against 1e-2 in
+tests/test_triton_gla.py's lowp test.) fp32 (or mixed-dtype) inputs ignore lowp. `half_states=True` stores
+only the forward's h in the input dtype (the backward recomputes its own h: fp32 unless lowp), so only the
+inter-chunk part of o sees the rounding.
 Under the interpreter a lowp dot is emulated (operands rounded to the input dtype, fp32 product), since
 the interpreter's tl.dot mishandles bf16. The decode step `fused_recurrent_gla_step` ignores `TUNING`.
 `POISON = True` (or LINCOMPILE_TRITON_POISON=1) fills every output and scratch buffer with NaN before launch,
@@ -344,6 +345,15 @@ def _attn_intra(q, k, b, A, scale, T, Tp, H, Hk, G,
 
 
 @triton.jit
+def _row_block(pid, ibh, H, Hk, G, C: tl.constexpr, BC: tl.constexpr):
+    """(chunk n, its BC-row block i, kv head ibk of query head ibh, first row t0) of a program whose first
+    grid axis runs over (chunk, row block) pairs."""
+    NC: tl.constexpr = C // BC
+    n, i = pid // NC, pid % NC
+    return n, i, (ibh // H) * Hk + (ibh % H) // G, n * C
+
+
+@triton.jit
 def _attn_intra_split(q, k, b, A, scale, T, Tp, H, Hk, G,
                       K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
                       C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
@@ -357,10 +367,7 @@ def _attn_intra_split(q, k, b, A, scale, T, Tp, H, Hk, G,
     bf16, per-channel gates, K = 128, 4 warps): 86 registers per thread against `_attn_intra`'s 204."""
     pid, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
-    NC: tl.constexpr = C // BC
-    n, i = pid // NC, pid % NC
-    ibk = (ibh // H) * Hk + (ibh % H) // G
-    t0 = n * C
+    n, i, ibk, t0 = _row_block(pid, ibh, H, Hk, G, C, BC)
     oc = tl.arange(0, BC)
     okk = tl.arange(0, BK)
     tile_k = oc[:, None] * K + okk[None, :]  # BC rows x K block (offsets)
@@ -400,7 +407,7 @@ def _attn_intra_split(q, k, b, A, scale, T, Tp, H, Hk, G,
             dia = _dot(qi, tl.trans(ki), dia, ET, LOWP, PREC)
     dia = tl.where(oc[:, None] >= oc[None, :], dia, 0.0) * scale
     tl.store(A_base + i * BC + tile_A, _lowp(dia, A.dtype.element_ty))
-    for j in range(i + 1, NC):
+    for j in range(i + 1, C // BC):
         tl.store(A_base + j * BC + tile_A, tl.zeros([BC, BC], dtype=A.dtype.element_ty))
 
 
@@ -473,10 +480,7 @@ def _attn_intra_mm(q, k, b, A, scale, T, Tp, H, Hk, G,
     exp(b_t − b_s), is ≤ 1; keys after the block are not loaded (exponent 0 there); entries with s > t are
     dropped by tl.where, never multiplied)."""
     pid, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    NC: tl.constexpr = C // BC
-    n, i = pid // NC, pid % NC
-    ibk = (ibh // H) * Hk + (ibh % H) // G
-    t0 = n * C
+    n, i, ibk, t0 = _row_block(pid, ibh, H, Hk, G, C, BC)
     att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b + (ibk * Tp + t0) * KG, i,
                        T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC, False, 0.0)
     oc = tl.arange(0, BC)
@@ -532,10 +536,7 @@ def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
     the gate cumsum) are recomputed per V block and query head: fewer bytes, more arithmetic."""
     pid, iv, ibh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
-    NC: tl.constexpr = C // BC
-    n, i = pid // NC, pid % NC
-    ibk = (ibh // H) * Hk + (ibh % H) // G
-    t0 = n * C
+    n, i, ibk, t0 = _row_block(pid, ibh, H, Hk, G, C, BC)
     oc = tl.arange(0, BC)
     oC = tl.arange(0, C)
     okk = tl.arange(0, BK)
@@ -737,26 +738,25 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
                 if USE_G:
                     intra = intra * qs
                 acc += intra
-            elif i > 0:
-                dAr = tl.load(dA_base + oc[:, None] * C + oC[None, :], mask=(oC < i * BC)[None, :], other=0.0)
-                intra = _dot(dAr, kr, tl.zeros([BC, BK], dtype=tl.float32), ET, LOWP, PREC)
+            else:  # keys of earlier sub-chunks by a matmul, the diagonal block one key row at a time
+                if i > 0:
+                    dAr = tl.load(dA_base + oc[:, None] * C + oC[None, :], mask=(oC < i * BC)[None, :], other=0.0)
+                    intra = _dot(dAr, kr, tl.zeros([BC, BK], dtype=tl.float32), ET, LOWP, PREC)
+                    if USE_G:
+                        intra = intra * qs
+                    acc += intra
                 if USE_G:
-                    intra = intra * qs
-                acc += intra
-            if DIAG_MM:
-                pass
-            elif USE_G:
-                # diagonal block, one key row j at a time: acc[t] += dA[t, j] k_j exp(b_t − b_j), t ≥ j
-                # (dA is 0 above the diagonal; the exponent is masked to 0 there before the exp)
-                for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
-                    dAj = tl.load(dA_base + oc * C + i * BC + j)
-                    kj = tl.load(k_base + (i * BC + j) * K + ok, mask=mk1, other=0.0).to(tl.float32)
-                    bj = tl.load(b_base + (i * BC + j) * KG + ok * SBK, mask=mk1, other=0.0)
-                    e = tl.exp(tl.where(oc[:, None] >= j, bi_ - bj[None, :], 0.0))
-                    acc += dAj[:, None] * kj[None, :] * e
-            else:
-                dAii = tl.load(dA_base + i * BC + oc[:, None] * C + oc[None, :])
-                acc = _dot(dAii, ki, acc, ET, LOWP, PREC)
+                    # diagonal block, one key row j at a time: acc[t] += dA[t, j] k_j exp(b_t − b_j), t ≥ j
+                    # (dA is 0 above the diagonal; the exponent is masked to 0 there before the exp)
+                    for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
+                        dAj = tl.load(dA_base + oc * C + i * BC + j)
+                        kj = tl.load(k_base + (i * BC + j) * K + ok, mask=mk1, other=0.0).to(tl.float32)
+                        bj = tl.load(b_base + (i * BC + j) * KG + ok * SBK, mask=mk1, other=0.0)
+                        e = tl.exp(tl.where(oc[:, None] >= j, bi_ - bj[None, :], 0.0))
+                        acc += dAj[:, None] * kj[None, :] * e
+                else:
+                    dAii = tl.load(dA_base + i * BC + oc[:, None] * C + oc[None, :])
+                    acc = _dot(dAii, ki, acc, ET, LOWP, PREC)
             tl.store(dq + (ibh * T + t0 + i * BC) * K + ik_, acc.to(dq.dtype.element_ty), mask=mi & mk)
             qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
             qdq += qi * acc
@@ -784,27 +784,26 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
                     qc = qc * qs2
                 dAc = tl.load(dA_base + i * BC + oC[:, None] * C + oc[None, :])
                 intra = _dot(tl.trans(dAc), qc, intra, ET, False, PREC)
-            elif i < NC - 1:
-                qc = tl.load(q_base + ck, mask=mC & mk, other=0.0).to(tl.float32)
+            else:  # queries of later sub-chunks by a matmul, the diagonal block one query row at a time
+                if i < NC - 1:
+                    qc = tl.load(q_base + ck, mask=mC & mk, other=0.0).to(tl.float32)
+                    if USE_G:
+                        qc = qc * qs2
+                    dAc = tl.load(dA_base + i * BC + oC[:, None] * C + oc[None, :],
+                                  mask=(oC >= i * BC + BC)[:, None], other=0.0)
+                    intra = _dot(tl.trans(dAc), qc, intra, ET, LOWP, PREC)
                 if USE_G:
-                    qc = qc * qs2
-                dAc = tl.load(dA_base + i * BC + oC[:, None] * C + oc[None, :],
-                              mask=(oC >= i * BC + BC)[:, None], other=0.0)
-                intra = _dot(tl.trans(dAc), qc, intra, ET, LOWP, PREC)
-            if DIAG_MM:
-                pass
-            elif USE_G:
-                # diagonal block, one query row j at a time: dk[s] += dA[j, s] q_j exp(b_j − b_s), s ≤ j
-                for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
-                    dAj = tl.load(dA_base + (i * BC + j) * C + i * BC + oc)
-                    qj = tl.load(q_base + (i * BC + j) * K + ok, mask=mk1, other=0.0).to(tl.float32)
-                    bj = tl.load(b_base + (i * BC + j) * KG + ok * SBK, mask=mk1, other=0.0)
-                    e = tl.exp(tl.where(oc[:, None] <= j, bj[None, :] - bi_, 0.0))
-                    diag += dAj[:, None] * qj[None, :] * e
-            else:
-                qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
-                dAii = tl.load(dA_base + i * BC * C + i * BC + oc[:, None] * C + oc[None, :])
-                diag = _dot(tl.trans(dAii), qi, diag, ET, LOWP, PREC)
+                    # diagonal block, one query row j at a time: dk[s] += dA[j, s] q_j exp(b_j − b_s), s ≤ j
+                    for j in range(tl.minimum(BC, T - t0 - i * BC)):  # rows ≥ T: nothing to add
+                        dAj = tl.load(dA_base + (i * BC + j) * C + i * BC + oc)
+                        qj = tl.load(q_base + (i * BC + j) * K + ok, mask=mk1, other=0.0).to(tl.float32)
+                        bj = tl.load(b_base + (i * BC + j) * KG + ok * SBK, mask=mk1, other=0.0)
+                        e = tl.exp(tl.where(oc[:, None] <= j, bj[None, :] - bi_, 0.0))
+                        diag += dAj[:, None] * qj[None, :] * e
+                else:
+                    qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+                    dAii = tl.load(dA_base + i * BC * C + i * BC + oc[:, None] * C + oc[None, :])
+                    diag = _dot(tl.trans(dAii), qi, diag, ET, LOWP, PREC)
         if USE_G:
             if DIAG_MM or i < NC - 1:
                 intra = intra * ks2
@@ -1178,7 +1177,7 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
             dB = dB.sum(-1, keepdim=True)
             last = None if last is None else last.sum(-1, keepdim=True)
         # the kernels clamp g at LOG_GATE_MIN (`_chunk_cumsum`): no gradient reaches gates below it
-        dg = _reverse_cumsum(dB, last, out=dB, gate=g)
+        dg = _reverse_cumsum(dB, last, out=dB, gate=s.g)
     return dq, dk, dv, dg, (dh0 if has_h0 else None)
 
 
