@@ -53,12 +53,14 @@ KERNELS = [
     ("_dv_bwd fused", "_dv_bwd", {"FUSED": True}),  # fuse_intra: A formed in the dv kernel
 ]
 _HALF = {"q", "k", "v", "do", "dq", "dk", "dv", "o"}  # bf16 tensors; every other pointer is fp32 (b, A, h, dh, dA, dB)
+_LOWP_HALF = {"A", "h", "dh"}  # the scratch buffers a LOWP launch stores in bf16
 _INTS = {"T", "Tp", "H", "Hk", "N"}
 
 
-def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, head_dim: int):
+def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, head_dim: int, lowp: bool = False):
     """`kernel` compiled as `kernels_gpu.py` launches it: bf16 q/k/v, per-channel gates, 16 query heads on 16
-    kv heads, T a multiple of 16. A launch specialises its arguments (Triton marks 16-byte aligned pointers and
+    kv heads, T a multiple of 16; lowp: with LOWP and A, h, dh in bf16 (every forward kernel under the default
+    precision "mixed"; every kernel under "low"). A launch specialises its arguments (Triton marks 16-byte aligned pointers and
     integers divisible by 16, and folds integers equal to 1), which changes the code; the same marks are
     given here."""
     import triton
@@ -66,7 +68,7 @@ def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, hea
     from triton.compiler import ASTSource
 
     common = {"G": 1, "K": head_dim, "V": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k,
-              "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": False, "HAS_H0": False, "RAW": False, "GMIN": -5.0, "APREC": "tf32",
+              "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": lowp, "HAS_H0": False, "RAW": False, "GMIN": -5.0, "APREC": "tf32",
               **extra}
     sig, const = {}, {}
     for p in kernel.params:
@@ -79,7 +81,7 @@ def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, hea
         elif name in _INTS:
             sig[name] = "i32"
         else:
-            sig[name] = "*bf16" if name in _HALF else "*fp32"
+            sig[name] = "*bf16" if name in _HALF or (lowp and name in _LOWP_HALF) else "*fp32"
     names = list(sig)
     divisible = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t not in ("constexpr", "fp32")}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -117,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--block-k", type=int, nargs="+", default=[64])
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--smem-kb", type=int, default=228, help="shared memory per SM (H100: 228)")
+    p.add_argument("--lowp", action="store_true",
+                   help="LOWP launches with A, h, dh in bf16 (the forward kernels under the default precision)")
     p.add_argument("--json", dest="json_path", type=Path, default=None)
     args = p.parse_args(argv)
     from lincompile.kernels import triton_gla as tg
@@ -124,13 +128,15 @@ def main(argv=None) -> int:
     rows = []
     import triton
 
-    print(f"sm_{args.arch}, Triton {triton.__version__}, head_dim {args.head_dim}, bf16, per-channel gates")
+    print(f"sm_{args.arch}, Triton {triton.__version__}, head_dim {args.head_dim}, bf16, per-channel gates"
+          + (", LOWP" if args.lowp else ""))
     print("| kernel | warps | BK | registers | spills (stack/local bytes) | shared bytes | programs per SM |")
     print("|---|---|---|---|---|---|---|")
     for label, name, extra in KERNELS:
         for warps in args.warps:
             for bk in args.block_k:
-                r = resources(compile_kernel(getattr(tg, name), extra, args.arch, warps, bk, args.head_dim))
+                kernel = compile_kernel(getattr(tg, name), extra, args.arch, warps, bk, args.head_dim, args.lowp)
+                r = resources(kernel)
                 r.update(kernel=label, warps=warps, block_k=bk,
                          programs_per_sm=programs_per_sm(r, warps, args.smem_kb))
                 rows.append(r)

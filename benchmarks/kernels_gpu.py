@@ -8,17 +8,18 @@ Part 1, correctness (bf16 inputs, B=2, H=16 query / 4 kv heads, T=4096 or --chec
 the operator library's PyTorch forms run in fp32 on the same inputs — relative error ‖Δ‖/‖ref‖ of outputs and
 gradients, target ≤ 1e-2:
     chunk_gla (per-channel gates, scalar gates; with initial and final state), recurrent_gla_step,
-    swa_attention (window 64, 4 sink logits, a ring prefix), the fused liger_attention forward.
+    swa_attention (window 64, 4 sink logits, a ring prefix), the fused liger_attention forward; and, as a
+    yardstick of what bf16 costs, fla's chunk_gla on the same check (without GQA) if fla-core is importable.
 Part 2, speed (bf16, tokens·heads constant: B = tokens / T, H heads of --head-dim, no GQA so fla runs the
 same problem): median ms from `triton.testing.do_bench` of forward and forward+backward for
     ours chunk_gla · fla chunk_gla (if fla-core is importable) · torch SDPA causal (flash) ·
     ours swa_attention (w=64) · ours liger_attention fused forward (+ its backward by recomputation).
 Prints the GPU name, a correctness table and a speed table, and writes both as JSON.
-`--tune`: instead, A/B the chunk_gla launch configurations of `triton_gla.Tuning` (bf16 operands, warps, stages,
-block sizes): correctness at T=2048 and forward / forward+backward time at T=2048 (B=32) and T=16384 (B=4) for
-each, plus a per-kernel time breakdown (torch.profiler) of the first, of "rows" (the scheme measured before
-the matmul default) and of the fastest. `--variant NAME` runs the
-main benchmark with one of them.
+`--tune`: instead, A/B the chunk_gla configurations of `triton_gla.Tuning` (VARIANTS: precision, intra scheme,
+fusion, warps, block sizes): correctness at T=2048 and forward / forward+backward time at T=2048 (B=32) and
+T=16384 (B=4) for each, plus a per-kernel time breakdown (torch.profiler) of the first, of "rows" (the scheme
+measured before the matmul default) and of the fastest. `--variant NAME` runs the main benchmark with one of
+them.
 Targets (issue #6): ours ≥ fla chunk_gla speed; ≥ 5× SDPA forward at 16k.
 """
 
@@ -30,9 +31,12 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from lincompile.emit import write_text_atomic
 
 
 def rel(a, b) -> float:
@@ -56,7 +60,9 @@ def bench(fn, smoke: bool) -> float:
 # Part 1: correctness against the PyTorch forms.
 
 
-def check_gla(B, H, Hk, T, D, dev, scalar: bool):
+def check_gla(B, H, Hk, T, D, dev, scalar: bool, fla_chunk_gla=None):
+    """Relative errors of chunk_gla's output, final state and gradients against `gla.gla_chunked` in fp32. With
+    fla_chunk_gla (fla's, [B, T, H, D] layout, no GQA): the same check of fla's kernel, as a yardstick."""
     from lincompile.kernels import fused, gla
 
     torch.manual_seed(0)
@@ -70,7 +76,12 @@ def check_gla(B, H, Hk, T, D, dev, scalar: bool):
     dS = torch.randn(B, Hk, D, D, device=dev) * 0.1
 
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, S0)]
-    o, S = fused.chunk_gla(*leaves[:4], D ** -0.5, leaves[4])
+    if fla_chunk_gla is None:
+        o, S = fused.chunk_gla(*leaves[:4], D ** -0.5, leaves[4])
+    else:
+        o, S = fla_chunk_gla(*(x.transpose(1, 2).contiguous() for x in leaves[:4]), scale=D ** -0.5,
+                             initial_state=leaves[4], output_final_state=True)
+        o = o.transpose(1, 2)
     torch.autograd.backward([o, S], [do, dS])
     ref = [x.detach().float().clone().requires_grad_(True) for x in (q, k, v, g, S0)]
     o_r, S_r = gla.gla_chunked(*ref[:4], scale=D ** -0.5, initial_state=ref[4])
@@ -138,12 +149,14 @@ def correctness(args, dev):
     if args.smoke:
         B, H, Hk, T, D = 1, 4, 2, 100, 32
     rows = []
+    fla = None if args.no_fla else _fla()
     for name, fn in [
         ("chunk_gla per-channel gates", lambda: check_gla(B, H, Hk, T, D, dev, scalar=False)),
         ("chunk_gla scalar gates", lambda: check_gla(B, H, Hk, T, D, dev, scalar=True)),
         ("recurrent_gla_step", lambda: check_step(8 if not args.smoke else 2, H, Hk, D, dev)),
         ("swa_attention w=64, 4 sinks, ring", lambda: check_swa(B, H, Hk, T, D, 64, 4, dev)),
         ("liger_attention fused fwd", lambda: check_liger(B, H, Hk, T, D, dev)),
+        *([("fla chunk_gla (yardstick, no GQA)", lambda: check_gla(B, H, H, T, D, dev, False, fla))] if fla else []),
     ]:
         try:
             errs = fn()
@@ -160,14 +173,20 @@ def correctness(args, dev):
 # Part 2: speed.
 
 
+def _fla():
+    """fla's chunk_gla, or None (fla-core is optional)."""
+    try:
+        from fla.ops.gla import chunk_gla
+    except Exception as err:
+        print(f"  (fla chunk_gla not available: {type(err).__name__}: {err})")
+        return None
+    return chunk_gla
+
+
 def speed(args, dev):
     from lincompile.kernels import fused
 
-    try:
-        from fla.ops.gla import chunk_gla as fla_chunk_gla
-    except Exception as err:  # optional
-        fla_chunk_gla = None
-        print(f"  (fla chunk_gla not available: {type(err).__name__}: {err})")
+    fla_chunk_gla = None if args.no_fla else _fla()
     H, D, bf = args.heads, args.head_dim, torch.bfloat16
     rows = []
     for T in args.lengths:
@@ -247,16 +266,16 @@ def speed_table(rows) -> list[str]:
 # Tuning: chunk_gla launch configurations, A/B in one run.
 
 VARIANTS = {
-    "default": {},  # intra "matmul": the diagonal 16x16 blocks as matmuls (forward A and backward dq/dk)
+    "default": {},  # precision "mixed", intra "matmul": the forward in bf16, the backward's h, dh, dq/dk in fp32
+    "full": {"precision": "full"},  # fp32 operands (TF32) and buffers everywhere: the default up to stop 11
+    "full half h": {"precision": "full", "half_states": True},  # ... with the forward's h in bf16
+    "low": {"precision": "low"},  # bf16 operands and buffers in the backward too (dg 1.3e-2 at 2k before)
     "rows": {"intra": "rows"},  # the diagonal blocks one row at a time: the default measured up to stop 10
     "split": {"intra": "split"},  # "rows" with A by _attn_intra_split (one program per 16-row block)
     "fused": {"fuse_intra": True},  # neither A nor (forward) the cumulative gates are ever stored
-    "half h": {"half_states": True},  # the forward's chunk states in bf16 (the backward recomputes fp32)
-    "fused half h": {"fuse_intra": True, "half_states": True},
+    "low fused": {"precision": "low", "fuse_intra": True},
     "w8": {"num_warps": 8},
     "bv32": {"block_v": 32},  # twice the programs for the state scans (h, dh)
-    "lowp": {"lowp": True},  # bf16 matmul operands and scratch buffers (dg error 1.6e-2 before: over 1e-2)
-    "lowp fused": {"lowp": True, "fuse_intra": True},
 }
 
 
@@ -295,17 +314,17 @@ def profile_gla(B, H, T, D, dev) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
 
 
-def tune(args, dev) -> dict:
+def tune(args, dev, save=lambda partial: None) -> dict:
     H, D = args.heads, args.head_dim
     sizes = [(32, 2048), (4, 16384)] if not args.smoke else [(1, 64), (1, 128)]
     names = args.variants or list(VARIANTS)
     try:
-        return _tune(args, dev, H, D, sizes, names)
+        return _tune(args, dev, H, D, sizes, names, save)
     finally:
         set_variant("default")
 
 
-def _tune(args, dev, H, D, sizes, names) -> dict:
+def _tune(args, dev, H, D, sizes, names, save) -> dict:
     from lincompile.kernels import fused
 
     rows = []
@@ -316,6 +335,7 @@ def _tune(args, dev, H, D, sizes, names) -> dict:
             B0, T0 = (2, 2048) if not args.smoke else (1, 100)
             errs = check_gla(B0, H, max(1, H // 4), T0, D, dev, scalar=False)
             row["max_rel_err"] = max(errs.values())
+            row["errors"] = {name: float(f"{e:.3g}") for name, e in errs.items()}
             for B, T in sizes:
                 (q, k, v, g), do = gla_inputs(B, H, T, D, dev)
                 fwd = lambda: fused.chunk_gla(q, k, v, g, D ** -0.5, None)[0]  # noqa: E731
@@ -327,6 +347,7 @@ def _tune(args, dev, H, D, sizes, names) -> dict:
             row["error"] = repr(err)[:300]
         rows.append(row)
         print("  " + json.dumps(row), flush=True)
+        save({"rows": rows})  # a run cut short still leaves the variants it finished
         if dev == "cuda":
             torch.cuda.empty_cache()
     sdpa = {}
@@ -358,7 +379,8 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--check-len", type=int, default=4096)
     p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--no-fla", action="store_true", help="leave out fla chunk_gla (its autotuning takes minutes)")
+    p.add_argument("--no-fla", action="store_true",
+                   help="leave out fla chunk_gla, timed and checked (its autotuning takes minutes)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, no do_bench (CPU under TRITON_INTERPRET=1)")
     p.add_argument("--json", dest="json_path", default=None)
     p.add_argument("--tune", action="store_true", help="A/B the chunk_gla launch configurations (see VARIANTS)")
@@ -380,14 +402,17 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter)"
     print(f"device: {gpu} · torch {torch.__version__} · triton {triton.__version__}", flush=True)
     t0 = time.perf_counter()
+    head = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__}
+
+    def save(result):
+        if args.json_path:
+            write_text_atomic(Path(args.json_path), json.dumps({**head, **result}, indent=1))
+
     if args.tune:
         print(f"chunk_gla variants (bf16, H = {args.heads}, D = {args.head_dim}; median ms):", flush=True)
-        result = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__, **tune(args, dev),
-                  "seconds": round(time.perf_counter() - t0, 1)}
+        result = {**tune(args, dev, save), "seconds": round(time.perf_counter() - t0, 1)}
         print(f"  best: {result['best']} ({result['seconds']} s)")
-        if args.json_path:
-            with open(args.json_path, "w") as f:
-                json.dump(result, f, indent=1)
+        save(result)
         return
     if args.variant:
         set_variant(args.variant)
@@ -402,13 +427,10 @@ def main(argv=None):
         print(f"speed (bf16, B·T = {args.tokens}, H = {args.heads}, D = {args.head_dim}; median ms):", flush=True)
         rows = speed(args, dev)
         print("\n".join(speed_table(rows)))
-    result = {"device": gpu, "torch": torch.__version__, "triton": triton.__version__, "variant": args.variant,
-              "correctness": checks,
-              "speed": rows, "seconds": round(time.perf_counter() - t0, 1)}
-    print(json.dumps(result))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(result, f, indent=1)
+    result = {"variant": args.variant, "correctness": checks, "speed": rows,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps({**head, **result}))
+    save(result)
 
 
 if __name__ == "__main__":

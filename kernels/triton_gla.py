@@ -17,18 +17,18 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
                row is its total decay). Skipped with `TUNING.fuse_intra`: 2. and 4. then cumulate g
                themselves (RAW).
             2. `_h_fwd`: sequential scan over chunks per (batch, kv head, K block, V block); stores the state
-               each chunk starts from, h[n] `[B, Hk, N, K, V]` fp32 (input dtype under lowp or, in the
-               forward only, `TUNING.half_states`), and the final state (fp32).
+               each chunk starts from, h[n] `[B, Hk, N, K, V]`, in the input dtype (fp32 under precision
+               "full" unless `TUNING.half_states`), and the final state (fp32).
             3. The intra-chunk matrix A[t, s] = scale Σ_k q_tk k_sk exp(b_tk − b_sk), s ≤ t, per (query head,
-               chunk) `[B, H, N·C, C]` fp32 (input dtype under lowp), by `_attn_intra_mm` (one program per
+               chunk) `[B, H, N·C, C]`, input dtype (fp32 under "full"), by `_attn_intra_mm` (one program per
                16-row block; `TUNING.intra` "rows": `_attn_intra`, one program per chunk; "split":
                `_attn_intra_split`).
             4. `_o_fwd`: o = scale (q ⊙ exp(b)) h[n] + A v per (query head, chunk, V block). With
                `TUNING.fuse_intra`, `_o_fwd_mm` does 3. and 4. in one kernel per 16-row block, and the
                backward's `_dv_bwd` forms A itself too: A never leaves the registers.
-  backward  h is recomputed (2.) and A (3.; not with fuse_intra); then
+  backward  h is recomputed (2.; fp32 unless precision "low") and A (3.; not with fuse_intra); then
             5. `_dh_bwd`: reverse scan, dh[n] = gradient of the state after chunk n (fp32; input dtype under
-               lowp),
+               "low"),
                dS_{n} = Diag(exp(b_last)) dS_{n+1} + scale Σ_{heads of the group} (q ⊙ exp(b))ᵀ do,
                starting from dfinal_state; what is left at the start is dinitial_state.
             6. `_dA_bwd`: dA[t, s] = scale do_t · v_s (s ≤ t), per query head.
@@ -71,8 +71,9 @@ exp(b_t − b_s), t ≥ s, is factorised per 16-row block i through a reference 
     `_dqk_bwd` does the same per key row s for dq (dq_t += dA_ts k_s exp(b_t − b_s), t ≥ s) and per query
     row t for dk (dk_s += dA_ts q_t exp(b_t − b_s), s ≤ t); dA is 0 above the diagonal. The loops stop at
     the last row < T (rows past it would add 0). Exact for any gates, but 16 dependent steps per block.
-Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 matmuls (no TF32), bf16/fp16 inputs use TF32
-matmuls on fp32 operands (TF32 keeps more mantissa than the inputs had) unless `TUNING.lowp` is set.
+Accumulation is fp32 throughout; fp32 inputs use IEEE fp32 matmuls (no TF32). bf16/fp16 inputs: see
+`Tuning.precision` below (TF32 matmuls on fp32 operands wherever a product is not in the input dtype: TF32
+keeps more mantissa than the inputs had).
 
 Block sizes are powers of two ≥ 16 with masks, so K and V need not be powers of two (V = 65 is fine);
 K and V are each ≤ 256 (`supported`). No autotuning: one configuration per call, also under
@@ -80,18 +81,23 @@ TRITON_INTERPRET=1, taken from the module global `TUNING` (a `Tuning`) when chun
 is called, so a benchmark can A/B configurations in one process by assigning `triton_gla.TUNING = Tuning(...)`
 between calls. The defaults are the configuration above: BK, BV = next power of two of K, V clamped to
 [16, 64] (`block_k`, `block_v` move the upper bound: powers of two in [16, 256], else ValueError), Triton's
-default num_warps / num_stages (`num_warps`, `num_stages`: launch options of every chunk kernel), fp32 matmul
-operands. `lowp=True` with bf16 (or fp16) q, k, v: every tl.dot takes its operands in the input dtype with
-fp32 accumulation (gate factors are applied in fp32 first, then the product is rounded), and the scratch
-buffers A, h and dh are stored in the input dtype (they are read only as matmul operands); the products
+default num_warps / num_stages (`num_warps`, `num_stages`: launch options of every chunk kernel), precision
+"mixed". A kernel launched with LOWP (bf16/fp16 q, k, v only) takes every tl.dot's operands in the input
+dtype with fp32 accumulation (gate factors are applied in fp32 first, then the product is rounded), and
+its scratch buffers (A, h, dh: read only as matmul operands) are stored in the input dtype; the products
 that form the diagonal 16×16 blocks (all of A's, and dq's and dk's intra-chunk products, in the matmul
 scheme; the row loops otherwise), the recurrent state carried in registers, the final state, dA, dB and the
 initial-state gradient stay fp32, and the exponent scheme and masks are the same. (With bf16 operands for
 the diagonal blocks, dg's error doubled in the interpreter's bf16 emulation: 2e-2 against 1e-2 in
-tests/test_triton_gla.py's lowp test.) fp32 (or mixed-dtype) inputs ignore lowp. `half_states=True` stores
-only the forward's h in the input dtype (the backward recomputes its own h: fp32 unless lowp), so only the
-inter-chunk part of o sees the rounding.
-Under the interpreter a lowp dot is emulated (operands rounded to the input dtype, fp32 product), since
+tests/test_triton_gla.py's low-precision test.) Which kernels get LOWP is `Tuning.precision`: "low" all of
+them; "full" none; "mixed" (the default; bf16 only, fp16 runs it as "full" for range) every forward
+kernel, and in the backward A and dv (whose rounding reaches dv only) and dA (do · v, exact in the input dtype). The backward recomputes its own h, so the forward's precision never reaches
+a gradient. The backward's h, dh and dq / dk products stay fp32 under "mixed" because their rounding
+does reach dg: ∂L/∂B = q ⊙ dq − k ⊙ dk cancels, and in the interpreter's emulation (T = 512, D = 128) each
+of the three roughly alone took dg's error from 1e-6 to 4e-3 (6e-3 together; 1.3e-2 at T = 2048 on the H100).
+fp32 (or mixed-dtype) inputs always run "full". `half_states=True` stores the forward's h in the input
+dtype under "full" too.
+Under the interpreter a LOWP dot is emulated (operands rounded to the input dtype, fp32 product), since
 the interpreter's tl.dot mishandles bf16. The decode step `fused_recurrent_gla_step` ignores `TUNING`.
 `POISON = True` (or LINCOMPILE_TRITON_POISON=1) fills every output and scratch buffer with NaN before launch,
 so that an element a kernel fails to write shows up in tests.
@@ -116,6 +122,7 @@ MAX_HEAD_DIM = 256
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTRA = ("matmul", "rows", "split")
+PRECISION = ("mixed", "full", "low")
 
 
 def _interpret() -> bool:
@@ -125,11 +132,19 @@ def _interpret() -> bool:
 @dataclass
 class Tuning:
     """Knobs of the chunk kernels (not of the decode step), read from `TUNING` at every call of
-    chunk_gla_fwd / chunk_gla_bwd. The defaults: the matmul scheme, unfused, fp32 operands, Triton's launch
+    chunk_gla_fwd / chunk_gla_bwd. The defaults: the matmul scheme, unfused, mixed precision, Triton's launch
     options, blocks of at most 64."""
 
-    lowp: bool = False  # bf16/fp16 inputs: matmul operands, the intra-chunk matrix A and the chunk states h
-    #                     in the input dtype (fp32 accumulation), instead of fp32 operands with TF32 matmuls
+    precision: str = "mixed"  # bf16/fp16 inputs (PRECISION; fp32 or mixed-dtype inputs always run "full"):
+    #   "full":  fp32 matmul operands (TF32 matmuls), fp32 scratch buffers A, h, dh
+    #   "mixed": the forward's matmul operands and its A and h in the input dtype (fp32 accumulation); in the
+    #            backward so are A and dv's products, whose rounding reaches dv only, and dA's (do · v: exact
+    #            when do is in the input dtype too). The backward's h, dh and the dq / dk products stay
+    #            fp32: their rounding would reach dg (q ⊙ dq − k ⊙ dk cancels), so dq, dk, dg are "full"'s.
+    #            bf16 only: fp16 inputs run "mixed" as "full" (fp16's range: without decay the states can
+    #            pass 65504 over a long sequence)
+    #   "low":   every product and scratch buffer in the input dtype, the backward's too (fla's chunk_gla
+    #            likewise rounds h and dh to bf16 for its dq / dk products)
     num_warps: int | None = None  # launch option of every chunk kernel (None: Triton's default)
     num_stages: int | None = None  # likewise
     block_v: int = 64  # upper bound of the V block (BV = power of two in [16, block_v])
@@ -140,7 +155,8 @@ class Tuning:
     #   "rows":   one key (query) row at a time, per (chunk, head) (`_attn_intra`; `_dqk_bwd` row loops)
     #   "split":  "rows" with one program per 16-row block for A (`_attn_intra_split`)
     half_states: bool = False  # forward only: the chunk states h in the input dtype (bf16/fp16 inputs), half
-    #                            their bytes; the backward recomputes its own h (fp32 unless lowp), so
+    #                            their bytes (so they are under "mixed" and "low"); the backward recomputes
+    #                            its own h (fp32 unless "low"), so
     #                            gradients are unchanged
     fuse_intra: bool = False  # A is never stored: formed inside the kernels that use it, the forward's output
     #                           (`_o_fwd_mm`) and the backward's dv (`_dv_bwd`, FUSED); needs intra "matmul"
@@ -151,6 +167,8 @@ class Tuning:
     def validate(self) -> None:
         """ValueError unless the block bounds are powers of two in [16, 256] and the launch options are
         positive (num_warps a power of two)."""
+        if self.precision not in PRECISION:
+            raise ValueError(f"Tuning.precision must be one of {', '.join(PRECISION)}, got {self.precision!r}")
         if self.intra not in INTRA:
             raise ValueError(f"Tuning.intra must be one of {', '.join(INTRA)}, got {self.intra!r}")
         if self.fuse_intra and self.intra != "matmul":
@@ -447,7 +465,7 @@ def _intra_block(q_rows, k_chunk, b_chunk, i, n_rows, n_keys,
     for s ≤ t, 0 elsewhere; q_rows points at the block's first query row, k_chunk / b_chunk at the chunk's first
     key row / gate row (`_gates`: b, or g itself with RAW), n_rows / n_keys the block's query rows and the
     chunk's key rows < T. One matmul per K block through the reference r = b at the block's middle row (see
-    the module docstring: every factor ≤ e^40), fp32 operands (TF32 for half inputs) even under lowp."""
+    the module docstring: every factor ≤ e^40), fp32 operands (TF32 for half inputs) even under LOWP."""
     ET: tl.constexpr = tl.float32
     oc = tl.arange(0, BC)
     oC = tl.arange(0, C)
@@ -567,7 +585,7 @@ def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
     att = tl.where(oC[None, :] <= i * BC + oc[:, None], att, 0.0)
     vv = tl.load(v + (ibk * T + t0) * V + oC[:, None] * V + ov[None, :], mask=(oC < T - t0)[:, None] & mv,
                  other=0.0).to(tl.float32)
-    acc = _dot(att * scale, vv, inter * scale, ET, LOWP, PREC)  # scaled before lowp rounds it, as A is
+    acc = _dot(att * scale, vv, inter * scale, ET, LOWP, PREC)  # scaled before LOWP rounds it, as A is
     tl.store(o + (ibh * T + t0 + i * BC) * V + oc[:, None] * V + ov[None, :], acc.to(o.dtype.element_ty),
              mask=mi & mv)
 
@@ -1012,7 +1030,7 @@ def _reverse_cumsum(x, last=None, out=None, gate=None):
 
 
 class _Setup:
-    def __init__(self, q, k, v, g, chunk):
+    def __init__(self, q, k, v, g, chunk, backward=False):
         if chunk != CHUNK:
             raise ValueError(f"the Triton GLA kernels use chunks of {CHUNK}, not {chunk}")
         reason = supported(q, k, v, g)
@@ -1037,10 +1055,17 @@ class _Setup:
         self.NK = triton.cdiv(self.K, self.BK)
         self.NV = triton.cdiv(self.V, self.BV)
         self.prec = _prec(q, k, v)
-        # lowp only for one common half dtype of q, k, v; fp32 (or mixed) inputs keep fp32 operands
-        self.lowp = bool(t.lowp) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
-        self.sdt = q.dtype if self.lowp else torch.float32  # dtype of the scratch buffers A, h, dh
+        # half-precision products only for one common half dtype of q, k, v; fp32 (or mixed) inputs: "full"
         half = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+        precision = t.precision if half else "full"
+        if precision == "mixed" and q.dtype == torch.float16:
+            precision = "full"  # fp16's range: without decay the states can pass 65504 over long sequences
+        # lowp: LOWP of every forward kernel and of the backward's state kernels (h, dh, dq/dk); lowp_v: of the
+        # backward's A and dv (whose rounding reaches dv only) and dA (exact: do and v are half values)
+        self.lowp_v = precision != "full"
+        self.lowp = precision == "low" if backward else self.lowp_v
+        self.sdt = q.dtype if self.lowp else torch.float32  # dtype of the scratch buffers h, dh
+        self.adt = q.dtype if self.lowp_v else torch.float32  # dtype of A
         self.fwd_hdt = q.dtype if half and t.half_states else self.sdt  # dtype of the forward's h
         self.launch = {name: x for name, x in (("num_warps", t.num_warps), ("num_stages", t.num_stages))
                        if x is not None}
@@ -1063,7 +1088,7 @@ class _Setup:
                     USE_G=self.use_g, PREC=self.prec, LOWP=self.lowp, **self.launch)
 
     def states(self, initial_state, raw=False, dtype=None):
-        """h [B, Hk, N, K, V] (state each chunk starts from; fp32, the input dtype under lowp, or `dtype`) and
+        """h [B, Hk, N, K, V] (state each chunk starts from; in `sdt` unless `dtype` is given) and
         the final state (fp32). raw: from the gates themselves (no b buffer)."""
         s = self
         h = _empty(s.B, s.Hk, s.N, s.K, s.V, device=s.dev, dtype=dtype or s.sdt)
@@ -1077,12 +1102,12 @@ class _Setup:
 
     def intra(self, scale):
         s = self
-        A = _empty(s.B, s.H, s.Tp, s.C, device=s.dev, dtype=s.sdt)
+        A = _empty(s.B, s.H, s.Tp, s.C, device=s.dev, dtype=s.adt)
         kernel = {"matmul": _attn_intra_mm, "rows": _attn_intra, "split": _attn_intra_split}[s.intra_kind]
         grid = (s.N if s.intra_kind == "rows" else s.N * (s.C // SUB), s.B * s.H)
         kernel[grid](s.q, s.k, s.b_arg, A, scale, s.T, s.Tp, s.H, s.Hk, s.G,
                      K=s.K, KG=s.KG, SBK=s.SBK, C=s.C, BC=SUB, BK=s.BK,
-                     USE_G=s.use_g, PREC=s.prec, LOWP=s.lowp, **s.launch)
+                     USE_G=s.use_g, PREC=s.prec, LOWP=s.lowp_v, **s.launch)
         return A
 
 
@@ -1125,7 +1150,7 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
     channel axis when g is [..., 1]); dinitial_state fp32 [B,Hk,K,V] (None if initial_state is None).
     do: gradient of o; dfinal_state: gradient of the final state or None (= zeros).
     """
-    s = _Setup(q, k, v, g, chunk)
+    s = _Setup(q, k, v, g, chunk, backward=True)
     has_h0 = initial_state is not None
     if has_h0:
         _check_state(initial_state, s)
@@ -1156,7 +1181,9 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
                                   HAS_DHT=dfinal_state is not None, STORE_DH0=has_h0, **c)
 
     dA = _empty(B, H, Tp, s.C, device=dev)
-    _dA_bwd[(N, B * H)](do, s.v, dA, scale, T, Tp, H, Hk, G, V=V, C=s.C, BV=s.BV, PREC=prec, LOWP=s.lowp,
+    # do · v in the input dtype is exact when do is in it too (products of two half values fit fp32)
+    _dA_bwd[(N, B * H)](do, s.v, dA, scale, T, Tp, H, Hk, G, V=V, C=s.C, BV=s.BV, PREC=prec,
+                        LOWP=s.lowp_v and do.dtype == s.v.dtype,
                         **s.launch)
 
     dq = _empty(B, H, T, K, device=dev, dtype=q.dtype)
@@ -1167,7 +1194,7 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
 
     dv = _empty(B, Hk, T, V, device=dev, dtype=v.dtype)
     _dv_bwd[(N, s.NV, B * Hk)](s.q, s.k, s.b_arg, dh, A if A is not None else dh, do, dv, scale, T, Tp, H, Hk,
-                               G, N, BC=SUB, FUSED=s.fuse_intra, APREC=s.prec, **c)
+                               G, N, BC=SUB, FUSED=s.fuse_intra, APREC=s.prec, **dict(c, LOWP=s.lowp_v))
 
     dg = None
     if g is not None:

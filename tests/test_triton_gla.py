@@ -248,16 +248,17 @@ NAMES = ("o", "S", "dq", "dk", "dv", "dg", "dS0")
     (torch.bfloat16, "channel", "matmul", False), (torch.float16, "scalar", "matmul", False),
     (torch.bfloat16, None, "matmul", False), (torch.bfloat16, "channel", "matmul", True),
     (torch.float16, "channel", "matmul", True), (torch.bfloat16, "channel", "rows", False)])
-def test_lowp_half_precision(dtype, gate, intra, fuse, monkeypatch):
-    """lowp: half-precision operands and scratch buffers stay within the bf16 tolerance of the fp32 result
-    (with fuse_intra too, which stores no A, and with the row scheme)."""
+def test_low_precision(dtype, gate, intra, fuse, monkeypatch):
+    """precision "low": half-precision operands and scratch buffers, the backward's too, stay within the bf16
+    tolerance of the fp32 result (with fuse_intra too, which stores no A, and with the row scheme)."""
     B, H, Hk, T, K, V = 1, 2, 1, 70, 32, 33  # two chunks (the second one a masked tail), GQA
     q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(B, H, T, V, generator=gen).to(DEVICE).to(dtype)
     dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
-    ref = fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)  # default Tuning, fp32 inputs
-    default = fwd_bwd(q, k, v, g, S0, do, dS)
+    ref = fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)  # fp32 inputs: always "full"
+    tg.TUNING = tg.Tuning(precision="mixed", intra=intra, fuse_intra=fuse)
+    mixed = fwd_bwd(q, k, v, g, S0, do, dS)
 
     scratch = []  # (shape, dtype) of every buffer the wrappers allocate
     empty = tg._empty
@@ -267,7 +268,7 @@ def test_lowp_half_precision(dtype, gate, intra, fuse, monkeypatch):
         return empty(*shape, **kw)
 
     monkeypatch.setattr(tg, "_empty", record)
-    tg.TUNING = tg.Tuning(lowp=True, intra=intra, fuse_intra=fuse)  # read at call time: the next calls run lowp
+    tg.TUNING = tg.Tuning(precision="low", intra=intra, fuse_intra=fuse)  # read at call time
     got = fwd_bwd(q, k, v, g, S0, do, dS)
     for name, a, b, x in zip(NAMES, got, ref, (q, S0, q, k, v, g, S0)):
         if x is None:
@@ -278,7 +279,7 @@ def test_lowp_half_precision(dtype, gate, intra, fuse, monkeypatch):
         # dg = reverse cumsum of q ⊙ dq − k ⊙ dk cancels heavily, which amplifies the operand rounding:
         # 1e-3 .. 1.5e-2 over seeds (the other outputs: ≤ 4e-3)
         assert rel(a, b) <= (2e-2 if name == "dg" else 1e-2), name
-    assert not torch.equal(got[0], default[0])  # the knob reached the kernels
+    assert not torch.equal(got[2], mixed[2])  # the knob reached the backward's state kernels
     N, C = 2, tg.CHUNK
     kinds = {(B, Hk, N, K, V): "h/dh", (B, H, N * C, C): "A/dA", (B, Hk, K, V): "final state/dS0"}
     dts = {}
@@ -289,16 +290,83 @@ def test_lowp_half_precision(dtype, gate, intra, fuse, monkeypatch):
     assert dts["final state/dS0"] == {None}  # fp32
 
 
-def test_lowp_fused_scales_before_rounding():
-    """fp16 lowp: the fused output kernel rounds scale·A to fp16 as the stored A is, so q·k beyond fp16's
+@pytest.mark.parametrize("dtype,gate,fuse", [(torch.bfloat16, "channel", False), (torch.bfloat16, "scalar", False),
+                                             (torch.bfloat16, "channel", True)])
+def test_mixed_precision(dtype, gate, fuse, monkeypatch):
+    """precision "mixed" (the default): the forward in half precision (output and final state within the bf16
+    tolerance of fp32, not equal to "full"'s), the backward's dq, dk, dg and d initial state are "full"'s
+    (fp32 h, dh and products), dv within the bf16 tolerance; the scratch buffers in the dtypes that says."""
+    B, H, Hk, T, K, V = 1, 2, 1, 150, 32, 16  # three chunks (the last a masked tail), GQA
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, dtype=dtype)
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(B, H, T, V, generator=gen).to(DEVICE).to(dtype)
+    dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
+    ref = fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)
+    tg.TUNING = tg.Tuning(precision="full", fuse_intra=fuse)
+    full = fwd_bwd(q, k, v, g, S0, do, dS)
+    scratch = []
+    empty = tg._empty
+
+    def record(*shape, **kw):
+        scratch.append((shape, kw.get("dtype") or torch.float32))
+        return empty(*shape, **kw)
+
+    monkeypatch.setattr(tg, "_empty", record)
+    tg.TUNING = tg.Tuning(fuse_intra=fuse)
+    assert tg.TUNING.precision == "mixed"
+    got = fwd_bwd(q, k, v, g, S0, do, dS)
+    for name in ("o", "S", "dv"):
+        i = NAMES.index(name)
+        assert rel(got[i], ref[i]) <= 1e-2, name
+        assert not torch.equal(got[i], full[i]), name
+    for name in ("dq", "dk", "dg", "dS0"):
+        i = NAMES.index(name)
+        assert rel(got[i], full[i]) <= 1e-6, name
+    N, C = 3, tg.CHUNK
+    h = [dt for shape, dt in scratch if shape == (B, Hk, N, K, V)]
+    assert h == [dtype, torch.float32, torch.float32]  # the forward's h; the backward's h and dh
+    A = [dt for shape, dt in scratch if shape == (B, H, N * C, C)]
+    assert A == ([torch.float32] if fuse else [dtype, dtype, torch.float32])  # A (forward, backward), dA
+
+
+def test_mixed_precision_is_full_for_fp16():
+    """fp16 inputs run "mixed" as "full" (fp16's range), bit for bit; "low" is still half precision."""
+    q, k, v, g, S0 = make(1, 2, 1, 70, 16, 16, "channel", dtype=torch.float16)
+    do = torch.randn(1, 2, 70, 16).to(DEVICE).half()
+    dS = torch.randn(1, 1, 16, 16).to(DEVICE)
+    tg.TUNING = tg.Tuning(precision="full")
+    full = fwd_bwd(q, k, v, g, S0, do, dS)
+    tg.TUNING = tg.Tuning(precision="mixed")
+    for name, a, b in zip(NAMES, fwd_bwd(q, k, v, g, S0, do, dS), full):
+        assert torch.equal(a, b), name
+    tg.TUNING = tg.Tuning(precision="low")
+    assert not torch.equal(fwd_bwd(q, k, v, g, S0, do, dS)[0], full[0])
+
+
+def test_mixed_precision_keeps_an_fp32_do_out_of_half_products():
+    """dA = do · v is a half-precision product under "mixed" only when do is a half tensor too: with an fp32 do,
+    dq, dk and dg are "full"'s."""
+    q, k, v, g, S0 = make(1, 2, 1, 70, 16, 16, "channel", dtype=torch.bfloat16)
+    do = torch.randn(1, 2, 70, 16).to(DEVICE)  # fp32, not representable in bf16
+    tg.TUNING = tg.Tuning(precision="full")
+    full = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None)
+    tg.TUNING = tg.Tuning(precision="mixed")
+    got = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dS0"), got, full):
+        if name != "dv":
+            assert rel(a, b) <= 1e-6, name
+
+
+def test_low_precision_fused_scales_before_rounding():
+    """fp16, half-precision forward: the fused output kernel rounds scale·A to fp16 as the stored A is, so q·k beyond fp16's
     range (scale·q·k within it) gives the unfused result, not inf."""
     q, k, v, g, S0 = make(1, 2, 1, 40, 16, 16, "channel", dtype=torch.float16)
     q, v = (q.float() * 70).half(), (v.float() * 0.01).half()
     k = q[:, :1].clone()  # q_t·k_t = |q_t|²
     assert (q.float() * k.float()).sum(-1).abs().max() > 65504  # q_t·k_t itself overflows fp16
-    tg.TUNING = tg.Tuning(lowp=True)
+    tg.TUNING = tg.Tuning(precision="low")
     ref, _ = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
-    tg.TUNING = tg.Tuning(lowp=True, fuse_intra=True)
+    tg.TUNING = tg.Tuning(precision="low", fuse_intra=True)
     got, _ = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
     assert torch.isfinite(ref).all() and torch.isfinite(got).all()
     assert rel(got, ref) <= 1e-2
@@ -306,15 +374,15 @@ def test_lowp_fused_scales_before_rounding():
 
 @pytest.mark.parametrize("dtype,fuse", [(torch.bfloat16, False), (torch.float16, True)])
 def test_half_states(dtype, fuse, monkeypatch):
-    """half_states: the forward stores h in the input dtype (its output stays within the bf16 tolerance of the
-    fp32 result), the backward is untouched (gradients equal to the default's, bit for bit); fp32 inputs
-    ignore it."""
+    """half_states under precision "full": the forward stores h in the input dtype (its output stays within the
+    bf16 tolerance of the fp32 result), the backward is untouched (gradients equal to "full"'s, bit for bit);
+    fp32 inputs ignore it."""
     B, H, Hk, T, K, V = 1, 2, 1, 150, 32, 16  # three chunks: two states that are stored and read
     q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel", dtype=dtype)
     do = torch.randn(B, H, T, V).to(DEVICE).to(dtype)
     dS = torch.randn(B, Hk, K, V).to(DEVICE)
     ref = fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)
-    tg.TUNING = tg.Tuning(fuse_intra=fuse)
+    tg.TUNING = tg.Tuning(precision="full", fuse_intra=fuse)
     default = fwd_bwd(q, k, v, g, S0, do, dS)
     hs = []
     empty = tg._empty
@@ -325,7 +393,7 @@ def test_half_states(dtype, fuse, monkeypatch):
         return empty(*shape, **kw)
 
     monkeypatch.setattr(tg, "_empty", record)
-    tg.TUNING = tg.Tuning(fuse_intra=fuse, half_states=True)
+    tg.TUNING = tg.Tuning(precision="full", fuse_intra=fuse, half_states=True)
     got = fwd_bwd(q, k, v, g, S0, do, dS)
     assert hs[0] == dtype and set(hs[1:]) == {torch.float32}  # the forward's h; the backward's h and dh
     assert rel(got[0], ref[0]) <= 1e-2 and not torch.equal(got[0], default[0])
@@ -336,13 +404,13 @@ def test_half_states(dtype, fuse, monkeypatch):
     assert set(hs) == {torch.float32}
 
 
-def test_lowp_ignored_for_fp32():
+def test_precision_ignored_for_fp32():
     B, H, Hk, T, K, V = 1, 2, 1, 70, 32, 33
     q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel")
     do = torch.randn(B, H, T, V).to(DEVICE)
     dS = torch.randn(B, Hk, K, V).to(DEVICE)
     ref = fwd_bwd(q, k, v, g, S0, do, dS)
-    tg.TUNING = tg.Tuning(lowp=True, num_warps=8, num_stages=2)  # launch options pass through
+    tg.TUNING = tg.Tuning(precision="low", num_warps=8, num_stages=2)  # launch options pass through
     got = fwd_bwd(q, k, v, g, S0, do, dS)
     for name, a, b in zip(NAMES, got, ref):
         assert a.dtype == b.dtype and rel(a, b) <= 1e-6, name
@@ -442,7 +510,7 @@ SAME_A = [
     (2, 4, 2, 60, 32, "channel", torch.float32),  # tail in the last row block, two batches, GQA
     (1, 2, 2, 100, 16, None, torch.float32),  # no gates, a tail chunk
     (1, 2, 1, 130, 16, "scalar", torch.float32),  # three chunks, scalar gates
-    (1, 2, 1, 70, 32, "channel", torch.bfloat16),  # lowp: bf16 operands and a bf16 A
+    (1, 2, 1, 70, 32, "channel", torch.bfloat16),  # bf16 operands and a bf16 A
 ]
 
 
@@ -454,7 +522,7 @@ def test_intra_kinds_give_the_same_A(B, H, Hk, T, K, gate, dtype):
     lowp = dtype != torch.float32
     As = {}
     for intra in tg.INTRA:
-        tg.TUNING = tg.Tuning(lowp=lowp, intra=intra)
+        tg.TUNING = tg.Tuning(precision="low" if lowp else "full", intra=intra)
         As[intra] = tg._Setup(q, k, v, g, tg.CHUNK).intra(SCALE).float()
     upper = torch.ones(tg.CHUNK, tg.CHUNK, dtype=torch.bool).triu(1).repeat(As["rows"].shape[2] // tg.CHUNK, 1)
     for intra, a in As.items():
@@ -534,7 +602,8 @@ def test_decode_step_clamps_the_gate():
 
 @pytest.mark.parametrize("kw", [dict(block_k=48), dict(block_v=8), dict(block_k=512), dict(block_v=0),
                                 dict(block_k=32.0), dict(num_warps=3), dict(num_warps=0), dict(num_stages=0),
-                                dict(intra="diagonal"), dict(intra="rows", fuse_intra=True)])
+                                dict(intra="diagonal"), dict(intra="rows", fuse_intra=True),
+                                dict(precision="bf16"), dict(precision=True)])
 def test_bad_tuning(kw):
     with pytest.raises(ValueError):
         tg.Tuning(**kw)
@@ -556,9 +625,9 @@ def test_bad_tuning_at_call_time():
 def test_tuning_default_is_restored():
     """The autouse fixture gives every test the default configuration, whatever an earlier test assigned."""
     assert tg.TUNING == tg.Tuning()
-    assert (tg.TUNING.lowp, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k, tg.TUNING.block_v,
-            tg.TUNING.intra, tg.TUNING.fuse_intra, tg.TUNING.half_states) == (False, None, None, 64, 64, "matmul",
-                                                                               False, False)
+    assert (tg.TUNING.precision, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k,
+            tg.TUNING.block_v, tg.TUNING.intra, tg.TUNING.fuse_intra, tg.TUNING.half_states) == (
+        "mixed", None, None, 64, 64, "matmul", False, False)
 
 
 # --------------------------------------------------------------------------------------------------
