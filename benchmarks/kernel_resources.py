@@ -49,6 +49,7 @@ KERNELS = [
     ("_h_fwd raw gates", "_h_fwd", {"RAW": True}),  # fuse_intra's forward: the gate cumsum in the scan
     ("_dqk_bwd rows", "_dqk_bwd", {"DIAG_MM": False}),  # "rows" and "split"
     ("_dqk_bwd matmul", "_dqk_bwd", {"DIAG_MM": True}),  # "matmul"
+    ("_dqk_bwd matmul carry", "_dqk_bwd", {"DIAG_MM": True, "CARRY": True}),  # Tuning.dg_form "carry"
     ("_dv_bwd", "_dv_bwd", {"FUSED": False}),
     ("_dv_bwd fused", "_dv_bwd", {"FUSED": True}),  # fuse_intra: A formed in the dv kernel
 ]
@@ -68,7 +69,8 @@ def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, hea
     from triton.compiler import ASTSource
 
     common = {"G": 1, "K": head_dim, "V": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k,
-              "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": lowp, "HAS_H0": False, "RAW": False, "GMIN": -5.0, "APREC": "tf32",
+              "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": lowp, "HAS_H0": False, "RAW": False, "GMIN": -5.0,
+              "APREC": "tf32", "CARRY": False,
               **extra}
     sig, const = {}, {}
     for p in kernel.params:

@@ -149,7 +149,7 @@ def correctness(args, dev):
     if args.smoke:
         B, H, Hk, T, D = 1, 4, 2, 100, 32
     rows = []
-    fla = None if args.no_fla else _fla()
+    fla = None if args.no_fla or args.smoke else _fla()  # fla's kernels need a GPU
     for name, fn in [
         ("chunk_gla per-channel gates", lambda: check_gla(B, H, Hk, T, D, dev, scalar=False)),
         ("chunk_gla scalar gates", lambda: check_gla(B, H, Hk, T, D, dev, scalar=True)),
@@ -186,7 +186,7 @@ def _fla():
 def speed(args, dev):
     from lincompile.kernels import fused
 
-    fla_chunk_gla = None if args.no_fla else _fla()
+    fla_chunk_gla = None if args.no_fla or args.smoke else _fla()
     H, D, bf = args.heads, args.head_dim, torch.bfloat16
     rows = []
     for T in args.lengths:
@@ -218,7 +218,7 @@ def speed(args, dev):
             "ours liger_attention fused": (lambda: fused.liger_attention(q, k, v, q, k, None, ring, ring, seen, 64, 0.5,
                                                                          0.5, D ** -0.5, 16.0)[0], do),
         }
-        if fla_chunk_gla is not None and not args.no_fla:  # fla autotunes on first call (minutes)
+        if fla_chunk_gla is not None:  # fla autotunes on its first call (minutes)
             cases["fla chunk_gla"] = (lambda: fla_chunk_gla(qt, kt, vt, gt, scale=D ** -0.5)[0], dot)
         for name, (fwd, grad_out) in cases.items():
             row = {"T": T, "B": B, "H": H, "D": D, "kernel": name}
@@ -270,6 +270,8 @@ VARIANTS = {
     "full": {"precision": "full"},  # fp32 operands (TF32) and buffers everywhere: the default up to stop 11
     "full half h": {"precision": "full", "half_states": True},  # ... with the forward's h in bf16
     "low": {"precision": "low"},  # bf16 operands and buffers in the backward too (dg 1.3e-2 at 2k before)
+    "carry": {"dg_form": "carry"},  # dg within chunks plus each chunk's Σ_v S ⊙ dS (not yet timed)
+    "low carry": {"precision": "low", "dg_form": "carry"},  # "low" with dg's rounding bounded by the chunk
     "rows": {"intra": "rows"},  # the diagonal blocks one row at a time: the default measured up to stop 10
     "split": {"intra": "split"},  # "rows" with A by _attn_intra_split (one program per 16-row block)
     "fused": {"fuse_intra": True},  # neither A nor (forward) the cumulative gates are ever stored
@@ -335,7 +337,7 @@ def _tune(args, dev, H, D, sizes, names, save) -> dict:
             B0, T0 = (2, 2048) if not args.smoke else (1, 100)
             errs = check_gla(B0, H, max(1, H // 4), T0, D, dev, scalar=False)
             row["max_rel_err"] = max(errs.values())
-            row["errors"] = {name: float(f"{e:.3g}") for name, e in errs.items()}
+            row["errors"] = {out: float(f"{e:.3g}") for out, e in errs.items()}
             for B, T in sizes:
                 (q, k, v, g), do = gla_inputs(B, H, T, D, dev)
                 fwd = lambda: fused.chunk_gla(q, k, v, g, D ** -0.5, None)[0]  # noqa: E731
@@ -347,7 +349,7 @@ def _tune(args, dev, H, D, sizes, names, save) -> dict:
             row["error"] = repr(err)[:300]
         rows.append(row)
         print("  " + json.dumps(row), flush=True)
-        save({"rows": rows})  # a run cut short still leaves the variants it finished
+        save({"rows": rows, "partial": True})  # a run cut short still leaves the variants it finished
         if dev == "cuda":
             torch.cuda.empty_cache()
     sdpa = {}

@@ -44,8 +44,16 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
                batch·kv head) walks the chunks from the last to the first, loads each [C, BK] tile with its
                rows reversed so that tl.cumsum down the tile is the suffix sum within the chunk, adds the
                carried total of the later chunks (which starts at the Σ_v dS_T ⊙ S_T term) and stores; a plain
-               sum in another order, no total − prefix cancellation. The two cumsum kernels take Triton's
-               default launch options, not `TUNING`'s.
+               sum in another order, no total − prefix cancellation. `TUNING.dg_form` "carry" instead: all
+               that the positions after chunk n contribute, Σ_{u > chunk n} ∂L/∂B_u, is Σ_v S_n ⊙ dS_n (S_n
+               the state after chunk n, dS_n its gradient dh[n]: raising the later gates scales exactly the
+               part of the future that flows through S_n). `_dqk_bwd` forms it (CARRY) from tiles it loads
+               anyway, and `_chunk_suffix` adds it to the suffix sum within each chunk, one program per
+               (chunk, K block, batch·kv head). The scan sums the rounding errors of the large, cancelling
+               terms q ⊙ dq − k ⊙ dk over the whole sequence, the carry form over ≤ 64 positions (under
+               precision "low", in the interpreter's bf16 emulation at T = 2048, head_dim 64: dg 1.2e-2 with
+               the scan, 2.0e-3 with the carry; tests/test_triton_gla.py checks it at T = 512). The cumsum kernels take Triton's default launch
+               options, not `TUNING`'s.
 
 Numerical scheme. b is non-increasing inside a chunk and b ≥ −5·64 = −320, so exp(b_t) ≤ 1 and
 exp(b_last − b_s) ≤ 1 always (they may underflow to 0, which is the right limit). The intra-chunk decay
@@ -123,6 +131,7 @@ MAX_HEAD_DIM = 256
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTRA = ("matmul", "rows", "split")
 PRECISION = ("mixed", "full", "low")
+DG_FORM = ("scan", "carry")
 
 
 def _interpret() -> bool:
@@ -160,6 +169,11 @@ class Tuning:
     #                            gradients are unchanged
     fuse_intra: bool = False  # A is never stored: formed inside the kernels that use it, the forward's output
     #                           (`_o_fwd_mm`) and the backward's dv (`_dv_bwd`, FUSED); needs intra "matmul"
+    dg_form: str = "scan"  # how dg sums ∂L/∂B = q ⊙ dq − k ⊙ dk over later positions (DG_FORM):
+    #   "scan":  one reverse cumulative sum over the whole sequence (`_rev_cumsum`)
+    #   "carry": within each chunk only, plus the chunk's carry Σ_v S_n ⊙ dS_n (the state after chunk n times
+    #            its gradient: all that later positions contribute), formed in `_dqk_bwd` (`_chunk_suffix`).
+    #            The rounding of the cancelling terms then adds up over ≤ 64 positions, not over T
 
     def __post_init__(self):
         self.validate()
@@ -167,6 +181,8 @@ class Tuning:
     def validate(self) -> None:
         """ValueError unless the block bounds are powers of two in [16, 256] and the launch options are
         positive (num_warps a power of two)."""
+        if self.dg_form not in DG_FORM:
+            raise ValueError(f"Tuning.dg_form must be one of {', '.join(DG_FORM)}, got {self.dg_form!r}")
         if self.precision not in PRECISION:
             raise ValueError(f"Tuning.precision must be one of {', '.join(PRECISION)}, got {self.precision!r}")
         if self.intra not in INTRA:
@@ -661,11 +677,17 @@ def _dA_bwd(do, v, dA, scale, T, Tp, H, Hk, G,
 
 
 @triton.jit
-def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
+def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, dC, scale, T, Tp, H, Hk, G, N,
              K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
              C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, DIAG_MM: tl.constexpr):
+             USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, DIAG_MM: tl.constexpr,
+             CARRY: tl.constexpr):
     """Per (chunk, K block, kv head): dq of the G query heads, dk summed over them, dB = Σ q⊙dq − k⊙dk.
+
+    CARRY (Tuning.dg_form "carry", with gates): also dC[n] = Σ_v S_n ⊙ dS_n `[B, Hk, N, K]`, the state after
+    chunk n times its gradient dh[n], as exp(b_last) ⊙ Σ_v h[n] ⊙ dh[n] + Σ_s k_s ⊙ dk_s^inter (S_n =
+    exp(b_last) ⊙ h[n] + Σ_s (k_s ⊙ exp(b_last − b_s)) v_sᵀ, and dk_s^inter = exp(b_last − b_s) ⊙ (dh[n] v_s)),
+    from tiles the kernel loads anyway.
 
     Sub-chunk i of 16 rows at a time. DIAG_MM (Tuning.intra "matmul"): one reference r = b at the
     sub-chunk's middle row i·16 + 7 for both; dq_i = exp(b_i − r) ⊙ (dA[i rows, :] (k ⊙ exp(r − b))) over the
@@ -710,6 +732,9 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
         if not DIAG_MM:
             bc = tl.load(b_base + cb, mask=mk, other=0.0)
         bl = tl.load(b_base + (C - 1) * KG + ok[None, :] * SBK, mask=mk, other=0.0)
+    if CARRY:
+        hdh = tl.zeros([BK], dtype=tl.float32)  # Σ_v h[n] ⊙ dh[n]
+        kdk = tl.zeros([BK], dtype=tl.float32)  # Σ_s k_s ⊙ dk_s^inter
     for i in tl.static_range(NC):
         mi = (oc < T - t0 - i * BC)[:, None]
         ki = tl.load(k_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
@@ -785,8 +810,14 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
             vv = tl.load(v_base + i * BC * V + v0 + iv_, mask=mi & mv, other=0.0).to(tl.float32)
             dhh = tl.load(dh_base + v0 + kv, mask=mkT & mv, other=0.0)
             dkk = _dot(vv, tl.trans(dhh), dkk, ET, LOWP, PREC)
+            if CARRY:
+                if i == 0:
+                    hh = tl.load(h_base + v0 + kv, mask=mkT & mv, other=0.0)
+                    hdh += tl.sum(hh.to(tl.float32) * dhh.to(tl.float32), axis=1)
         if USE_G:
             dkk = dkk * tl.exp(bl - bi_)
+            if CARRY:
+                kdk += tl.sum(ki * dkk, axis=0)
             if DIAG_MM:  # the query and key factors of dk, through the same reference r
                 qs2 = tl.exp(tl.where(oC[:, None] >= i * BC, tl.load(b_base + cb, mask=mk, other=0.0) - r, 0.0))
                 ks2 = tl.exp(r - bi_)
@@ -828,6 +859,8 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, scale, T, Tp, H, Hk, G, N,
         dkk += intra + diag
         tl.store(dk + (ibk * T + t0 + i * BC) * K + ik_, dkk.to(dk.dtype.element_ty), mask=mi & mk)
         tl.store(dB + (ibk * T + t0 + i * BC) * K + ik_, qdq - ki * dkk, mask=mi & mk)
+    if CARRY:
+        tl.store(dC + (ibk * N + n) * K + ok, tl.sum(tl.exp(bl) * hdh[None, :], axis=0) + kdk, mask=mk1)
 
 
 @triton.jit
@@ -924,6 +957,28 @@ def _rev_cumsum(x, last, gate, y, T, N, K: tl.constexpr, C: tl.constexpr, BK: tl
             yy = tl.where(gg >= GMIN, yy, 0.0)
         tl.store(y + (ibk * T + t0) * K + cr, yy, mask=msk)
         carry += tl.sum(xx, axis=0)
+
+
+@triton.jit
+def _chunk_suffix(x, carry, gate, y, T, N, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                  HAS_GATE: tl.constexpr, GMIN: tl.constexpr):
+    """y[t] = Σ_{u ≥ t, u in t's chunk} x[u] + carry[t's chunk], fp32, per (chunk, K block, batch·kv head): the
+    tile loaded with its rows reversed, so that an inclusive tl.cumsum down it is the suffix sum. Chunks are
+    independent (no walk over the sequence). With HAS_GATE, 0 where gate[t] < GMIN, as `_rev_cumsum`. y may
+    be x."""
+    n, ik, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ok = ik * BK + tl.arange(0, BK)
+    mk = ok < K
+    rc = C - 1 - tl.arange(0, C)  # rows of the chunk, last first
+    cr = rc[:, None] * K + ok[None, :]
+    t0 = n * C
+    msk = (rc < T - t0)[:, None] & mk[None, :]
+    xx = tl.load(x + (ibk * T + t0) * K + cr, mask=msk, other=0.0).to(tl.float32)
+    yy = tl.cumsum(xx, axis=0) + tl.load(carry + (ibk * N + n) * K + ok, mask=mk, other=0.0)[None, :]
+    if HAS_GATE:
+        gg = tl.load(gate + (ibk * T + t0) * K + cr, mask=msk, other=0.0).to(tl.float32)
+        yy = tl.where(gg >= GMIN, yy, 0.0)
+    tl.store(y + (ibk * T + t0) * K + cr, yy, mask=msk)
 
 
 @triton.jit
@@ -1029,6 +1084,29 @@ def _reverse_cumsum(x, last=None, out=None, gate=None):
     return out
 
 
+def _chunk_suffix_sum(x, carry, out=None, gate=None):
+    """Σ_{u ≥ t, u in t's chunk of CHUNK} x[..., u, :] + carry[..., t's chunk, :] for x `[B, Hk, T, K]` and carry
+    `[B, Hk, N, K]` fp32 (`_chunk_suffix`); zero where `gate` (x's shape) is below LOG_GATE_MIN. out: fp32
+    contiguous, may be x."""
+    B, Hk, T, K = x.shape
+    N = triton.cdiv(T, CHUNK)
+    if tuple(carry.shape) != (B, Hk, N, K):
+        raise ValueError(f"carry must be {(B, Hk, N, K)}, got {tuple(carry.shape)}")
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"gate must be {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if out is None:
+        out = _empty(B, Hk, T, K, device=x.device)
+    elif out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be fp32 contiguous {tuple(x.shape)}, got {out.dtype} {tuple(out.shape)}")
+    x = x.contiguous()
+    if T and K and B * Hk:
+        BK = _pow2(K, hi=32)
+        gt = gate.contiguous() if gate is not None else x
+        _chunk_suffix[(N, triton.cdiv(K, BK), B * Hk)](x, carry.float().contiguous(), gt, out, T, N, K=K, C=CHUNK,
+                                                       BK=BK, HAS_GATE=gate is not None, GMIN=LOG_GATE_MIN)
+    return out
+
+
 class _Setup:
     def __init__(self, q, k, v, g, chunk, backward=False):
         if chunk != CHUNK:
@@ -1071,6 +1149,7 @@ class _Setup:
                        if x is not None}
         self.intra_kind = t.intra
         self.fuse_intra = bool(t.fuse_intra)
+        self.dg_carry = t.dg_form == "carry" and self.use_g
         self.dev = q.device
 
     @property
@@ -1189,15 +1268,21 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
     dq = _empty(B, H, T, K, device=dev, dtype=q.dtype)
     dk = _empty(B, Hk, T, K, device=dev, dtype=k.dtype)
     dB = _empty(B, Hk, T, K, device=dev)
-    _dqk_bwd[(N, s.NK, B * Hk)](s.q, s.k, s.v, s.b_arg, h, do, dh, dA, dq, dk, dB, scale,
-                                T, Tp, H, Hk, G, N, BC=SUB, DIAG_MM=s.intra_kind == "matmul", **c)
+    dC = _empty(B, Hk, N, K, device=dev) if s.dg_carry else dB  # per-chunk carry of dg ("carry")
+    _dqk_bwd[(N, s.NK, B * Hk)](s.q, s.k, s.v, s.b_arg, h, do, dh, dA, dq, dk, dB, dC, scale,
+                                T, Tp, H, Hk, G, N, BC=SUB, DIAG_MM=s.intra_kind == "matmul", CARRY=s.dg_carry,
+                                **c)
 
     dv = _empty(B, Hk, T, V, device=dev, dtype=v.dtype)
     _dv_bwd[(N, s.NV, B * Hk)](s.q, s.k, s.b_arg, dh, A if A is not None else dh, do, dv, scale, T, Tp, H, Hk,
                                G, N, BC=SUB, FUSED=s.fuse_intra, APREC=s.prec, **dict(c, LOWP=s.lowp_v))
 
     dg = None
-    if g is not None:
+    if s.dg_carry:  # dC's last chunk is Σ_v dS_T ⊙ S_T: dh there is dfinal_state (or 0)
+        if g.shape[-1] == 1 and K != 1:  # one gate per step: summed over K first, as below
+            dB, dC = dB.sum(-1, keepdim=True), dC.sum(-1, keepdim=True)
+        dg = _chunk_suffix_sum(dB, dC, out=dB, gate=s.g)
+    elif g is not None:
         # the final state is exp(B_T) ⊙ (…): ∂L/∂B_{T-1} += Σ_v dS_T ⊙ S_T, which the reverse cumsum adds
         last = (dfinal_state * ht).sum(-1) if dfinal_state is not None else None
         if g.shape[-1] == 1 and K != 1:  # one gate per step: Σ_k of the reverse cumsum = reverse cumsum of Σ_k

@@ -98,7 +98,8 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     labels = ["_attn_intra", "_attn_intra_split", "_attn_intra_mm", "_o_fwd", "_o_fwd_mm", "_h_fwd",
-              "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul", "_dv_bwd", "_dv_bwd fused"]
+              "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul", "_dqk_bwd matmul carry", "_dv_bwd",
+              "_dv_bwd fused"]
     assert [r["kernel"] for r in rows] == labels
     for r in rows:
         assert r["registers"] > 0 and r["shared_bytes"] > 0 and r["programs_per_sm"] >= 1
@@ -112,3 +113,40 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert mm["stack_bytes"] == mm["local_bytes"] == 0 and mm["registers"] < intra["registers"]
     for name in ("_o_fwd_mm", "_h_fwd raw gates", "_dqk_bwd matmul", "_dv_bwd fused"):
         assert by[name]["stack_bytes"] == by[name]["local_bytes"] == 0, name
+
+
+def _kernels_gpu(tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    out = tmp_path / "k.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_gpu.py"), "--smoke", *args, "--json",
+                          str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(out.read_text()), run.stdout
+
+
+def test_kernels_gpu_tune_smoke(tmp_path):
+    """benchmarks/kernels_gpu.py --tune on the CPU (interpreter, tiny sizes): every variant asked for is checked
+    and timed, the best one is named, and the finished JSON is not marked partial."""
+    res, stdout = _kernels_gpu(tmp_path, "--tune", "--variants", "default", "low carry")
+    assert [r["variant"] for r in res["rows"]] == ["default", "low carry"]
+    for r in res["rows"]:
+        assert "error" not in r, r
+        assert set(r["errors"]) == {"o", "final_state", "dq", "dk", "dv", "dg", "dS0"}
+        assert r["max_rel_err"] <= 1e-2 and r["fwd_ms_128"] > 0 and r["fwd_bwd_ms_128"] > 0
+    assert res["best"] in ("default", "low carry") and "partial" not in res
+    assert set(res["sdpa"]) == {"fwd_ms_64", "fwd_bwd_ms_64", "fwd_ms_128", "fwd_bwd_ms_128"}
+    assert f"best: {res['best']}" in stdout
+
+
+def test_kernels_gpu_correctness_smoke(tmp_path):
+    """The benchmark's correctness part on the CPU: every kernel within the bf16 target."""
+    res, _ = _kernels_gpu(tmp_path, "--skip-speed")
+    assert [r["kernel"] for r in res["correctness"]] == [
+        "chunk_gla per-channel gates", "chunk_gla scalar gates", "recurrent_gla_step",
+        "swa_attention w=64, 4 sinks, ring", "liger_attention fused fwd"]
+    assert all(r["ok"] for r in res["correctness"]), res["correctness"]
