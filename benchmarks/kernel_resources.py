@@ -61,9 +61,9 @@ _INTS = {"T", "Tp", "H", "Hk", "N"}
 def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, head_dim: int, lowp: bool = False):
     """`kernel` compiled as `kernels_gpu.py` launches it: bf16 q/k/v, per-channel gates, 16 query heads on 16
     kv heads, T a multiple of 16; lowp: with LOWP and A, h, dh in bf16 (every forward kernel under the default
-    precision "mixed"; every kernel under "low"). A launch specialises its arguments (Triton marks 16-byte aligned pointers and
-    integers divisible by 16, and folds integers equal to 1), which changes the code; the same marks are
-    given here."""
+    precision "mixed"; every kernel under "low"). A launch specialises its arguments (Triton marks 16-byte
+    aligned pointers and integers divisible by 16, and folds integers equal to 1), which changes the code; the
+    same marks are given here."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

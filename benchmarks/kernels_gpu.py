@@ -243,7 +243,8 @@ def speed_table(rows) -> list[str]:
     by = {(r["T"], r["kernel"]): r for r in rows}
     names = ["ours chunk_gla", "fla chunk_gla", "torch sdpa (flash)", "ours swa_attention w64",
              "ours liger_attention fused"]
-    lines = ["| T | B | " + " | ".join(f"{n} fwd / fwd+bwd (ms)" for n in names) + " | SDPA / ours fwd | fla / ours fwd+bwd |",
+    lines = ["| T | B | " + " | ".join(f"{n} fwd / fwd+bwd (ms)" for n in names)
+             + " | SDPA / ours fwd | fla / ours fwd+bwd |",
              "|---|---|" + "---|" * (len(names) + 2)]
 
     def cell(r):

@@ -7,8 +7,8 @@ q `[B, H, T, K]`, k `[B, Hk, T, K]`, v `[B, Hk, T, V]`, g `[B, Hk, T, K]` (per-c
 (one gate per head and step) or None (no decay); H a multiple of Hk (GQA: query head h reads kv head h // G,
 G = H / Hk, indexed inside the kernels, never repeated). g is clamped at LOG_GATE_MIN = −5 inside the kernels
 (wherever it is cumulated: `_chunk_cumsum`, or the fused forward's `_h_fwd` / `_o_fwd_mm`; the decode step
-too), as in every form of kernels/gla.py, and dg is 0 where g was below it (`_rev_cumsum`); a NaN gate stays
-NaN.
+too), as in every form of kernels/gla.py, and dg is 0 where g was below it (`_rev_cumsum`, `_chunk_suffix`); a
+NaN gate stays NaN.
 
 Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is masked, so any T ≥ 1 works):
   forward   1. `_chunk_cumsum`: b = cumulative sum of g restarted at every chunk, fp32 `[B, Hk, N·C, KG]`
@@ -47,13 +47,14 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
                sum in another order, no total − prefix cancellation. `TUNING.dg_form` "carry" instead: all
                that the positions after chunk n contribute, Σ_{u > chunk n} ∂L/∂B_u, is Σ_v S_n ⊙ dS_n (S_n
                the state after chunk n, dS_n its gradient dh[n]: raising the later gates scales exactly the
-               part of the future that flows through S_n). `_dqk_bwd` forms it (CARRY) from tiles it loads
-               anyway, and `_chunk_suffix` adds it to the suffix sum within each chunk, one program per
-               (chunk, K block, batch·kv head). The scan sums the rounding errors of the large, cancelling
-               terms q ⊙ dq − k ⊙ dk over the whole sequence, the carry form over ≤ 64 positions (under
-               precision "low", in the interpreter's bf16 emulation at T = 2048, head_dim 64: dg 1.2e-2 with
-               the scan, 2.0e-3 with the carry; tests/test_triton_gla.py checks it at T = 512). The cumsum kernels take Triton's default launch
-               options, not `TUNING`'s.
+               part of the future that flows through S_n). `_dqk_bwd` forms it (CARRY) from the tiles of
+               dk's inter-chunk term and one more read of h[n], and `_chunk_suffix` adds it to the suffix
+               sum within each chunk, one program per (chunk, K block, batch·kv head). The scan sums the
+               rounding errors of the large, cancelling terms q ⊙ dq − k ⊙ dk over the whole sequence, the
+               carry form over ≤ 64 positions (under precision "low", in the interpreter's bf16 emulation at
+               T = 2048, head_dim 64: dg 1.2e-2 with the scan, 2.0e-3 with the carry; tests/test_triton_gla.py
+               checks it at T = 512). The cumsum kernels take Triton's default launch options, not
+               `TUNING`'s.
 
 Numerical scheme. b is non-increasing inside a chunk and b ≥ −5·64 = −320, so exp(b_t) ≤ 1 and
 exp(b_last − b_s) ≤ 1 always (they may underflow to 0, which is the right limit). The intra-chunk decay
@@ -99,9 +100,9 @@ initial-state gradient stay fp32, and the exponent scheme and masks are the same
 the diagonal blocks, dg's error doubled in the interpreter's bf16 emulation: 2e-2 against 1e-2 in
 tests/test_triton_gla.py's low-precision test.) Which kernels get LOWP is `Tuning.precision`: "low" all of
 them; "full" none; "mixed" (the default; bf16 only, fp16 runs it as "full" for range) every forward
-kernel, and in the backward A and dv (whose rounding reaches dv only) and dA (do · v, exact in the input dtype). The backward recomputes its own h, so the forward's precision never reaches
-a gradient. The backward's h, dh and dq / dk products stay fp32 under "mixed" because their rounding
-does reach dg: ∂L/∂B = q ⊙ dq − k ⊙ dk cancels, and in the interpreter's emulation (T = 512, D = 128) each
+kernel, and in the backward A and dv (whose rounding reaches dv only) and dA (do · v, exact in the input
+dtype). The backward recomputes its own h, so the forward's precision never reaches a gradient. The
+backward's h, dh and dq / dk products stay fp32 under "mixed" because their rounding does reach dg: ∂L/∂B = q ⊙ dq − k ⊙ dk cancels, and in the interpreter's emulation (T = 512, D = 128) each
 of the three roughly alone took dg's error from 1e-6 to 4e-3 (6e-3 together; 1.3e-2 at T = 2048 on the H100).
 fp32 (or mixed-dtype) inputs always run "full". `half_states=True` stores the forward's h in the input
 dtype under "full" too.
@@ -685,9 +686,9 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, dC, scale, T, Tp, H, Hk, G, 
     """Per (chunk, K block, kv head): dq of the G query heads, dk summed over them, dB = Σ q⊙dq − k⊙dk.
 
     CARRY (Tuning.dg_form "carry", with gates): also dC[n] = Σ_v S_n ⊙ dS_n `[B, Hk, N, K]`, the state after
-    chunk n times its gradient dh[n], as exp(b_last) ⊙ Σ_v h[n] ⊙ dh[n] + Σ_s k_s ⊙ dk_s^inter (S_n =
-    exp(b_last) ⊙ h[n] + Σ_s (k_s ⊙ exp(b_last − b_s)) v_sᵀ, and dk_s^inter = exp(b_last − b_s) ⊙ (dh[n] v_s)),
-    from tiles the kernel loads anyway.
+    chunk n times its gradient dh[n], as exp(b_last) ⊙ Σ_v h[n] ⊙ dh[n] + Σ_s k_s ⊙ dk_s^inter, since
+    S_n = exp(b_last) ⊙ h[n] + Σ_s (k_s ⊙ exp(b_last − b_s)) v_sᵀ and
+    dk_s^inter = exp(b_last − b_s) ⊙ (dh[n] v_s): dk's inter-chunk tiles, and h[n] read once more.
 
     Sub-chunk i of 16 rows at a time. DIAG_MM (Tuning.intra "matmul"): one reference r = b at the
     sub-chunk's middle row i·16 + 7 for both; dq_i = exp(b_i − r) ⊙ (dA[i rows, :] (k ⊙ exp(r − b))) over the

@@ -358,8 +358,8 @@ def test_mixed_precision_keeps_an_fp32_do_out_of_half_products():
 
 
 def test_low_precision_fused_scales_before_rounding():
-    """fp16, half-precision forward: the fused output kernel rounds scale·A to fp16 as the stored A is, so q·k beyond fp16's
-    range (scale·q·k within it) gives the unfused result, not inf."""
+    """fp16, half-precision forward: the fused output kernel rounds scale·A to fp16 as the stored A is, so q·k
+    beyond fp16's range (scale·q·k within it) gives the unfused result, not inf."""
     q, k, v, g, S0 = make(1, 2, 1, 40, 16, 16, "channel", dtype=torch.float16)
     q, v = (q.float() * 70).half(), (v.float() * 0.01).half()
     k = q[:, :1].clone()  # q_t·k_t = |q_t|²
@@ -416,11 +416,14 @@ def test_precision_ignored_for_fp32():
         assert a.dtype == b.dtype and rel(a, b) <= 1e-6, name
 
 
-def check_against_oracle(H, Hk, T, K, V, gate, B=1):
+def check_against_oracle(H, Hk, T, K, V, gate, B=1, faint=False):
     """Forward and every gradient of the kernels (under the current tg.TUNING) against the oracle, fp32, 1e-4;
-    strong gates, an initial state, random output and final-state gradients."""
+    strong gates (faint: log gates ~ −0.01, so a whole chunk's decay exp(b_last) stays ~0.5 and the state
+    carried across chunks matters), an initial state, random output and final-state gradients."""
     q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, strong=True)
     gen = torch.Generator().manual_seed(1)
+    if faint and g is not None:
+        g = F.logsigmoid(torch.randn(g.shape, generator=gen) + 4.5).to(DEVICE)
     do = torch.randn(B, H, T, V, generator=gen).to(DEVICE)
     dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
     ro, rS, grads = oracle_grads(q, k, v, g, S0, do, dS)
@@ -449,19 +452,24 @@ def test_block_sizes(block_k, block_v, H, Hk, T, K, V, gate):
     check_against_oracle(H, Hk, T, K, V, gate)
 
 
-# (intra, block_k, block_v, H, Hk, T, K, V, gate) for Tuning.dg_form "carry"
+# (intra, block_k, block_v, H, Hk, T, K, V, gate, faint) for Tuning.dg_form "carry"; faint gates keep the
+# exp(b_last) ⊙ Σ_v h ⊙ dh part of the carry (and the initial state's share in it) far from 0
 CARRY = [
-    ("matmul", 64, 64, 4, 2, 150, 32, 17, "channel"),  # GQA, three chunks, the last a masked tail
-    ("matmul", 16, 16, 2, 1, 70, 40, 33, "channel"),  # K and V over several blocks, partial last ones
-    ("matmul", 64, 64, 2, 2, 130, 16, 16, "scalar"),  # one gate per step: the carry summed over K
-    ("rows", 64, 64, 2, 1, 100, 32, 16, "channel"),
-    ("matmul", 64, 64, 2, 1, 1, 16, 16, "channel"),  # a single row: the carry is the final-state term alone
-    ("matmul", 64, 64, 2, 1, 40, 16, 16, None),  # no gates: no carry
+    ("matmul", 64, 64, 4, 2, 150, 32, 17, "channel", False),  # GQA, three chunks, the last a masked tail
+    ("matmul", 16, 16, 2, 1, 70, 40, 33, "channel", False),  # K and V over several blocks, partial last ones
+    ("matmul", 64, 64, 2, 2, 130, 16, 16, "scalar", False),  # one gate per step: the carry summed over K
+    ("rows", 64, 64, 2, 1, 100, 32, 16, "channel", False),
+    ("matmul", 64, 64, 2, 1, 1, 16, 16, "channel", False),  # a single row: the carry is the final-state term
+    ("matmul", 64, 64, 2, 1, 40, 16, 16, None, False),  # no gates: no carry
+    ("matmul", 64, 64, 4, 2, 150, 32, 17, "channel", True),
+    ("matmul", 16, 16, 2, 1, 200, 40, 33, "channel", True),  # four chunks, K and V over several blocks
+    ("matmul", 64, 64, 2, 2, 130, 16, 16, "scalar", True),
+    ("rows", 32, 64, 2, 1, 100, 64, 16, "channel", True),
 ]
 
 
-@pytest.mark.parametrize("intra,block_k,block_v,H,Hk,T,K,V,gate", CARRY)
-def test_dg_carry(intra, block_k, block_v, H, Hk, T, K, V, gate, monkeypatch):
+@pytest.mark.parametrize("intra,block_k,block_v,H,Hk,T,K,V,gate,faint", CARRY)
+def test_dg_carry(intra, block_k, block_v, H, Hk, T, K, V, gate, faint, monkeypatch):
     """dg_form "carry" (within-chunk suffix sums plus Σ_v S_n ⊙ dS_n per chunk, from `_dqk_bwd`) gives the
     oracle's forward and gradients, with an initial state and a final-state gradient, and replaces the
     whole-sequence scan."""
@@ -471,7 +479,7 @@ def test_dg_carry(intra, block_k, block_v, H, Hk, T, K, V, gate, monkeypatch):
         monkeypatch.setattr(tg, name, type("Spy", (), {"__getitem__": lambda self, grid, n=name, k=kernel: (
             ran.append(n), k[grid])[1]})())
     tg.TUNING = tg.Tuning(dg_form="carry", intra=intra, block_k=block_k, block_v=block_v)
-    check_against_oracle(H, Hk, T, K, V, gate)
+    check_against_oracle(H, Hk, T, K, V, gate, faint=faint)
     assert ran == ([] if gate is None else ["_chunk_suffix"])
 
 
@@ -490,7 +498,8 @@ def test_dg_carry_without_final_state_gradient():
 def test_dg_carry_keeps_low_precision_dg_accurate():
     """What "carry" is for: under precision "low" (h and dh rounded to bf16 in dq and dk's products) the scan
     sums the rounding of the cancelling terms q ⊙ dq − k ⊙ dk over the whole sequence; the carry form sums it
-    within a chunk. Its dg error is well under the scan's and under the 1e-2 bf16 target."""
+    within a chunk. Its dg error is well under the scan's and under the 1e-2 bf16 target (interpreter, this
+    seed: 1.9e-3 against 6.6e-3)."""
     B, H, Hk, T, D = 1, 2, 1, 512, 64
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(B, h, T, D, generator=gen) * D ** -0.5 for h in (H, Hk))
