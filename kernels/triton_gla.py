@@ -102,8 +102,9 @@ tests/test_triton_gla.py's low-precision test.) Which kernels get LOWP is `Tunin
 them; "full" none; "mixed" (the default; bf16 only, fp16 runs it as "full" for range) every forward
 kernel, and in the backward A and dv (whose rounding reaches dv only) and dA (do · v, exact in the input
 dtype). The backward recomputes its own h, so the forward's precision never reaches a gradient. The
-backward's h, dh and dq / dk products stay fp32 under "mixed" because their rounding does reach dg: ∂L/∂B = q ⊙ dq − k ⊙ dk cancels, and in the interpreter's emulation (T = 512, D = 128) each
-of the three roughly alone took dg's error from 1e-6 to 4e-3 (6e-3 together; 1.3e-2 at T = 2048 on the H100).
+backward's h, dh and dq / dk products stay fp32 under "mixed" because their rounding does reach dg:
+∂L/∂B = q ⊙ dq − k ⊙ dk cancels, and in the interpreter's emulation (T = 512, D = 128) each of the three
+roughly alone took dg's error from 1e-6 to 4e-3 (6e-3 together; 1.3e-2 at T = 2048 on the H100, scan form).
 fp32 (or mixed-dtype) inputs always run "full". `half_states=True` stores the forward's h in the input
 dtype under "full" too.
 Under the interpreter a LOWP dot is emulated (operands rounded to the input dtype, fp32 product), since
@@ -1059,18 +1060,25 @@ def _cum_gates(g, B, Hk, T, N, C):
     return b, KG, (1 if KG > 1 else 0)
 
 
+def _suffix_out(x, gate, out):
+    """The checks `_reverse_cumsum` and `_chunk_suffix_sum` share: gate shaped like x, out (if given) fp32
+    contiguous like x; returns out, or a new fp32 tensor."""
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"gate must be {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if out is None:
+        return _empty(*x.shape, device=x.device)
+    if out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be fp32 contiguous {tuple(x.shape)}, got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def _reverse_cumsum(x, last=None, out=None, gate=None):
     """Σ_{u ≥ t} x[..., u, :] over dim 2 of a [B, Hk, T, K] tensor, fp32 (`_rev_cumsum`): the value of
     `x.flip(2).cumsum(2).flip(2)` up to the summation order, where x[:, :, T−1] is taken plus `last`
     [B, Hk, K] if given (x itself is not modified unless out is x); zero where `gate` (x's shape, if given)
     is below LOG_GATE_MIN. out: fp32 contiguous [B, Hk, T, K] (may be x), else a new tensor."""
     B, Hk, T, K = x.shape
-    if gate is not None and gate.shape != x.shape:
-        raise ValueError(f"gate must be {tuple(x.shape)}, got {tuple(gate.shape)}")
-    if out is None:
-        out = _empty(B, Hk, T, K, device=x.device)
-    elif out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be fp32 contiguous {tuple(x.shape)}, got {out.dtype} {tuple(out.shape)}")
+    out = _suffix_out(x, gate, out)
     has_last = last is not None
     if has_last and tuple(last.shape) != (B, Hk, K):
         raise ValueError(f"last must be {(B, Hk, K)}, got {tuple(last.shape)}")
@@ -1093,12 +1101,7 @@ def _chunk_suffix_sum(x, carry, out=None, gate=None):
     N = triton.cdiv(T, CHUNK)
     if tuple(carry.shape) != (B, Hk, N, K):
         raise ValueError(f"carry must be {(B, Hk, N, K)}, got {tuple(carry.shape)}")
-    if gate is not None and gate.shape != x.shape:
-        raise ValueError(f"gate must be {tuple(x.shape)}, got {tuple(gate.shape)}")
-    if out is None:
-        out = _empty(B, Hk, T, K, device=x.device)
-    elif out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be fp32 contiguous {tuple(x.shape)}, got {out.dtype} {tuple(out.shape)}")
+    out = _suffix_out(x, gate, out)
     x = x.contiguous()
     if T and K and B * Hk:
         BK = _pow2(K, hi=32)

@@ -229,6 +229,30 @@ def restore_tuning():
         tg.TUNING = old
 
 
+def record_scratch(monkeypatch):
+    """From now on, (shape, dtype) of every buffer the wrappers allocate (`_empty`; fp32 unless given)."""
+    scratch = []
+    empty = tg._empty
+
+    def record(*shape, **kw):
+        scratch.append((shape, kw.get("dtype") or torch.float32))
+        return empty(*shape, **kw)
+
+    monkeypatch.setattr(tg, "_empty", record)
+    return scratch
+
+
+class Spy:
+    """Stands in for the Triton kernel `name`: logs (name, grid) of each launch, then launches it."""
+
+    def __init__(self, name, log):
+        self.name, self.kernel, self.log = name, getattr(tg, name), log
+
+    def __getitem__(self, grid):
+        self.log.append((self.name, grid))
+        return self.kernel[grid]
+
+
 def oracle_grads(q, k, v, g, S0, do, dS):
     leaves = [None if x is None else x.detach().cpu().float().clone().requires_grad_() for x in (q, k, v, g, S0)]
     ro, rS = gla.gla_naive(*leaves[:4], SCALE, leaves[4])
@@ -260,14 +284,7 @@ def test_low_precision(dtype, gate, intra, fuse, monkeypatch):
     tg.TUNING = tg.Tuning(precision="mixed", intra=intra, fuse_intra=fuse)
     mixed = fwd_bwd(q, k, v, g, S0, do, dS)
 
-    scratch = []  # (shape, dtype) of every buffer the wrappers allocate
-    empty = tg._empty
-
-    def record(*shape, **kw):
-        scratch.append((shape, kw.get("dtype")))
-        return empty(*shape, **kw)
-
-    monkeypatch.setattr(tg, "_empty", record)
+    scratch = record_scratch(monkeypatch)
     tg.TUNING = tg.Tuning(precision="low", intra=intra, fuse_intra=fuse)  # read at call time
     got = fwd_bwd(q, k, v, g, S0, do, dS)
     for name, a, b, x in zip(NAMES, got, ref, (q, S0, q, k, v, g, S0)):
@@ -286,8 +303,8 @@ def test_low_precision(dtype, gate, intra, fuse, monkeypatch):
     for shape, dt in scratch:
         dts.setdefault(kinds.get(shape), set()).add(dt)
     assert dts["h/dh"] == {dtype}  # chunk states and their gradients in the input dtype
-    assert dts["A/dA"] == ({None} if fuse else {dtype, None})  # A in the input dtype (if stored), dA fp32
-    assert dts["final state/dS0"] == {None}  # fp32
+    assert dts["A/dA"] == ({torch.float32} if fuse else {dtype, torch.float32})  # A in the input dtype, dA fp32
+    assert dts["final state/dS0"] == {torch.float32}
 
 
 @pytest.mark.parametrize("dtype,gate,fuse", [(torch.bfloat16, "channel", False), (torch.bfloat16, "scalar", False),
@@ -304,14 +321,7 @@ def test_mixed_precision(dtype, gate, fuse, monkeypatch):
     ref = fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)
     tg.TUNING = tg.Tuning(precision="full", fuse_intra=fuse)
     full = fwd_bwd(q, k, v, g, S0, do, dS)
-    scratch = []
-    empty = tg._empty
-
-    def record(*shape, **kw):
-        scratch.append((shape, kw.get("dtype") or torch.float32))
-        return empty(*shape, **kw)
-
-    monkeypatch.setattr(tg, "_empty", record)
+    scratch = record_scratch(monkeypatch)
     tg.TUNING = tg.Tuning(fuse_intra=fuse)
     assert tg.TUNING.precision == "mixed"
     got = fwd_bwd(q, k, v, g, S0, do, dS)
@@ -384,24 +394,17 @@ def test_half_states(dtype, fuse, monkeypatch):
     ref = fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)
     tg.TUNING = tg.Tuning(precision="full", fuse_intra=fuse)
     default = fwd_bwd(q, k, v, g, S0, do, dS)
-    hs = []
-    empty = tg._empty
-
-    def record(*shape, **kw):
-        if len(shape) == 5:
-            hs.append(kw.get("dtype"))
-        return empty(*shape, **kw)
-
-    monkeypatch.setattr(tg, "_empty", record)
+    scratch = record_scratch(monkeypatch)
     tg.TUNING = tg.Tuning(precision="full", fuse_intra=fuse, half_states=True)
     got = fwd_bwd(q, k, v, g, S0, do, dS)
+    hs = [dt for shape, dt in scratch if len(shape) == 5]
     assert hs[0] == dtype and set(hs[1:]) == {torch.float32}  # the forward's h; the backward's h and dh
     assert rel(got[0], ref[0]) <= 1e-2 and not torch.equal(got[0], default[0])
     for name, a, b in zip(NAMES[1:], got[1:], default[1:]):
         assert torch.equal(a, b), name
-    hs.clear()
+    scratch.clear()
     fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)
-    assert set(hs) == {torch.float32}
+    assert {dt for shape, dt in scratch if len(shape) == 5} == {torch.float32}
 
 
 def test_precision_ignored_for_fp32():
@@ -475,12 +478,10 @@ def test_dg_carry(intra, block_k, block_v, H, Hk, T, K, V, gate, faint, monkeypa
     whole-sequence scan."""
     ran = []
     for name in ("_rev_cumsum", "_chunk_suffix"):
-        kernel = getattr(tg, name)
-        monkeypatch.setattr(tg, name, type("Spy", (), {"__getitem__": lambda self, grid, n=name, k=kernel: (
-            ran.append(n), k[grid])[1]})())
+        monkeypatch.setattr(tg, name, Spy(name, ran))
     tg.TUNING = tg.Tuning(dg_form="carry", intra=intra, block_k=block_k, block_v=block_v)
     check_against_oracle(H, Hk, T, K, V, gate, faint=faint)
-    assert ran == ([] if gate is None else ["_chunk_suffix"])
+    assert [name for name, _ in ran] == ([] if gate is None else ["_chunk_suffix"])
 
 
 def test_dg_carry_without_final_state_gradient():
@@ -545,17 +546,8 @@ def test_intra_kinds(intra, fuse_intra, block_k, H, Hk, T, K, V, gate, monkeypat
     16-row block), in the forward and in the backward's recompute; with fuse_intra no A kernel runs at all
     (`_o_fwd_mm` in the forward, `_dv_bwd` forms A itself) and the forward stores no cumulative gates."""
     grids = []
-
-    class Spy:  # records which kernel ran, and its launch grid
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(tg, name)
-
-        def __getitem__(self, grid):
-            grids.append((self.name, grid))
-            return self.kernel[grid]
-
     for name in (*KERNEL_OF.values(), "_o_fwd", "_o_fwd_mm", "_chunk_cumsum"):
-        monkeypatch.setattr(tg, name, Spy(name))
+        monkeypatch.setattr(tg, name, Spy(name, grids))
     tg.TUNING = tg.Tuning(intra=intra, fuse_intra=fuse_intra, block_k=block_k)
     check_against_oracle(H, Hk, T, K, V, gate)
     n = -(-T // tg.CHUNK)
