@@ -8,8 +8,10 @@ Triton compiles each kernel for the target (`triton.compile` with a `GPUTarget`;
 cubin) and the bundled `cuobjdump --dump-resource-usage` reads what the cubin needs per thread, for the
 arguments `kernels_gpu.py` gives (bf16, per-channel gates, head_dim 128, 16 heads, T a multiple of 16). That bounds
 how many programs an SM holds at once (registers: 64 K per SM; shared memory: `--smem-kb` per SM), which
-matters for these latency-bound kernels. It says nothing about speed: `benchmarks/kernels_gpu.py --tune`
-measures that on a GPU. Runs on any machine with Triton installed (no CUDA device, no interpreter).
+matters for these latency-bound kernels. It also counts the tensor-core instructions in the PTX: wgmma (Hopper's
+warpgroup MMA, for tl.dot tiles of 64 rows) or mma.sync (the Ampere-style m16n8 form that 16-row tiles fall back
+to). It says nothing about speed: `benchmarks/kernels_gpu.py --tune` measures that on a GPU. Runs on any machine
+with Triton installed (no CUDA device, no interpreter).
 """
 
 from __future__ import annotations
@@ -104,6 +106,15 @@ def resources(compiled) -> dict:
             "local_bytes": int(fields["LOCAL"]), "shared_bytes": int(fields["SHARED"]) + compiled.metadata.shared}
 
 
+def tensor_core_ops(ptx: str) -> dict:
+    """{"wgmma": count, "mma.sync": count, "shapes": [...]}: the tensor-core instructions in the PTX. On Hopper
+    a tl.dot of 64 or more rows becomes wgmma (warpgroup MMA, m64nNk*); one of 16 rows falls back to the
+    Ampere-style mma.sync m16n8k*, with a fraction of wgmma's throughput."""
+    return {"wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
+            "mma.sync": len(re.findall(r"\bmma\.sync\.", ptx)),
+            "shapes": sorted(set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\.\S*?\.(m\d+n\d+k\d+)", ptx)))}
+
+
 def programs_per_sm(r: dict, warps: int, smem_kb: int) -> int:
     """Resident programs per SM (Hopper limits): registers are allocated per warp in units of 256 (per-thread
     counts rounded up to a multiple of 8), each block also reserves 1 KB of shared memory, at most 32 blocks
@@ -132,18 +143,23 @@ def main(argv=None) -> int:
 
     print(f"sm_{args.arch}, Triton {triton.__version__}, head_dim {args.head_dim}, bf16, per-channel gates"
           + (", LOWP" if args.lowp else ""))
-    print("| kernel | warps | BK | registers | spills (stack/local bytes) | shared bytes | programs per SM |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | warps | BK | registers | spills (stack/local bytes) | shared bytes | programs per SM | "
+          "tensor-core instructions (PTX) |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, name, extra in KERNELS:
         for warps in args.warps:
             for bk in args.block_k:
                 kernel = compile_kernel(getattr(tg, name), extra, args.arch, warps, bk, args.head_dim, args.lowp)
                 r = resources(kernel)
                 r.update(kernel=label, warps=warps, block_k=bk,
-                         programs_per_sm=programs_per_sm(r, warps, args.smem_kb))
+                         programs_per_sm=programs_per_sm(r, warps, args.smem_kb),
+                         tensor_core=tensor_core_ops(kernel.asm["ptx"]))
                 rows.append(r)
+                tc = r["tensor_core"]
+                mma = ", ".join(f"{kind} ×{tc[kind]}" for kind in ("wgmma", "mma.sync") if tc[kind])
                 print(f"| {r['kernel']} | {warps} | {bk} | {r['registers']} | {r['stack_bytes']}/{r['local_bytes']} | "
-                      f"{r['shared_bytes']} | {r['programs_per_sm']} |", flush=True)
+                      f"{r['shared_bytes']} | {r['programs_per_sm']} | {mma or 'none'} "
+                      f"({' '.join(tc['shapes'])}) |", flush=True)
     if args.json_path:
         import triton
 

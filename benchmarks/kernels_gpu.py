@@ -14,6 +14,8 @@ Part 2, speed (bf16, tokens·heads constant: B = tokens / T, H heads of --head-d
 same problem): median ms from `triton.testing.do_bench` of forward and forward+backward for
     ours chunk_gla · fla chunk_gla (if fla-core is importable) · torch SDPA causal (flash) ·
     ours swa_attention (w=64) · ours liger_attention fused forward (+ its backward by recomputation).
+Forward+backward times exclude the accumulation into .grad (reset between runs: do_bench's grad_to_none); up to
+stop 12 they included it, ~1.3 ms for chunk_gla at 16k.
 Prints the GPU name, a correctness table and a speed table, and writes both as JSON.
 `--tune`: instead, A/B the chunk_gla configurations of `triton_gla.Tuning` (VARIANTS: precision, intra scheme,
 fusion, warps, block sizes): correctness at T=2048 and forward / forward+backward time at T=2048 (B=32) and
@@ -44,16 +46,25 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def bench(fn, smoke: bool) -> float:
-    """Median milliseconds of fn()."""
+def bench(fn, smoke: bool, grads=()) -> float:
+    """Median milliseconds of fn(). grads: leaves whose .grad is reset to None before each run, so a timed
+    backward writes fresh gradients rather than adding into the previous run's (an extra elementwise pass
+    over every gradient: ~1.3 ms of chunk_gla's forward+backward at 16k)."""
+    grads = [x for x in grads if x is not None]
+
+    def reset():
+        for x in grads:
+            x.grad = None
+
     if smoke:
         fn()
+        reset()
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=grads or None))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -225,7 +236,7 @@ def speed(args, dev):
             try:
                 with torch.no_grad():
                     row["fwd_ms"] = bench(fwd, args.smoke)
-                row["fwd_bwd_ms"] = bench(fb(fwd, grad_out), args.smoke)
+                row["fwd_bwd_ms"] = bench(fb(fwd, grad_out), args.smoke, (q, k, v, g, qt, kt, vt, gt))
             except Exception as err:
                 row["error"] = repr(err)[:300]
             for x in (q, k, v, g, qt, kt, vt, gt):
@@ -277,6 +288,9 @@ VARIANTS = {
     "split": {"intra": "split"},  # "rows" with A by _attn_intra_split (one program per 16-row block)
     "fused": {"fuse_intra": True},  # neither A nor (forward) the cumulative gates are ever stored
     "low fused": {"precision": "low", "fuse_intra": True},
+    "no reuse": {"reuse_forward": False},  # the backward forms A again, as up to stop 12
+    "keep b": {"reuse_gates": True},  # ... and keeps the cumulative gates too (fp32, g's size)
+    "low carry keep b": {"precision": "low", "dg_form": "carry", "reuse_gates": True},
     "w8": {"num_warps": 8},
     "bv32": {"block_v": 32},  # twice the programs for the state scans (h, dh)
 }
@@ -305,6 +319,8 @@ def profile_gla(B, H, T, D, dev) -> dict:
     (q, k, v, g), do = gla_inputs(B, H, T, D, dev)
     run = lambda: fused.chunk_gla(q, k, v, g, D ** -0.5, None)[0].backward(do)  # noqa: E731
     run()
+    for x in (q, k, v, g):
+        x.grad = None  # fresh gradients, as bench() times them
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
@@ -344,7 +360,7 @@ def _tune(args, dev, H, D, sizes, names, save) -> dict:
                 fwd = lambda: fused.chunk_gla(q, k, v, g, D ** -0.5, None)[0]  # noqa: E731
                 with torch.no_grad():
                     row[f"fwd_ms_{T}"] = bench(fwd, args.smoke)
-                row[f"fwd_bwd_ms_{T}"] = bench(lambda: fwd().backward(do), args.smoke)
+                row[f"fwd_bwd_ms_{T}"] = bench(lambda: fwd().backward(do), args.smoke, (q, k, v, g))
                 del q, k, v, g, do
         except Exception as err:
             row["error"] = repr(err)[:300]
@@ -359,7 +375,7 @@ def _tune(args, dev, H, D, sizes, names, save) -> dict:
         fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
         with torch.no_grad():
             sdpa[f"fwd_ms_{T}"] = bench(fwd, args.smoke)
-        sdpa[f"fwd_bwd_ms_{T}"] = bench(lambda: fwd().backward(do), args.smoke)
+        sdpa[f"fwd_bwd_ms_{T}"] = bench(lambda: fwd().backward(do), args.smoke, (q, k, v))
     print(f"  torch sdpa: {json.dumps(sdpa)}", flush=True)
     ok = [r for r in rows if "error" not in r and r.get("max_rel_err", 1) <= 1e-2]
     best = min(ok, key=lambda r: r.get(f"fwd_bwd_ms_{sizes[1][1]}", math.inf))["variant"] if ok else None

@@ -6,7 +6,8 @@ them still export and `torch.compile`. Inside, every call picks its implementati
     CUDA tensors (or TRITON_INTERPRET=1, how the CPU test suite runs the kernels)   → Triton kernels
     anything else, or inputs a kernel does not support (it says why: `supported()`)  → PyTorch forms
 
-    lincompile::chunk_gla(q, k, v, g?, scale, initial_state?) -> (o, final_state)       kernels/triton_gla.py
+    lincompile::chunk_gla(q, k, v, g?, scale, initial_state?, keep_a, keep_b) -> (o, final_state, A, b)
+                                                                                    kernels/triton_gla.py
     lincompile::recurrent_gla_step(q, k, v, g?, state, scale) -> (o, state)             kernels/triton_gla.py
     lincompile::swa_attention(q, k, v, prev_k, prev_v, seen, scale, sinks?) -> (o, lse) kernels/triton_swa.py
     lincompile::liger_attention(q, k, v, q_pre, k_pre, initial_state?, prev_k, prev_v, seen,
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -72,24 +74,67 @@ def _require(module: str, x: Tensor, *args):
 
 def _gla_torch(q, k, v, g, scale, initial_state):
     o, S = _gla.gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state)
+    return o.contiguous(), S  # o is a view of the chunk-padded result; register_fake promises contiguous
+
+
+def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
+              initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(o, final_state): `lincompile::chunk_gla`, whose two further outputs are what the backward reuses."""
+    o, S, _, _ = chunk_gla_op(q, k, v, g, scale, initial_state, *_reuse(q, k, v, g))
     return o, S
 
 
+_REUSE_DEFAULT = (True, False)  # (reuse_forward, reuse_gates) of triton_gla.Tuning() (tests/test_fuse.py checks)
+
+
+def _reuse(q, k, v, g) -> tuple[bool, bool]:
+    """(keep A, keep b) for this forward: `Tuning.reuse_forward` / `reuse_gates` (False with fuse_intra)
+    when a backward can follow. Read here, in the wrapper, so that torch.compile guards on them and traces
+    again when TUNING changes (the op's output shapes depend on them); sys.modules, not an import, because
+    compiled code cannot import: before triton_gla is imported, TUNING is still at its defaults."""
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g))):
+        return False, False
+    tg = sys.modules.get(__name__.rsplit(".", 1)[0] + ".triton_gla")
+    if tg is None:
+        return _REUSE_DEFAULT
+    t = tg.TUNING
+    return t.reuse_forward and not t.fuse_intra, t.reuse_gates and not t.fuse_intra
+
+
+def _kept(q, k, v, g, keep_a, keep_b):
+    """(A's shape and dtype or None, b's shape or None): what the Triton forward keeps for its backward
+    (`triton_gla.kept_layout`); nothing on the PyTorch path. From register_fake, `supported()` then sees
+    symbolic shapes: its checks guard on head counts and head dims, and on q and k having the same length."""
+    kern = _kernel("triton_gla", q, q, k, v, g) if keep_a or keep_b else None
+    return kern.kept_layout(q, k, v, g, keep_a, keep_b) if kern is not None else (None, None)
+
+
+# Outputs 3 and 4 are the Triton forward's intra-chunk matrix A and cumulative gates b, saved for the
+# backward (`Tuning.reuse_forward`, `reuse_gates`; fla's chunk_gla keeps A too), or empty where nothing is
+# kept. They are outputs because setup_context sees only inputs and outputs; `chunk_gla` above drops them, so
+# graphs only read o and the final state.
 @torch.library.custom_op("lincompile::chunk_gla", mutates_args=())
-def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
-              initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def chunk_gla_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
+                 initial_state: Optional[Tensor], keep_a: bool = False,
+                 keep_b: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kern = _kernel("triton_gla", q, q, k, v, g)
+    A = b = None
     if kern is not None:
-        o, S = kern.chunk_gla_fwd(q, k, v, g, scale, initial_state)
+        o, S, *kept = kern.chunk_gla_fwd(q, k, v, g, scale, initial_state, keep_a=keep_a, keep_b=keep_b)
+        A, b = kept if kept else (None, None)
     else:
         o, S = _gla_torch(q, k, v, g, scale, initial_state)
-    return o, S.clone() if S is initial_state else S  # custom ops may not return their inputs
+    return (o, S.clone() if S is initial_state else S,  # custom ops may not return their inputs
+            q.new_empty(0) if A is None else A, q.new_empty(0, dtype=torch.float32) if b is None else b)
 
 
-@chunk_gla.register_fake
-def _(q, k, v, g, scale, initial_state):
+@chunk_gla_op.register_fake
+def _(q, k, v, g, scale, initial_state, keep_a=False, keep_b=False):
     B, H, T, K = q.shape
-    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, k.shape[1], K, v.shape[-1], dtype=torch.float32)
+    a_layout, b_shape = _kept(q, k, v, g, keep_a, keep_b)
+    return (q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, k.shape[1], K, v.shape[-1], dtype=torch.float32),
+            q.new_empty(0) if a_layout is None else q.new_empty(a_layout[0], dtype=a_layout[1]),
+            q.new_empty(0 if b_shape is None else b_shape, dtype=torch.float32))
 
 
 def _none_if_empty(x):
@@ -100,15 +145,17 @@ def _none_if_empty(x):
 # tensors, which must not reach a Triton launch or a recomputation under autograd.
 @torch.library.custom_op("lincompile::chunk_gla_bwd", mutates_args=())
 def chunk_gla_bwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float, initial_state: Optional[Tensor],
-                  do: Tensor, dS: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The Triton backward (chunk_gla's autograd calls it only where the Triton kernels run)."""
+                  do: Tensor, dS: Optional[Tensor], A: Optional[Tensor] = None,
+                  b: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The Triton backward (chunk_gla's autograd calls it only where the Triton kernels run); A, b: the
+    forward's, reused where they fit (`triton_gla.chunk_gla_bwd`)."""
     kern = _require("triton_gla", q, q, k, v, g)
-    dq, dk, dv, dg, dS0 = kern.chunk_gla_bwd(q, k, v, g, scale, initial_state, do.contiguous(), dS)
+    dq, dk, dv, dg, dS0 = kern.chunk_gla_bwd(q, k, v, g, scale, initial_state, do.contiguous(), dS, A=A, b=b)
     return dq, dk, dv, q.new_empty(0) if dg is None else dg, q.new_empty(0) if dS0 is None else dS0
 
 
 @chunk_gla_bwd.register_fake
-def _(q, k, v, g, scale, initial_state, do, dS):
+def _(q, k, v, g, scale, initial_state, do, dS, A=None, b=None):
     # Contiguous, as the kernels allocate them (empty_like would copy the inputs' strides; inductor trusts these).
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             q.new_empty(0) if g is None else g.new_empty(g.shape, dtype=torch.float32),
@@ -117,23 +164,24 @@ def _(q, k, v, g, scale, initial_state, do, dS):
 
 
 def _chunk_gla_setup(ctx, inputs, output):
-    q, k, v, g, scale, initial_state = inputs
+    q, k, v, g, scale, initial_state = inputs[:6]
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, g, initial_state)
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.save_for_backward(q, k, v, g, initial_state, output[2], output[3])
 
 
-def _chunk_gla_backward(ctx, do, dS):
-    q, k, v, g, S0 = ctx.saved_tensors
+def _chunk_gla_backward(ctx, do, dS, _dA, _db):
+    q, k, v, g, S0, A, b = ctx.saved_tensors
     if _kernel("triton_gla", q, q, k, v, g) is None:  # PyTorch forms: differentiate by recomputation
         wants = tuple(ctx.needs_input_grad[:4]) + (False, ctx.needs_input_grad[5])
         dq, dk, dv, dg, _, dS0 = grad_by_recompute(_gla_torch, (q, k, v, g, ctx.scale, S0), wants, (do, dS))
-        return dq, dk, dv, dg, None, dS0
+        return dq, dk, dv, dg, None, dS0, None, None
     do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device) if do is None else do
-    dq, dk, dv, dg, dS0 = chunk_gla_bwd(q, k, v, g, ctx.scale, S0, do, dS)
-    return dq, dk, dv, _none_if_empty(dg), None, _none_if_empty(dS0)
+    dq, dk, dv, dg, dS0 = chunk_gla_bwd(q, k, v, g, ctx.scale, S0, do, dS, _none_if_empty(A), _none_if_empty(b))
+    return dq, dk, dv, _none_if_empty(dg), None, _none_if_empty(dS0), None, None
 
 
-chunk_gla.register_autograd(_chunk_gla_backward, setup_context=_chunk_gla_setup)
+chunk_gla_op.register_autograd(_chunk_gla_backward, setup_context=_chunk_gla_setup)
 
 
 @torch.library.custom_op("lincompile::recurrent_gla_step", mutates_args=())

@@ -26,7 +26,9 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
             4. `_o_fwd`: o = scale (q ⊙ exp(b)) h[n] + A v per (query head, chunk, V block). With
                `TUNING.fuse_intra`, `_o_fwd_mm` does 3. and 4. in one kernel per 16-row block, and the
                backward's `_dv_bwd` forms A itself too: A never leaves the registers.
-  backward  h is recomputed (2.; fp32 unless precision "low") and A (3.; not with fuse_intra); then
+  backward  h is recomputed (2.; fp32 unless precision "low"). A and b are the forward's, which the custom op
+            keeps for it (`Tuning.reuse_forward`, `reuse_gates`; fla keeps A alike), or else recomputed
+            (1., 3.; A not with fuse_intra); then
             5. `_dh_bwd`: reverse scan, dh[n] = gradient of the state after chunk n (fp32; input dtype under
                "low"),
                dS_{n} = Diag(exp(b_last)) dS_{n+1} + scale Σ_{heads of the group} (q ⊙ exp(b))ᵀ do,
@@ -144,7 +146,7 @@ def _interpret() -> bool:
 class Tuning:
     """Knobs of the chunk kernels (not of the decode step), read from `TUNING` at every call of
     chunk_gla_fwd / chunk_gla_bwd. The defaults: the matmul scheme, unfused, mixed precision, Triton's launch
-    options, blocks of at most 64."""
+    options, blocks of at most 64, the backward reusing the forward's A (not b)."""
 
     precision: str = "mixed"  # bf16/fp16 inputs (PRECISION; fp32 or mixed-dtype inputs always run "full"):
     #   "full":  fp32 matmul operands (TF32 matmuls), fp32 scratch buffers A, h, dh
@@ -176,6 +178,13 @@ class Tuning:
     #   "carry": within each chunk only, plus the chunk's carry Σ_v S_n ⊙ dS_n (the state after chunk n times
     #            its gradient: all that later positions contribute), formed in `_dqk_bwd` (`_chunk_suffix`).
     #            The rounding of the cancelling terms then adds up over ≤ 64 positions, not over T
+    reuse_forward: bool = True  # the custom op `lincompile::chunk_gla` keeps the forward's A for the backward
+    #   (`chunk_gla_fwd(keep_a=True)`), as fla's chunk_gla does, instead of forming it again (3.): the two form
+    #   it alike, so the gradients are bit-identical. Costs holding A, [B, H, N·C, 64] in A's dtype (the input
+    #   dtype, fp32 under "full"), from the forward to the backward. Read when the forward runs (or is traced:
+    #   torch.compile guards on it). Nothing is kept with fuse_intra (the forward forms no A)
+    reuse_gates: bool = False  # likewise the cumulative gates b (1.), [B, Hk, N·C, KG] fp32: as large as an
+    #   fp32 g, which is held as well (the backward's dg reads g for the clamp mask), for ~0.35 ms at 16k
 
     def __post_init__(self):
         self.validate()
@@ -189,6 +198,9 @@ class Tuning:
             raise ValueError(f"Tuning.precision must be one of {', '.join(PRECISION)}, got {self.precision!r}")
         if self.intra not in INTRA:
             raise ValueError(f"Tuning.intra must be one of {', '.join(INTRA)}, got {self.intra!r}")
+        for name in ("reuse_forward", "reuse_gates"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Tuning.{name} must be a bool, got {getattr(self, name)!r}")
         if self.fuse_intra and self.intra != "matmul":
             raise ValueError(f"Tuning.fuse_intra needs intra='matmul', got intra={self.intra!r}")
         for name in ("block_k", "block_v"):
@@ -1041,6 +1053,35 @@ def supported(q, k, v, g) -> str | None:
     return None
 
 
+def _precision(q, k, v, t: Tuning) -> str:
+    """The precision a call runs: `t.precision` for bf16 or fp16 q, k, v of one dtype, except that fp16 runs
+    "mixed" as "full" (fp16's range: without decay the states can pass 65504 over long sequences); fp32 or
+    mixed dtypes: "full"."""
+    half = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+    if not half or (t.precision == "mixed" and q.dtype == torch.float16):
+        return "full"
+    return t.precision
+
+
+def kept_layout(q, k, v, g, keep_a: bool = True, keep_b: bool = True):
+    """What `chunk_gla_fwd(..., keep_a, keep_b)` returns as A and b: (A's shape and dtype, or None; b's shape,
+    or None). None where not asked for, with fuse_intra (the forward forms neither) and b without gates; A's
+    dtype follows TUNING.precision. Shapes may be symbolic: the custom op's register_fake calls this too."""
+    if TUNING.fuse_intra:
+        return None, None
+    B, H, T = q.shape[0], q.shape[1], q.shape[2]
+    Tp = (T + CHUNK - 1) // CHUNK * CHUNK
+    a_dtype = torch.float32 if _precision(q, k, v, TUNING) == "full" else q.dtype
+    a_layout = ((B, H, Tp, CHUNK), a_dtype) if keep_a else None
+    b_shape = (B, k.shape[1], Tp, g.shape[-1]) if keep_b and g is not None else None
+    return a_layout, b_shape
+
+
+def _matches(x, shape, dtype, device) -> bool:
+    return (x is not None and tuple(x.shape) == tuple(shape) and x.dtype == dtype and x.device == device
+            and x.is_contiguous())
+
+
 def _prec(*xs) -> str:
     return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
 
@@ -1137,11 +1178,8 @@ class _Setup:
         self.NK = triton.cdiv(self.K, self.BK)
         self.NV = triton.cdiv(self.V, self.BV)
         self.prec = _prec(q, k, v)
-        # half-precision products only for one common half dtype of q, k, v; fp32 (or mixed) inputs: "full"
         half = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
-        precision = t.precision if half else "full"
-        if precision == "mixed" and q.dtype == torch.float16:
-            precision = "full"  # fp16's range: without decay the states can pass 65504 over long sequences
+        precision = _precision(q, k, v, t)
         # lowp: LOWP of every forward kernel and of the backward's state kernels (h, dh, dq/dk); lowp_v: of the
         # backward's A and dv (whose rounding reaches dv only) and dA (exact: do and v are half values)
         self.lowp_v = precision != "full"
@@ -1200,8 +1238,11 @@ def _check_state(state, s):
         raise ValueError(f"state shape {tuple(state.shape)}, expected {want}")
 
 
-def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64):
-    """(o [B,H,T,V] q.dtype, final_state [B,Hk,K,V] fp32)."""
+def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64, keep_a: bool = False,
+                  keep_b: bool = False):
+    """(o [B,H,T,V] q.dtype, final_state [B,Hk,K,V] fp32); keep_a or keep_b adds (A, b), the intra-chunk
+    matrix and the cumulative gates for `chunk_gla_bwd` to reuse (each None where `kept_layout` says so)."""
+    keep = keep_a or keep_b
     s = _Setup(q, k, v, g, chunk)
     if initial_state is not None:
         _check_state(initial_state, s)
@@ -1209,7 +1250,12 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64)
     if s.T == 0:
         fin = initial_state.clone() if initial_state is not None else q.new_zeros(s.B, s.Hk, s.K, s.V,
                                                                                    dtype=torch.float32)
-        return q.new_empty(s.B, s.H, 0, s.V), fin
+        o = q.new_empty(s.B, s.H, 0, s.V)
+        if not keep:
+            return o, fin
+        a_layout, b_shape = kept_layout(q, k, v, g, keep_a, keep_b)
+        return (o, fin, None if a_layout is None else q.new_empty(a_layout[0], dtype=a_layout[1]),
+                None if b_shape is None else q.new_empty(b_shape, dtype=torch.float32))
     scale = float(scale)
     # fuse_intra: neither A nor the cumulative gates b are stored; the two kernels cumulate g themselves
     h, ht = s.states(initial_state, raw=s.fuse_intra, dtype=s.fwd_hdt)
@@ -1219,21 +1265,31 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64)
         _o_fwd_mm[(s.N * (s.C // SUB), s.NV, s.B * s.H)](s.q, s.k, s.v, gates, h, o, scale, s.T, s.Tp, s.H,
                                                           s.Hk, s.G, s.N, BC=SUB, RAW=True, GMIN=LOG_GATE_MIN,
                                                           **s.consts())
+        A = None
     else:
         A = s.intra(scale)
         _o_fwd[(s.N, s.NV, s.B * s.H)](s.q, s.v, s.b_arg, h, A, o, scale, s.T, s.Tp, s.H, s.Hk, s.G, s.N,
                                        **s.consts())
-    return o, ht
+    if not keep:
+        return o, ht
+    a_layout, b_shape = kept_layout(q, k, v, g, keep_a, keep_b)
+    return o, ht, (A if a_layout is not None else None), (s._b if b_shape is not None else None)
 
 
-def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chunk: int = 64):
+def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chunk: int = 64, A=None, b=None):
     """Gradients (dq, dk, dv, dg, dinitial_state).
 
     dq/dk/dv in their inputs' dtypes and shapes; dg fp32 shaped like g (None if g is None; summed over the
     channel axis when g is [..., 1]); dinitial_state fp32 [B,Hk,K,V] (None if initial_state is None).
     do: gradient of o; dfinal_state: gradient of the final state or None (= zeros).
+    A, b: the forward's (`chunk_gla_fwd(..., keep_a, keep_b)`), used when they have the shape, dtype and device
+    this call would form them in (and are contiguous), else formed again. Under the same TUNING that makes
+    the gradients bit-identical to forming them here; after a change of intra scheme or block size between
+    the two calls, A is the same matrix up to rounding.
     """
     s = _Setup(q, k, v, g, chunk, backward=True)
+    if s.use_g and _matches(b, (s.B, s.Hk, s.Tp, s.KG), torch.float32, s.dev):
+        s._b = b
     has_h0 = initial_state is not None
     if has_h0:
         _check_state(initial_state, s)
@@ -1253,7 +1309,10 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
     prec = "ieee" if s.prec == "ieee" and do.dtype == torch.float32 else "tf32"
     c = dict(s.consts(), PREC=prec)
     h, ht = s.states(initial_state)
-    A = None if s.fuse_intra else s.intra(scale)  # fused: _dv_bwd forms A itself
+    if s.fuse_intra:
+        A = None  # _dv_bwd forms A itself
+    elif not _matches(A, (s.B, s.H, s.Tp, s.C), s.adt, s.dev):
+        A = s.intra(scale)
     B, H, Hk, G, N, T, Tp, K, V = s.B, s.H, s.Hk, s.G, s.N, s.T, s.Tp, s.K, s.V
     dev = s.dev
 

@@ -113,6 +113,11 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert mm["stack_bytes"] == mm["local_bytes"] == 0 and mm["registers"] < intra["registers"]
     for name in ("_o_fwd_mm", "_h_fwd raw gates", "_dqk_bwd matmul", "_dv_bwd fused"):
         assert by[name]["stack_bytes"] == by[name]["local_bytes"] == 0, name
+    # tensor-core instructions (README): the 64-row products are wgmma, the 16-row-block kernels mma.sync only
+    for name in ("_o_fwd", "_h_fwd", "_dv_bwd"):
+        assert by[name]["tensor_core"]["wgmma"] > 0 and by[name]["tensor_core"]["mma.sync"] == 0, name
+    for name in ("_attn_intra_mm", "_dqk_bwd matmul"):
+        assert by[name]["tensor_core"]["wgmma"] == 0 and by[name]["tensor_core"]["mma.sync"] > 0, name
 
 
 def _kernels_gpu(tmp_path, *args):
@@ -132,13 +137,13 @@ def _kernels_gpu(tmp_path, *args):
 def test_kernels_gpu_tune_smoke(tmp_path):
     """benchmarks/kernels_gpu.py --tune on the CPU (interpreter, tiny sizes): every variant asked for is checked
     and timed, the best one is named, and the finished JSON is not marked partial."""
-    res, stdout = _kernels_gpu(tmp_path, "--tune", "--variants", "default", "low carry")
-    assert [r["variant"] for r in res["rows"]] == ["default", "low carry"]
+    res, stdout = _kernels_gpu(tmp_path, "--tune", "--variants", "default", "low carry keep b")
+    assert [r["variant"] for r in res["rows"]] == ["default", "low carry keep b"]
     for r in res["rows"]:
         assert "error" not in r, r
         assert set(r["errors"]) == {"o", "final_state", "dq", "dk", "dv", "dg", "dS0"}
         assert r["max_rel_err"] <= 1e-2 and r["fwd_ms_128"] > 0 and r["fwd_bwd_ms_128"] > 0
-    assert res["best"] in ("default", "low carry") and "partial" not in res
+    assert res["best"] in ("default", "low carry keep b") and "partial" not in res
     assert set(res["sdpa"]) == {"fwd_ms_64", "fwd_bwd_ms_64", "fwd_ms_128", "fwd_bwd_ms_128"}
     assert f"best: {res['best']}" in stdout
 

@@ -141,7 +141,8 @@ def test_kernel_ops_export_and_dispatch_to_pytorch_off_the_interpreter(monkeypat
 
     ep = torch.export.export(M(), (q, k, v, g), strict=False)
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-    assert targets == ["lincompile.chunk_gla.default", "<built-in function getitem>", "<built-in function getitem>"]
+    # one getitem per output: o, the final state, and the A and b kept for the backward (unused here)
+    assert targets == ["lincompile.chunk_gla.default"] + ["<built-in function getitem>"] * 4
     o_triton, S_triton = fused.chunk_gla(q, k, v, g, 0.25, None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # no CUDA, no interpreter: the PyTorch forms
     o_torch, S_torch = fused.chunk_gla(q, k, v, g, 0.25, None)
@@ -177,6 +178,136 @@ def test_kernel_ops_go_through_torch_compile():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     assert all(_rel(a, b) < 1e-5 for a, b in zip(got, eager))
+
+
+def _gla_leaves(dtype, gate, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    B, H, Hk, T, D = 1, 4, 2, 20, 16
+    q, k, v = (torch.randn(B, h, T, D, generator=gen).to(dtype) for h in (H, Hk, Hk))
+    g = None if gate is None else torch.nn.functional.logsigmoid(
+        torch.randn(B, Hk, T, D if gate == "channel" else 1, generator=gen))
+    return [None if x is None else x.requires_grad_() for x in (q, k, v, g)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,gate,h0", [(torch.float32, "channel", False), (torch.bfloat16, "scalar", True),
+                                           (torch.bfloat16, None, False)])
+def test_chunk_gla_op_passes_opcheck(dtype, gate, h0):
+    """register_fake gives the real outputs' shapes and dtypes, A and b kept for the backward included
+    (torch.library.opcheck: schema, fake tensors, autograd registration, AOT dispatch with dynamic shapes)."""
+    q, k, v, g = _gla_leaves(dtype, gate)
+    S0 = torch.randn(1, 2, 16, 16) if h0 else None
+    o, S, A, b = fused.chunk_gla_op(q, k, v, g, 0.25, S0, True, True)
+    assert A.shape == (1, 4, 64, 64) and A.dtype == (torch.float32 if dtype == torch.float32 else dtype)
+    assert b.shape == ((0,) if gate is None else (1, 2, 64, 16 if gate == "channel" else 1))
+    torch.library.opcheck(fused.chunk_gla_op, (q, k, v, g, 0.25, S0, True, True))
+    _, _, A, b = fused.chunk_gla_op(q, k, v, g, 0.25, S0)  # nothing asked for: nothing kept
+    assert A.shape == b.shape == (0,)
+
+
+@needs_kernels
+def test_chunk_gla_op_keeps_nothing_on_the_pytorch_path(monkeypatch):
+    q, k, v, g = _gla_leaves(torch.float32, "channel")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # no CUDA, no interpreter: the PyTorch forms
+    _, _, A, b = fused.chunk_gla_op(q, k, v, g, 0.25, None, True, True)
+    assert A.shape == (0,) and b.shape == (0,)
+    torch.library.opcheck(fused.chunk_gla_op, (q, k, v, g, 0.25, None, True, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def _op_cases():
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_()
+
+    B, H, Hk, T, D = 1, 4, 2, 20, 16
+    q, k, v = rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, T, D)
+    ring, seen = torch.zeros(B, H, 8, D), torch.zeros((), dtype=torch.int64)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, Hk, D, generator=gen))
+    return {
+        "recurrent_gla_step": (fused.recurrent_gla_step, (torch.randn(B, H, D), torch.randn(B, Hk, D),
+                                                          torch.randn(B, Hk, D), g, torch.randn(B, Hk, D, D), 0.25)),
+        "swa_attention": (fused.swa_attention, (q, k, v, ring, ring, seen, 0.25, rnd(H, 2))),
+        "liger_attention": (fused.liger_attention, (q, k, v, rnd(B, H, T, D), rnd(B, H, T, D), None, ring, ring, seen,
+                                                    8, 0.5, 0.5, 0.25, 16.0)),
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["recurrent_gla_step", "swa_attention", "liger_attention"])
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["triton", "pytorch"])
+def test_kernel_ops_pass_opcheck(name, interpret, monkeypatch):
+    """The other kernel ops' fakes agree with both implementations (the check that found chunk_gla's
+    PyTorch path returning a non-contiguous o where its fake promised a contiguous one)."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    op, args = _op_cases()[name]
+    # the PyTorch forms' AOT trace with dynamic shapes takes 10-15 s here; fake tensors are what matter
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor") if interpret == "0" else None
+    torch.library.opcheck(op, args, **({"test_utils": checks} if checks else {}))
+
+
+@needs_kernels
+def test_what_the_forward_keeps_follows_tuning_and_grad_mode(monkeypatch):
+    from lincompile.kernels import triton_gla as tg
+
+    assert fused._REUSE_DEFAULT == (tg.Tuning().reuse_forward, tg.Tuning().reuse_gates)
+    q, k, v, g = _gla_leaves(torch.float32, "channel")
+    assert fused._reuse(q, k, v, g) == (True, False)
+    with torch.no_grad():
+        assert fused._reuse(q, k, v, g) == (False, False)  # no backward to keep anything for
+    assert fused._reuse(*(x.detach() for x in (q, k, v, g))) == (False, False)
+    assert fused._reuse(q.detach(), k.detach(), v.detach(), g) == (True, False)
+    for kw, want in ((dict(reuse_gates=True), (True, True)), (dict(reuse_forward=False), (False, False)),
+                     (dict(fuse_intra=True, reuse_gates=True), (False, False))):
+        monkeypatch.setattr(tg, "TUNING", tg.Tuning(**kw))
+        assert fused._reuse(q, k, v, g) == want, kw
+
+
+@needs_kernels
+def test_chunk_gla_backward_reuses_the_forward(monkeypatch):
+    """Through the op's autograd, the backward launches what the forward did not keep, and no more: A by
+    default, b too with reuse_gates; the gradients are those of a recomputing backward, bit for bit. Under
+    torch.compile (AOTAutograd) the same, and a changed TUNING traces the wrapper again."""
+    from lincompile.kernels import triton_gla as tg
+
+    def grads(fn=fused.chunk_gla):
+        leaves = _gla_leaves(torch.bfloat16, "channel")
+        o, S = fn(*leaves, 0.25, None)
+        (o.float().square().sum() + S.sum()).backward()
+        return [x.grad for x in leaves]
+
+    launches = []
+
+    class Count:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(tg, name)
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_chunk_cumsum", "_attn_intra_mm"):
+        monkeypatch.setattr(tg, name, Count(name))
+    forward = ["_chunk_cumsum", "_attn_intra_mm"]
+    reused = grads()
+    assert launches == forward + ["_chunk_cumsum"]  # the default keeps A, not b
+    for kw, backward in ((dict(reuse_gates=True), []), (dict(reuse_forward=False), forward)):
+        launches.clear()
+        monkeypatch.setattr(tg, "TUNING", tg.Tuning(**kw))
+        assert all(torch.equal(a, b) for a, b in zip(grads(), reused)), kw
+        assert launches == forward + backward, kw
+    monkeypatch.setattr(tg, "TUNING", tg.Tuning())
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(fused.chunk_gla, backend="aot_eager", fullgraph=True)
+    launches.clear()
+    assert all(torch.equal(a, b) for a, b in zip(grads(compiled_fn), reused))
+    assert launches == forward + ["_chunk_cumsum"]
+    monkeypatch.setattr(tg, "TUNING", tg.Tuning(reuse_forward=False))  # guarded: traced again, keeps nothing
+    launches.clear()
+    assert all(torch.equal(a, b) for a, b in zip(grads(compiled_fn), reused))
+    assert launches == forward + forward
+    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not fused.triton_installed(), reason="triton is not installed")

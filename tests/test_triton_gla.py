@@ -662,10 +662,98 @@ def test_decode_step_clamps_the_gate():
     assert rel(so, o[:, :, 0]) <= 1e-5 and rel(sS, S) <= 1e-5
 
 
+# --------------------------------------------------------------------------------------------------
+# The backward reusing the forward's A and cumulative gates b (Tuning.reuse_forward).
+
+REUSE = [  # dtype, gate, precision, intra, initial state
+    (torch.float32, "channel", "mixed", "matmul", True), (torch.bfloat16, "channel", "mixed", "matmul", False),
+    (torch.float16, "channel", "mixed", "matmul", True),  # fp16 runs "mixed" as "full": A in fp32
+    (torch.bfloat16, "scalar", "low", "rows", True), (torch.float16, None, "full", "split", True)]
+INTRA_KERNEL = {"matmul": "_attn_intra_mm", "rows": "_attn_intra", "split": "_attn_intra_split"}
+
+
+@pytest.mark.parametrize("dtype,gate,precision,intra,h0", REUSE)
+def test_reuse_forward_gives_the_same_gradients_without_recomputing(dtype, gate, precision, intra, h0, monkeypatch):
+    """The forward's A and b (keep_a, keep_b), shaped and typed as `kept_layout` says, make the backward skip
+    the gate cumsum and the A kernel and give bit-identical gradients."""
+    B, H, Hk, T, K, V = 1, 2, 1, 70, 32, 16
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, h0=h0, dtype=dtype)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(B, H, T, V, generator=gen).to(DEVICE).to(dtype)
+    dS = torch.randn(B, Hk, K, V, generator=gen).to(DEVICE)
+    tg.TUNING = tg.Tuning(precision=precision, intra=intra)
+    o, S, A, b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True, keep_b=True)
+    o2, S2 = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    assert torch.equal(o, o2) and torch.equal(S, S2)
+    a_layout, b_shape = tg.kept_layout(q, k, v, g)
+    assert (tuple(A.shape), A.dtype) == a_layout
+    assert A.dtype == (torch.float32 if dtype == torch.float32 or precision == "full"
+                       or (dtype == torch.float16 and precision == "mixed") else dtype)
+    assert b is None if gate is None else tuple(b.shape) == b_shape and b.dtype == torch.float32
+    ref = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, dS)
+    log = []
+    for name in ("_chunk_cumsum", INTRA_KERNEL[intra], "_h_fwd"):
+        monkeypatch.setattr(tg, name, Spy(name, log))
+    got = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, dS, A=A, b=b)
+    assert [name for name, _ in log] == ["_h_fwd"]  # h is recomputed (its precision differs), A and b are not
+    for name, x, y in zip(NAMES[2:], got, ref):
+        assert (x is None and y is None) or torch.equal(x, y), name
+    log.clear()
+    _, _, A1, b1 = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True)  # only what is asked for
+    assert A1 is not None and b1 is None
+    assert [name for name, _ in log] == (["_h_fwd", INTRA_KERNEL[intra]] if gate is None else
+                                         ["_chunk_cumsum", "_h_fwd", INTRA_KERNEL[intra]])
+
+
+def test_reuse_forward_recomputes_what_does_not_fit(monkeypatch):
+    """A and b that the backward would not form alike (another precision, shape or dtype, or a
+    non-contiguous layout) are formed again."""
+    q, k, v, g, S0 = make(1, 2, 1, 70, 16, 16, "channel", dtype=torch.bfloat16)
+    do = torch.randn(1, 2, 70, 16).to(DEVICE).bfloat16()
+    _, _, A, b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True, keep_b=True)  # "mixed": A in bf16
+    ref = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None)
+    log = []
+    for name in ("_chunk_cumsum", "_attn_intra_mm"):
+        monkeypatch.setattr(tg, name, Spy(name, log))
+    strided = A.transpose(-1, -2).contiguous().transpose(-1, -2)  # A's shape, dtype and values, other strides
+    got = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None, A=strided, b=b)
+    assert [name for name, _ in log] == ["_attn_intra_mm"]
+    assert all(torch.equal(x, y) for x, y in zip(got[:4], ref[:4]))
+    log.clear()
+    tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None, A=A[:, :, :64].contiguous(), b=b[..., :8].contiguous())
+    assert [name for name, _ in log] == ["_chunk_cumsum", "_attn_intra_mm"]
+    log.clear()
+    tg.TUNING = tg.Tuning(precision="full")  # changed between the forward and the backward: A in fp32
+    ref = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None)
+    log.clear()
+    got = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None, A=A, b=b)
+    assert [name for name, _ in log] == ["_attn_intra_mm"]  # b (fp32 either way) fits, A does not
+    assert all(torch.equal(x, y) for x, y in zip(got[:4], ref[:4]))
+
+
+def test_kept_layout():
+    q, k, v, g, S0 = make(1, 2, 1, 20, 16, 16, "channel")
+    assert tg.kept_layout(q, k, v, g) == (((1, 2, 64, 64), torch.float32), (1, 1, 64, 16))
+    assert tg.kept_layout(q, k, v, g, keep_a=False) == (None, (1, 1, 64, 16))
+    assert tg.kept_layout(q, k, v, None, keep_b=True) == (((1, 2, 64, 64), torch.float32), None)
+    tg.TUNING = tg.Tuning(fuse_intra=True)  # the forward forms neither
+    assert tg.kept_layout(q, k, v, g) == (None, None)
+    o, S, A, b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True, keep_b=True)
+    assert A is None and b is None and torch.isfinite(o).all()
+
+
+def test_kept_layout_at_zero_length():
+    q, k, v, g, S0 = make(1, 2, 1, 0, 16, 16, "scalar")
+    o, S, A, b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True, keep_b=True)
+    assert tuple(A.shape) == (1, 2, 0, tg.CHUNK) and tuple(b.shape) == (1, 1, 0, 1)
+    assert torch.equal(S, S0)
+
+
 @pytest.mark.parametrize("kw", [dict(block_k=48), dict(block_v=8), dict(block_k=512), dict(block_v=0),
                                 dict(block_k=32.0), dict(num_warps=3), dict(num_warps=0), dict(num_stages=0),
                                 dict(intra="diagonal"), dict(intra="rows", fuse_intra=True),
-                                dict(precision="bf16"), dict(precision=True), dict(dg_form="flat")])
+                                dict(precision="bf16"), dict(precision=True), dict(dg_form="flat"),
+                                dict(reuse_forward=1), dict(reuse_gates=None)])
 def test_bad_tuning(kw):
     with pytest.raises(ValueError):
         tg.Tuning(**kw)
@@ -688,8 +776,9 @@ def test_tuning_default_is_restored():
     """The autouse fixture gives every test the default configuration, whatever an earlier test assigned."""
     assert tg.TUNING == tg.Tuning()
     assert (tg.TUNING.precision, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k,
-            tg.TUNING.block_v, tg.TUNING.intra, tg.TUNING.fuse_intra, tg.TUNING.half_states, tg.TUNING.dg_form) == (
-        "mixed", None, None, 64, 64, "matmul", False, False, "scan")
+            tg.TUNING.block_v, tg.TUNING.intra, tg.TUNING.fuse_intra, tg.TUNING.half_states, tg.TUNING.dg_form,
+            tg.TUNING.reuse_forward, tg.TUNING.reuse_gates) == (
+        "mixed", None, None, 64, 64, "matmul", False, False, "scan", True, False)
 
 
 # --------------------------------------------------------------------------------------------------
