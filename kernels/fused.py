@@ -6,7 +6,7 @@ them still export and `torch.compile`. Inside, every call picks its implementati
     CUDA tensors (or TRITON_INTERPRET=1, how the CPU test suite runs the kernels)   → Triton kernels
     anything else, or inputs a kernel does not support (it says why: `supported()`)  → PyTorch forms
 
-    lincompile::chunk_gla(q, k, v, g?, scale, initial_state?, keep_a, keep_b) -> (o, final_state, A, b)
+    lincompile::chunk_gla(q, k, v, g?, scale, initial_state?, keep_a, keep_b, precision) -> (o, final_state, A, b)
                                                                                     kernels/triton_gla.py
     lincompile::recurrent_gla_step(q, k, v, g?, state, scale) -> (o, state)             kernels/triton_gla.py
     lincompile::swa_attention(q, k, v, prev_k, prev_v, seen, scale, sinks?) -> (o, lse) kernels/triton_swa.py
@@ -80,33 +80,39 @@ def _gla_torch(q, k, v, g, scale, initial_state):
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
               initial_state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(o, final_state): `lincompile::chunk_gla`, whose two further outputs are what the backward reuses."""
-    o, S, _, _ = chunk_gla_op(q, k, v, g, scale, initial_state, *_reuse(q, k, v, g))
+    o, S, _, _ = chunk_gla_op(q, k, v, g, scale, initial_state, *_reuse(q, k, v, g, initial_state))
     return o, S
 
 
-_REUSE_DEFAULT = (True, False)  # (reuse_forward, reuse_gates) of triton_gla.Tuning() (tests/test_fuse.py checks)
+# (reuse_forward, reuse_gates, precision) of triton_gla.Tuning() (tests/test_fuse.py checks)
+_REUSE_DEFAULT = (True, False, "mixed")
 
 
-def _reuse(q, k, v, g) -> tuple[bool, bool]:
-    """(keep A, keep b) for this forward: `Tuning.reuse_forward` / `reuse_gates` (False with fuse_intra)
-    when a backward can follow. Read here, in the wrapper, so that torch.compile guards on them and traces
-    again when TUNING changes (the op's output shapes depend on them); sys.modules, not an import, because
-    compiled code cannot import: before triton_gla is imported, TUNING is still at its defaults."""
-    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g))):
-        return False, False
-    tg = sys.modules.get(__name__.rsplit(".", 1)[0] + ".triton_gla")
-    if tg is None:
+def _reuse(q, k, v, g, initial_state=None) -> tuple[bool, bool, str]:
+    """(keep A, keep b, precision) for this forward: `Tuning.reuse_forward` / `reuse_gates` (False with
+    fuse_intra) when a backward can follow, and `Tuning.precision` when A is kept (A's dtype follows it; ""
+    otherwise). Read here, in the wrapper, so that torch.compile guards on them and traces again when TUNING
+    changes (the op's outputs depend on them); through sys.modules, not an import, because compiled code
+    cannot import: before triton_gla is imported, TUNING is still at its defaults."""
+    leaves = (q, k, v, g, initial_state)
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in leaves)):
+        return False, False, ""
+    tg = sys.modules.get("lincompile.kernels.triton_gla")  # the name `_kernel` imports it by
+    t = tg.TUNING if tg is not None else None
+    if t is None:
         return _REUSE_DEFAULT
-    t = tg.TUNING
-    return t.reuse_forward and not t.fuse_intra, t.reuse_gates and not t.fuse_intra
+    keep_a = t.reuse_forward and not t.fuse_intra
+    return keep_a, t.reuse_gates and not t.fuse_intra, t.precision if keep_a else ""
 
 
-def _kept(q, k, v, g, keep_a, keep_b):
+def _kept(q, k, v, g, keep_a, keep_b, precision):
     """(A's shape and dtype or None, b's shape or None): what the Triton forward keeps for its backward
     (`triton_gla.kept_layout`); nothing on the PyTorch path. From register_fake, `supported()` then sees
     symbolic shapes: its checks guard on head counts and head dims, and on q and k having the same length."""
     kern = _kernel("triton_gla", q, q, k, v, g) if keep_a or keep_b else None
-    return kern.kept_layout(q, k, v, g, keep_a, keep_b) if kern is not None else (None, None)
+    if kern is None:
+        return None, None
+    return kern.kept_layout(q, k, v, g, keep_a, keep_b, precision or None)
 
 
 # Outputs 3 and 4 are the Triton forward's intra-chunk matrix A and cumulative gates b, saved for the
@@ -115,12 +121,13 @@ def _kept(q, k, v, g, keep_a, keep_b):
 # graphs only read o and the final state.
 @torch.library.custom_op("lincompile::chunk_gla", mutates_args=())
 def chunk_gla_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
-                 initial_state: Optional[Tensor], keep_a: bool = False,
-                 keep_b: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 initial_state: Optional[Tensor], keep_a: bool = False, keep_b: bool = False,
+                 precision: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     kern = _kernel("triton_gla", q, q, k, v, g)
     A = b = None
-    if kern is not None:
-        o, S, *kept = kern.chunk_gla_fwd(q, k, v, g, scale, initial_state, keep_a=keep_a, keep_b=keep_b)
+    if kern is not None:  # precision: the one the wrapper read (TUNING's when ""), so the fake agrees on A
+        o, S, *kept = kern.chunk_gla_fwd(q, k, v, g, scale, initial_state, keep_a=keep_a, keep_b=keep_b,
+                                         precision=precision or None)
         A, b = kept if kept else (None, None)
     else:
         o, S = _gla_torch(q, k, v, g, scale, initial_state)
@@ -129,9 +136,9 @@ def chunk_gla_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: fl
 
 
 @chunk_gla_op.register_fake
-def _(q, k, v, g, scale, initial_state, keep_a=False, keep_b=False):
+def _(q, k, v, g, scale, initial_state, keep_a=False, keep_b=False, precision=""):
     B, H, T, K = q.shape
-    a_layout, b_shape = _kept(q, k, v, g, keep_a, keep_b)
+    a_layout, b_shape = _kept(q, k, v, g, keep_a, keep_b, precision)
     return (q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, k.shape[1], K, v.shape[-1], dtype=torch.float32),
             q.new_empty(0) if a_layout is None else q.new_empty(a_layout[0], dtype=a_layout[1]),
             q.new_empty(0 if b_shape is None else b_shape, dtype=torch.float32))
@@ -175,10 +182,10 @@ def _chunk_gla_backward(ctx, do, dS, _dA, _db):
     if _kernel("triton_gla", q, q, k, v, g) is None:  # PyTorch forms: differentiate by recomputation
         wants = tuple(ctx.needs_input_grad[:4]) + (False, ctx.needs_input_grad[5])
         dq, dk, dv, dg, _, dS0 = grad_by_recompute(_gla_torch, (q, k, v, g, ctx.scale, S0), wants, (do, dS))
-        return dq, dk, dv, dg, None, dS0, None, None
+        return dq, dk, dv, dg, None, dS0, None, None, None
     do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device) if do is None else do
     dq, dk, dv, dg, dS0 = chunk_gla_bwd(q, k, v, g, ctx.scale, S0, do, dS, _none_if_empty(A), _none_if_empty(b))
-    return dq, dk, dv, _none_if_empty(dg), None, _none_if_empty(dS0), None, None
+    return dq, dk, dv, _none_if_empty(dg), None, _none_if_empty(dS0), None, None, None
 
 
 chunk_gla_op.register_autograd(_chunk_gla_backward, setup_context=_chunk_gla_setup)

@@ -26,9 +26,9 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
             4. `_o_fwd`: o = scale (q ⊙ exp(b)) h[n] + A v per (query head, chunk, V block). With
                `TUNING.fuse_intra`, `_o_fwd_mm` does 3. and 4. in one kernel per 16-row block, and the
                backward's `_dv_bwd` forms A itself too: A never leaves the registers.
-  backward  h is recomputed (2.; fp32 unless precision "low"). A and b are the forward's, which the custom op
-            keeps for it (`Tuning.reuse_forward`, `reuse_gates`; fla keeps A alike), or else recomputed
-            (1., 3.; A not with fuse_intra); then
+  backward  h is recomputed (2.; fp32 unless precision "low"). A (and b with `Tuning.reuse_gates`) are the
+            forward's where the custom op's wrapper had it keep them (`Tuning.reuse_forward`; fla keeps A
+            alike), else recomputed (1., 3.; A not with fuse_intra); then
             5. `_dh_bwd`: reverse scan, dh[n] = gradient of the state after chunk n (fp32; input dtype under
                "low"),
                dS_{n} = Diag(exp(b_last)) dS_{n+1} + scale Σ_{heads of the group} (q ⊙ exp(b))ᵀ do,
@@ -145,7 +145,9 @@ def _interpret() -> bool:
 @dataclass
 class Tuning:
     """Knobs of the chunk kernels (not of the decode step), read from `TUNING` at every call of
-    chunk_gla_fwd / chunk_gla_bwd. The defaults: the matmul scheme, unfused, mixed precision, Triton's launch
+    chunk_gla_fwd / chunk_gla_bwd; reuse_forward and reuse_gates (and the precision, when A is kept) by the
+    custom op's wrapper (`fused.chunk_gla`), which passes them on (direct callers pass keep_a / keep_b and
+    A / b themselves). The defaults: the matmul scheme, unfused, mixed precision, Triton's launch
     options, blocks of at most 64, the backward reusing the forward's A (not b)."""
 
     precision: str = "mixed"  # bf16/fp16 inputs (PRECISION; fp32 or mixed-dtype inputs always run "full"):
@@ -181,10 +183,11 @@ class Tuning:
     reuse_forward: bool = True  # the custom op `lincompile::chunk_gla` keeps the forward's A for the backward
     #   (`chunk_gla_fwd(keep_a=True)`), as fla's chunk_gla does, instead of forming it again (3.): the two form
     #   it alike, so the gradients are bit-identical. Costs holding A, [B, H, N·C, 64] in A's dtype (the input
-    #   dtype, fp32 under "full"), from the forward to the backward. Read when the forward runs (or is traced:
-    #   torch.compile guards on it). Nothing is kept with fuse_intra (the forward forms no A)
+    #   dtype under "mixed" (bf16) and "low", else fp32), from the forward to the backward. Read when the
+    #   forward runs (or is traced: torch.compile guards on it). Nothing is kept with fuse_intra (no A)
     reuse_gates: bool = False  # likewise the cumulative gates b (1.), [B, Hk, N·C, KG] fp32: as large as an
-    #   fp32 g, which is held as well (the backward's dg reads g for the clamp mask), for ~0.35 ms at 16k
+    #   fp32 g, which is held as well (the backward's dg reads g for the clamp mask), for an estimated 0.35 ms
+    #   at 16k (half of `_chunk_cumsum`'s time in the H100 profile)
 
     def __post_init__(self):
         self.validate()
@@ -1053,25 +1056,28 @@ def supported(q, k, v, g) -> str | None:
     return None
 
 
-def _precision(q, k, v, t: Tuning) -> str:
-    """The precision a call runs: `t.precision` for bf16 or fp16 q, k, v of one dtype, except that fp16 runs
+def _precision(q, k, v, requested: str) -> str:
+    """The precision a call runs: `requested` for bf16 or fp16 q, k, v of one dtype, except that fp16 runs
     "mixed" as "full" (fp16's range: without decay the states can pass 65504 over long sequences); fp32 or
     mixed dtypes: "full"."""
     half = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
-    if not half or (t.precision == "mixed" and q.dtype == torch.float16):
+    if requested not in PRECISION:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION)}, got {requested!r}")
+    if not half or (requested == "mixed" and q.dtype == torch.float16):
         return "full"
-    return t.precision
+    return requested
 
 
-def kept_layout(q, k, v, g, keep_a: bool = True, keep_b: bool = True):
-    """What `chunk_gla_fwd(..., keep_a, keep_b)` returns as A and b: (A's shape and dtype, or None; b's shape,
-    or None). None where not asked for, with fuse_intra (the forward forms neither) and b without gates; A's
-    dtype follows TUNING.precision. Shapes may be symbolic: the custom op's register_fake calls this too."""
+def kept_layout(q, k, v, g, keep_a: bool = True, keep_b: bool = True, precision: str | None = None):
+    """What `chunk_gla_fwd(..., keep_a, keep_b, precision)` returns as A and b: (A's shape and dtype, or None;
+    b's shape, or None). None where not asked for, with fuse_intra (the forward forms neither) and b without
+    gates; A's dtype follows the precision (TUNING's unless given). Shapes may be symbolic: the custom op's
+    register_fake calls this too."""
     if TUNING.fuse_intra:
         return None, None
     B, H, T = q.shape[0], q.shape[1], q.shape[2]
     Tp = (T + CHUNK - 1) // CHUNK * CHUNK
-    a_dtype = torch.float32 if _precision(q, k, v, TUNING) == "full" else q.dtype
+    a_dtype = torch.float32 if _precision(q, k, v, precision or TUNING.precision) == "full" else q.dtype
     a_layout = ((B, H, Tp, CHUNK), a_dtype) if keep_a else None
     b_shape = (B, k.shape[1], Tp, g.shape[-1]) if keep_b and g is not None else None
     return a_layout, b_shape
@@ -1153,7 +1159,7 @@ def _chunk_suffix_sum(x, carry, out=None, gate=None):
 
 
 class _Setup:
-    def __init__(self, q, k, v, g, chunk, backward=False):
+    def __init__(self, q, k, v, g, chunk, backward=False, precision=None):
         if chunk != CHUNK:
             raise ValueError(f"the Triton GLA kernels use chunks of {CHUNK}, not {chunk}")
         reason = supported(q, k, v, g)
@@ -1179,7 +1185,7 @@ class _Setup:
         self.NV = triton.cdiv(self.V, self.BV)
         self.prec = _prec(q, k, v)
         half = q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
-        precision = _precision(q, k, v, t)
+        precision = _precision(q, k, v, precision or t.precision)
         # lowp: LOWP of every forward kernel and of the backward's state kernels (h, dh, dq/dk); lowp_v: of the
         # backward's A and dv (whose rounding reaches dv only) and dA (exact: do and v are half values)
         self.lowp_v = precision != "full"
@@ -1239,11 +1245,12 @@ def _check_state(state, s):
 
 
 def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64, keep_a: bool = False,
-                  keep_b: bool = False):
+                  keep_b: bool = False, precision: str | None = None):
     """(o [B,H,T,V] q.dtype, final_state [B,Hk,K,V] fp32); keep_a or keep_b adds (A, b), the intra-chunk
-    matrix and the cumulative gates for `chunk_gla_bwd` to reuse (each None where `kept_layout` says so)."""
+    matrix and the cumulative gates for `chunk_gla_bwd` to reuse (each None where `kept_layout` says so).
+    precision: instead of TUNING.precision (the custom op passes the one its wrapper read)."""
     keep = keep_a or keep_b
-    s = _Setup(q, k, v, g, chunk)
+    s = _Setup(q, k, v, g, chunk, precision=precision)
     if initial_state is not None:
         _check_state(initial_state, s)
         initial_state = initial_state.float()
@@ -1253,7 +1260,7 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64,
         o = q.new_empty(s.B, s.H, 0, s.V)
         if not keep:
             return o, fin
-        a_layout, b_shape = kept_layout(q, k, v, g, keep_a, keep_b)
+        a_layout, b_shape = kept_layout(q, k, v, g, keep_a, keep_b, precision)
         return (o, fin, None if a_layout is None else q.new_empty(a_layout[0], dtype=a_layout[1]),
                 None if b_shape is None else q.new_empty(b_shape, dtype=torch.float32))
     scale = float(scale)
@@ -1272,7 +1279,7 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64,
                                        **s.consts())
     if not keep:
         return o, ht
-    a_layout, b_shape = kept_layout(q, k, v, g, keep_a, keep_b)
+    a_layout, b_shape = kept_layout(q, k, v, g, keep_a, keep_b, precision)
     return o, ht, (A if a_layout is not None else None), (s._b if b_shape is not None else None)
 
 

@@ -197,10 +197,10 @@ def test_chunk_gla_op_passes_opcheck(dtype, gate, h0):
     (torch.library.opcheck: schema, fake tensors, autograd registration, AOT dispatch with dynamic shapes)."""
     q, k, v, g = _gla_leaves(dtype, gate)
     S0 = torch.randn(1, 2, 16, 16) if h0 else None
-    o, S, A, b = fused.chunk_gla_op(q, k, v, g, 0.25, S0, True, True)
+    o, S, A, b = fused.chunk_gla_op(q, k, v, g, 0.25, S0, True, True, "mixed")
     assert A.shape == (1, 4, 64, 64) and A.dtype == (torch.float32 if dtype == torch.float32 else dtype)
     assert b.shape == ((0,) if gate is None else (1, 2, 64, 16 if gate == "channel" else 1))
-    torch.library.opcheck(fused.chunk_gla_op, (q, k, v, g, 0.25, S0, True, True))
+    torch.library.opcheck(fused.chunk_gla_op, (q, k, v, g, 0.25, S0, True, True, "mixed"))
     _, _, A, b = fused.chunk_gla_op(q, k, v, g, 0.25, S0)  # nothing asked for: nothing kept
     assert A.shape == b.shape == (0,)
 
@@ -251,17 +251,36 @@ def test_kernel_ops_pass_opcheck(name, interpret, monkeypatch):
 def test_what_the_forward_keeps_follows_tuning_and_grad_mode(monkeypatch):
     from lincompile.kernels import triton_gla as tg
 
-    assert fused._REUSE_DEFAULT == (tg.Tuning().reuse_forward, tg.Tuning().reuse_gates)
+    t = tg.Tuning()
+    assert fused._REUSE_DEFAULT == (t.reuse_forward, t.reuse_gates, t.precision)
     q, k, v, g = _gla_leaves(torch.float32, "channel")
-    assert fused._reuse(q, k, v, g) == (True, False)
+    assert fused._reuse(q, k, v, g) == (True, False, "mixed")
     with torch.no_grad():
-        assert fused._reuse(q, k, v, g) == (False, False)  # no backward to keep anything for
-    assert fused._reuse(*(x.detach() for x in (q, k, v, g))) == (False, False)
-    assert fused._reuse(q.detach(), k.detach(), v.detach(), g) == (True, False)
-    for kw, want in ((dict(reuse_gates=True), (True, True)), (dict(reuse_forward=False), (False, False)),
-                     (dict(fuse_intra=True, reuse_gates=True), (False, False))):
+        assert fused._reuse(q, k, v, g) == (False, False, "")  # no backward to keep anything for
+    q, k, v, g = (x.detach() for x in (q, k, v, g))
+    assert fused._reuse(q, k, v, g) == (False, False, "")
+    assert fused._reuse(q, k, v, g.requires_grad_()) == (True, False, "mixed")
+    assert fused._reuse(q, k, v, g.detach(), torch.zeros(1, 2, 16, 16, requires_grad=True)) == (True, False, "mixed")
+    for kw, want in ((dict(reuse_gates=True, precision="low"), (True, True, "low")),
+                     (dict(reuse_forward=False, reuse_gates=True), (False, True, "")),
+                     (dict(fuse_intra=True, reuse_gates=True), (False, False, ""))):
         monkeypatch.setattr(tg, "TUNING", tg.Tuning(**kw))
         assert fused._reuse(q, k, v, g) == want, kw
+
+
+@needs_kernels
+def test_chunk_gla_op_runs_the_precision_it_is_given():
+    """The op's precision argument (what the wrapper read from TUNING) sets A's dtype in the real op and in
+    its fake alike, whatever TUNING says by the time it runs."""
+    q, k, v, g = _gla_leaves(torch.bfloat16, "channel")
+    for precision, dtype in (("full", torch.float32), ("mixed", torch.bfloat16), ("low", torch.bfloat16)):
+        o, _, A, _ = fused.chunk_gla_op(q, k, v, g, 0.25, None, True, False, precision)
+        assert A.dtype == dtype, precision
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = [mode.from_tensor(x) for x in (q, k, v, g)]
+            assert fused.chunk_gla_op(*fake, 0.25, None, True, False, precision)[2].dtype == dtype, precision
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fused.chunk_gla_op(q, k, v, g, 0.25, None, True, False, "bf16")
 
 
 @needs_kernels
@@ -307,6 +326,10 @@ def test_chunk_gla_backward_reuses_the_forward(monkeypatch):
     launches.clear()
     assert all(torch.equal(a, b) for a, b in zip(grads(compiled_fn), reused))
     assert launches == forward + forward
+    monkeypatch.setattr(tg, "TUNING", tg.Tuning(precision="full"))  # guarded too: A's dtype follows it
+    launches.clear()
+    assert all(_rel(a, b) < 1e-2 for a, b in zip(grads(compiled_fn), reused))
+    assert launches == forward + ["_chunk_cumsum"]
     torch._dynamo.reset()
 
 
