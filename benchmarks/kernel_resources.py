@@ -52,10 +52,15 @@ KERNELS = [
     ("_dqk_bwd rows", "_dqk_bwd", {"DIAG_MM": False}),  # "rows" and "split"
     ("_dqk_bwd matmul", "_dqk_bwd", {"DIAG_MM": True}),  # "matmul"
     ("_dqk_bwd matmul carry", "_dqk_bwd", {"DIAG_MM": True, "CARRY": True}),  # Tuning.dg_form "carry"
+    # Tuning.dqk "split": the intra-chunk terms (into fp32 dq, dk scratch), then the inter-chunk ones
+    ("_dqk_bwd matmul intra", "_dqk_bwd", {"DIAG_MM": True, "INTER": False, "fp32": {"dq", "dk"}}),
+    ("_dqk_inter", "_dqk_inter", {}),
+    ("_dqk_inter carry", "_dqk_inter", {"CARRY": True}),
     ("_dv_bwd", "_dv_bwd", {"FUSED": False}),
     ("_dv_bwd fused", "_dv_bwd", {"FUSED": True}),  # fuse_intra: A formed in the dv kernel
 ]
-_HALF = {"q", "k", "v", "do", "dq", "dk", "dv", "o"}  # bf16 tensors; every other pointer is fp32 (b, A, h, dh, dA, dB)
+_HALF = {"q", "k", "v", "do", "dq", "dk", "dv", "o"}  # bf16 tensors; every other pointer is fp32 (b, A, h, dh, dA, dB,
+#                                                      dqi, dki)
 _LOWP_HALF = {"A", "h", "dh"}  # the scratch buffers a LOWP launch stores in bf16
 _INTS = {"T", "Tp", "H", "Hk", "N"}
 
@@ -70,9 +75,11 @@ def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, hea
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    extra = dict(extra)
+    fp32 = extra.pop("fp32", set())  # pointers that are fp32 in this launch although usually bf16
     common = {"G": 1, "K": head_dim, "V": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k,
               "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": lowp, "HAS_H0": False, "RAW": False, "GMIN": -5.0,
-              "APREC": "tf32", "CARRY": False,
+              "APREC": "tf32", "CARRY": False, "INTER": True,
               **extra}
     sig, const = {}, {}
     for p in kernel.params:
@@ -85,7 +92,8 @@ def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, hea
         elif name in _INTS:
             sig[name] = "i32"
         else:
-            sig[name] = "*bf16" if name in _HALF or (lowp and name in _LOWP_HALF) else "*fp32"
+            half = (name in _HALF and name not in fp32) or (lowp and name in _LOWP_HALF)
+            sig[name] = "*bf16" if half else "*fp32"
     names = list(sig)
     divisible = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t not in ("constexpr", "fp32")}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},

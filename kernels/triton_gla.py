@@ -36,6 +36,8 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
             6. `_dA_bwd`: dA[t, s] = scale do_t · v_s (s ≤ t), per query head.
             7. `_dqk_bwd`: dq (per query head) and dk (summed over the G query heads of the group inside the
                program: one program owns a kv head, no atomics), plus dB = Σ_heads q ⊙ dq − k ⊙ dk.
+               `TUNING.dqk` "split": `_dqk_bwd` forms the intra-chunk terms only, into fp32 scratch, and
+               `_dqk_inter` adds the inter-chunk ones (do h[n]ᵀ, v dh[n]ᵀ) over the whole chunk in 64-row tiles.
             8. `_dv_bwd`: dv = Σ_heads Aᵀ do + (k ⊙ exp(b_last − b)) dh[n] (A formed in-kernel with fuse_intra).
             9. dg. With B the cumulative log gate from the sequence start, every term of the loss that
                holds q_t holds it as q_t ⊙ exp(B_t), every term holding k_s as k_s ⊙ exp(−B_s), and the final
@@ -136,6 +138,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTRA = ("matmul", "rows", "split")
 PRECISION = ("mixed", "full", "low")
 DG_FORM = ("scan", "carry")
+DQK = ("fused", "split")
 
 
 def _interpret() -> bool:
@@ -180,6 +183,11 @@ class Tuning:
     #   "carry": within each chunk only, plus the chunk's carry Σ_v S_n ⊙ dS_n (the state after chunk n times
     #            its gradient: all that later positions contribute), formed in `_dqk_bwd` (`_chunk_suffix`).
     #            The rounding of the cancelling terms then adds up over ≤ 64 positions, not over T
+    dqk: str = "fused"  # how the backward forms dq and dk (DQK):
+    #   "fused": one kernel, `_dqk_bwd`, 16-row sub-chunk by sub-chunk, inter-chunk terms included
+    #   "split": `_dqk_bwd` forms the intra-chunk terms only (into fp32 scratch), then `_dqk_inter` adds the
+    #            inter-chunk ones (do h[n]ᵀ, v dh[n]ᵀ) in 64-row tiles, which Hopper runs as wgmma: fla's split.
+    #            Costs a write and a read of two fp32 buffers the size of dq and dk
     reuse_forward: bool = True  # the custom op `lincompile::chunk_gla` keeps the forward's A for the backward
     #   (`chunk_gla_fwd(keep_a=True)`), as fla's chunk_gla does, instead of forming it again (3.): the two form
     #   it alike, so the gradients are bit-identical. Costs holding A, [B, H, N·C, 64] in A's dtype (the input
@@ -197,6 +205,8 @@ class Tuning:
         positive (num_warps a power of two)."""
         if self.dg_form not in DG_FORM:
             raise ValueError(f"Tuning.dg_form must be one of {', '.join(DG_FORM)}, got {self.dg_form!r}")
+        if self.dqk not in DQK:
+            raise ValueError(f"Tuning.dqk must be one of {', '.join(DQK)}, got {self.dqk!r}")
         if self.precision not in PRECISION:
             raise ValueError(f"Tuning.precision must be one of {', '.join(PRECISION)}, got {self.precision!r}")
         if self.intra not in INTRA:
@@ -698,8 +708,11 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, dC, scale, T, Tp, H, Hk, G, 
              K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
              C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, DIAG_MM: tl.constexpr,
-             CARRY: tl.constexpr):
+             CARRY: tl.constexpr, INTER: tl.constexpr = True):
     """Per (chunk, K block, kv head): dq of the G query heads, dk summed over them, dB = Σ q⊙dq − k⊙dk.
+
+    INTER=False (Tuning.dqk "split"): only the intra-chunk terms, stored to dq and dk (fp32 scratch buffers
+    then); `_dqk_inter` adds the inter-chunk terms in 64-row tiles and stores dq, dk, dB (and dC).
 
     CARRY (Tuning.dg_form "carry", with gates): also dC[n] = Σ_v S_n ⊙ dS_n `[B, Hk, N, K]`, the state after
     chunk n times its gradient dh[n], as exp(b_last) ⊙ Σ_v h[n] ⊙ dh[n] + Σ_s k_s ⊙ dk_s^inter, since
@@ -784,14 +797,16 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, dC, scale, T, Tp, H, Hk, G, 
             q_base = q + (ibh * T + t0) * K
             dA_base = dA + (ibh * Tp + t0 + i * BC) * C
             acc = tl.zeros([BC, BK], dtype=tl.float32)
-            for v0 in range(0, V, BV):
-                mv = (ovv < V - v0)[None, :]
-                dd = tl.load(do + (ibh * T + t0 + i * BC) * V + v0 + iv_, mask=mi & mv, other=0.0).to(tl.float32)
-                hh = tl.load(h_base + v0 + kv, mask=mkT & mv, other=0.0)
-                acc = _dot(dd, tl.trans(hh), acc, ET, LOWP, PREC)
-            acc = acc * scale
-            if USE_G:
-                acc = acc * eb
+            if INTER:
+                for v0 in range(0, V, BV):
+                    mv = (ovv < V - v0)[None, :]
+                    dd = tl.load(do + (ibh * T + t0 + i * BC) * V + v0 + iv_, mask=mi & mv,
+                                 other=0.0).to(tl.float32)
+                    hh = tl.load(h_base + v0 + kv, mask=mkT & mv, other=0.0)
+                    acc = _dot(dd, tl.trans(hh), acc, ET, LOWP, PREC)
+                acc = acc * scale
+                if USE_G:
+                    acc = acc * eb
             if DIAG_MM:  # every key up to the end of sub-chunk i in one matmul (dA is 0 after the diagonal)
                 dAr = tl.load(dA_base + oc[:, None] * C + oC[None, :])
                 intra = _dot(dAr, kr, tl.zeros([BC, BK], dtype=tl.float32), ET, False, PREC)
@@ -818,21 +833,24 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, dC, scale, T, Tp, H, Hk, G, 
                     dAii = tl.load(dA_base + i * BC + oc[:, None] * C + oc[None, :])
                     acc = _dot(dAii, ki, acc, ET, LOWP, PREC)
             tl.store(dq + (ibh * T + t0 + i * BC) * K + ik_, acc.to(dq.dtype.element_ty), mask=mi & mk)
-            qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
-            qdq += qi * acc
+            if INTER:
+                qi = tl.load(q_base + i * BC * K + ik_, mask=mi & mk, other=0.0).to(tl.float32)
+                qdq += qi * acc
         # ---- dk of sub-chunk i, summed over the query heads
         dkk = tl.zeros([BC, BK], dtype=tl.float32)
-        for v0 in range(0, V, BV):
-            mv = (ovv < V - v0)[None, :]
-            vv = tl.load(v_base + i * BC * V + v0 + iv_, mask=mi & mv, other=0.0).to(tl.float32)
-            dhh = tl.load(dh_base + v0 + kv, mask=mkT & mv, other=0.0)
-            dkk = _dot(vv, tl.trans(dhh), dkk, ET, LOWP, PREC)
-            if CARRY:
-                if i == 0:
-                    hh = tl.load(h_base + v0 + kv, mask=mkT & mv, other=0.0)
-                    hdh += tl.sum(hh.to(tl.float32) * dhh.to(tl.float32), axis=1)
+        if INTER:
+            for v0 in range(0, V, BV):
+                mv = (ovv < V - v0)[None, :]
+                vv = tl.load(v_base + i * BC * V + v0 + iv_, mask=mi & mv, other=0.0).to(tl.float32)
+                dhh = tl.load(dh_base + v0 + kv, mask=mkT & mv, other=0.0)
+                dkk = _dot(vv, tl.trans(dhh), dkk, ET, LOWP, PREC)
+                if CARRY:
+                    if i == 0:
+                        hh = tl.load(h_base + v0 + kv, mask=mkT & mv, other=0.0)
+                        hdh += tl.sum(hh.to(tl.float32) * dhh.to(tl.float32), axis=1)
         if USE_G:
-            dkk = dkk * tl.exp(bl - bi_)
+            if INTER:
+                dkk = dkk * tl.exp(bl - bi_)
             if CARRY:
                 kdk += tl.sum(ki * dkk, axis=0)
             if DIAG_MM:  # the query and key factors of dk, through the same reference r
@@ -875,9 +893,80 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, dC, scale, T, Tp, H, Hk, G, 
                 intra = intra * ks2
         dkk += intra + diag
         tl.store(dk + (ibk * T + t0 + i * BC) * K + ik_, dkk.to(dk.dtype.element_ty), mask=mi & mk)
-        tl.store(dB + (ibk * T + t0 + i * BC) * K + ik_, qdq - ki * dkk, mask=mi & mk)
+        if INTER:
+            tl.store(dB + (ibk * T + t0 + i * BC) * K + ik_, qdq - ki * dkk, mask=mi & mk)
     if CARRY:
         tl.store(dC + (ibk * N + n) * K + ok, tl.sum(tl.exp(bl) * hdh[None, :], axis=0) + kdk, mask=mk1)
+
+
+@triton.jit
+def _dqk_inter(q, k, v, b, h, do, dh, dqi, dki, dq, dk, dB, dC, scale, T, Tp, H, Hk, G, N,
+               K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr, CARRY: tl.constexpr):
+    """Tuning.dqk "split": per (chunk, K block, kv head), the inter-chunk terms of dq and dk over the whole chunk
+    (64-row tiles: on Hopper a wgmma, where `_dqk_bwd`'s 16-row sub-chunks get mma.sync),
+        dq = dqi + scale exp(b) ⊙ (do h[n]ᵀ)  per query head,   dk = dki + exp(b_last − b) ⊙ (v dh[n]ᵀ),
+    with dqi, dki the intra-chunk terms (fp32, from `_dqk_bwd` INTER=False); stores dq, dk, dB = Σ q⊙dq − k⊙dk
+    and, with CARRY, dC as `_dqk_bwd` does."""
+    n, ik, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    ET: tl.constexpr = q.dtype.element_ty
+    bi = ibk // Hk
+    hk = ibk % Hk
+    t0 = n * C
+    ok = ik * BK + tl.arange(0, BK)
+    oC = tl.arange(0, C)
+    ovv = tl.arange(0, BV)
+    mk1 = ok < K
+    mk = mk1[None, :]
+    mC = (oC < T - t0)[:, None]
+    ck = oC[:, None] * K + ok[None, :]
+    cv = oC[:, None] * V + ovv[None, :]
+    kv = ok[:, None] * V + ovv[None, :]
+    mkT = mk1[:, None]
+    h_base = h + (ibk * N + n) * K * V
+    dh_base = dh + (ibk * N + n) * K * V
+    if USE_G:
+        bc = tl.load(b + (ibk * Tp + t0) * KG + oC[:, None] * KG + ok[None, :] * SBK, mask=mk, other=0.0)
+        bl = tl.load(b + (ibk * Tp + t0 + C - 1) * KG + ok[None, :] * SBK, mask=mk, other=0.0)
+    # ---- dk: inter-chunk term, then the intra-chunk one
+    dkk = tl.zeros([C, BK], dtype=tl.float32)
+    if CARRY:
+        hdh = tl.zeros([BK], dtype=tl.float32)  # Σ_v h[n] ⊙ dh[n]
+    for v0 in range(0, V, BV):
+        mv = (ovv < V - v0)[None, :]
+        vv = tl.load(v + (ibk * T + t0) * V + v0 + cv, mask=mC & mv, other=0.0).to(tl.float32)
+        dhh = tl.load(dh_base + v0 + kv, mask=mkT & mv, other=0.0)
+        dkk = _dot(vv, tl.trans(dhh), dkk, ET, LOWP, PREC)
+        if CARRY:
+            hh = tl.load(h_base + v0 + kv, mask=mkT & mv, other=0.0)
+            hdh += tl.sum(hh.to(tl.float32) * dhh.to(tl.float32), axis=1)
+    kc = tl.load(k + (ibk * T + t0) * K + ck, mask=mC & mk, other=0.0).to(tl.float32)
+    if USE_G:
+        dkk = dkk * tl.exp(bl - bc)
+    if CARRY:
+        kdk = tl.sum(kc * dkk, axis=0)  # Σ_s k_s ⊙ dk_s^inter
+        tl.store(dC + (ibk * N + n) * K + ok, tl.sum(tl.exp(bl) * hdh[None, :], axis=0) + kdk, mask=mk1)
+    dkk += tl.load(dki + (ibk * T + t0) * K + ck, mask=mC & mk, other=0.0)
+    tl.store(dk + (ibk * T + t0) * K + ck, dkk.to(dk.dtype.element_ty), mask=mC & mk)
+    # ---- dq of each query head of the group
+    qdq = tl.zeros([C, BK], dtype=tl.float32)
+    for gi in range(G):
+        ibh = bi * H + hk * G + gi
+        acc = tl.zeros([C, BK], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            mv = (ovv < V - v0)[None, :]
+            dd = tl.load(do + (ibh * T + t0) * V + v0 + cv, mask=mC & mv, other=0.0).to(tl.float32)
+            hh = tl.load(h_base + v0 + kv, mask=mkT & mv, other=0.0)
+            acc = _dot(dd, tl.trans(hh), acc, ET, LOWP, PREC)
+        acc = acc * scale
+        if USE_G:
+            acc = acc * tl.exp(bc)
+        acc += tl.load(dqi + (ibh * T + t0) * K + ck, mask=mC & mk, other=0.0)
+        tl.store(dq + (ibh * T + t0) * K + ck, acc.to(dq.dtype.element_ty), mask=mC & mk)
+        qc = tl.load(q + (ibh * T + t0) * K + ck, mask=mC & mk, other=0.0).to(tl.float32)
+        qdq += qc * acc
+    tl.store(dB + (ibk * T + t0) * K + ck, qdq - kc * dkk, mask=mC & mk)
 
 
 @triton.jit
@@ -1198,6 +1287,7 @@ class _Setup:
         self.intra_kind = t.intra
         self.fuse_intra = bool(t.fuse_intra)
         self.dg_carry = t.dg_form == "carry" and self.use_g
+        self.dqk_split = t.dqk == "split"
         self.dev = q.device
 
     @property
@@ -1339,9 +1429,18 @@ def chunk_gla_bwd(q, k, v, g, scale: float, initial_state, do, dfinal_state, chu
     dk = _empty(B, Hk, T, K, device=dev, dtype=k.dtype)
     dB = _empty(B, Hk, T, K, device=dev)
     dC = _empty(B, Hk, N, K, device=dev) if s.dg_carry else dB  # per-chunk carry of dg ("carry")
-    _dqk_bwd[(N, s.NK, B * Hk)](s.q, s.k, s.v, s.b_arg, h, do, dh, dA, dq, dk, dB, dC, scale,
-                                T, Tp, H, Hk, G, N, BC=SUB, DIAG_MM=s.intra_kind == "matmul", CARRY=s.dg_carry,
-                                **c)
+    diag_mm = s.intra_kind == "matmul"
+    if s.dqk_split:  # the intra-chunk terms in fp32 scratch, then the inter-chunk ones in 64-row tiles
+        dqi = _empty(B, H, T, K, device=dev)
+        dki = _empty(B, Hk, T, K, device=dev)
+        _dqk_bwd[(N, s.NK, B * Hk)](s.q, s.k, s.v, s.b_arg, h, do, dh, dA, dqi, dki, dB, dC, scale,
+                                    T, Tp, H, Hk, G, N, BC=SUB, DIAG_MM=diag_mm, CARRY=False, INTER=False, **c)
+        # 8 warps unless TUNING says otherwise: five [64, BK] fp32 tiles spill at 4 (kernel_resources.py)
+        _dqk_inter[(N, s.NK, B * Hk)](s.q, s.k, s.v, s.b_arg, h, do, dh, dqi, dki, dq, dk, dB, dC, scale,
+                                      T, Tp, H, Hk, G, N, CARRY=s.dg_carry, **{"num_warps": 8, **c})
+    else:
+        _dqk_bwd[(N, s.NK, B * Hk)](s.q, s.k, s.v, s.b_arg, h, do, dh, dA, dq, dk, dB, dC, scale,
+                                    T, Tp, H, Hk, G, N, BC=SUB, DIAG_MM=diag_mm, CARRY=s.dg_carry, **c)
 
     dv = _empty(B, Hk, T, V, device=dev, dtype=v.dtype)
     _dv_bwd[(N, s.NV, B * Hk)](s.q, s.k, s.b_arg, dh, A if A is not None else dh, do, dv, scale, T, Tp, H, Hk,

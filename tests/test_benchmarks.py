@@ -98,8 +98,8 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     labels = ["_attn_intra", "_attn_intra_split", "_attn_intra_mm", "_o_fwd", "_o_fwd_mm", "_h_fwd",
-              "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul", "_dqk_bwd matmul carry", "_dv_bwd",
-              "_dv_bwd fused"]
+              "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul", "_dqk_bwd matmul carry",
+              "_dqk_bwd matmul intra", "_dqk_inter", "_dqk_inter carry", "_dv_bwd", "_dv_bwd fused"]
     assert [r["kernel"] for r in rows] == labels
     for r in rows:
         assert r["registers"] > 0 and r["shared_bytes"] > 0 and r["programs_per_sm"] >= 1
@@ -114,9 +114,13 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     for name in ("_o_fwd_mm", "_h_fwd raw gates", "_dqk_bwd matmul", "_dv_bwd fused"):
         assert by[name]["stack_bytes"] == by[name]["local_bytes"] == 0, name
     # tensor-core instructions (README): the 64-row products are wgmma, the 16-row-block kernels mma.sync only
-    for name in ("_o_fwd", "_h_fwd", "_dv_bwd"):
+    for name in ("_o_fwd", "_h_fwd", "_dv_bwd", "_dqk_inter"):
         assert by[name]["tensor_core"]["wgmma"] > 0 and by[name]["tensor_core"]["mma.sync"] == 0, name
-    for name in ("_attn_intra_mm", "_dqk_bwd matmul"):
+    # dqk "split": without the inter-chunk products, _dqk_bwd needs fewer registers and half the mma.sync
+    intra_only = by["_dqk_bwd matmul intra"]
+    assert intra_only["registers"] < by["_dqk_bwd matmul"]["registers"]
+    assert intra_only["tensor_core"]["mma.sync"] < by["_dqk_bwd matmul"]["tensor_core"]["mma.sync"]
+    for name in ("_attn_intra_mm", "_dqk_bwd matmul", "_dqk_bwd matmul intra"):
         assert by[name]["tensor_core"]["wgmma"] == 0 and by[name]["tensor_core"]["mma.sync"] > 0, name
 
 

@@ -484,6 +484,41 @@ def test_dg_carry(intra, block_k, block_v, H, Hk, T, K, V, gate, faint, monkeypa
     assert [name for name, _ in ran] == ([] if gate is None else ["_chunk_suffix"])
 
 
+# (intra, dg_form, block_k, block_v, H, Hk, T, K, V, gate) for Tuning.dqk "split"
+DQK_SPLIT = [
+    ("matmul", "scan", 64, 64, 4, 2, 150, 32, 17, "channel"),  # GQA, three chunks, the last a masked tail
+    ("matmul", "carry", 16, 16, 2, 1, 70, 40, 33, "channel"),  # K and V over several blocks; the carry
+    ("matmul", "scan", 64, 64, 2, 2, 130, 16, 16, "scalar"),
+    ("rows", "carry", 64, 64, 2, 1, 100, 32, 16, "channel"),
+    ("matmul", "scan", 64, 64, 2, 1, 40, 16, 16, None),
+]
+
+
+@pytest.mark.parametrize("intra,dg_form,block_k,block_v,H,Hk,T,K,V,gate", DQK_SPLIT)
+def test_dqk_split(intra, dg_form, block_k, block_v, H, Hk, T, K, V, gate, monkeypatch):
+    """dqk "split" (intra-chunk terms by `_dqk_bwd` INTER=False, inter-chunk ones by `_dqk_inter` in 64-row
+    tiles) gives the oracle's gradients; both kernels run once per backward."""
+    ran = []
+    for name in ("_dqk_bwd", "_dqk_inter"):
+        monkeypatch.setattr(tg, name, Spy(name, ran))
+    tg.TUNING = tg.Tuning(dqk="split", intra=intra, dg_form=dg_form, block_k=block_k, block_v=block_v)
+    check_against_oracle(H, Hk, T, K, V, gate)
+    assert [name for name, _ in ran] == ["_dqk_bwd", "_dqk_inter"]
+
+
+def test_dqk_split_in_low_precision():
+    """Under "low" the split form rounds the same operands as the fused one: dq, dk, dg agree closely."""
+    q, k, v, g, S0 = make(1, 2, 1, 130, 32, 16, "channel", dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(4)
+    do = torch.randn(1, 2, 130, 16, generator=gen).to(DEVICE).bfloat16()
+    tg.TUNING = tg.Tuning(precision="low")
+    fused = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None)
+    tg.TUNING = tg.Tuning(precision="low", dqk="split")
+    split = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None)
+    for name, a, b in zip(NAMES[2:], split, fused):
+        assert rel(a, b) <= 2e-3, name
+
+
 def test_dg_carry_without_final_state_gradient():
     """Without a final-state gradient the last chunk's carry is 0 (dh there is 0), as the scan has no `last`."""
     q, k, v, g, S0 = make(1, 2, 1, 100, 16, 16, "channel", strong=True)
@@ -753,7 +788,7 @@ def test_kept_layout_at_zero_length():
                                 dict(block_k=32.0), dict(num_warps=3), dict(num_warps=0), dict(num_stages=0),
                                 dict(intra="diagonal"), dict(intra="rows", fuse_intra=True),
                                 dict(precision="bf16"), dict(precision=True), dict(dg_form="flat"),
-                                dict(reuse_forward=1), dict(reuse_gates=None)])
+                                dict(reuse_forward=1), dict(reuse_gates=None), dict(dqk="inter")])
 def test_bad_tuning(kw):
     with pytest.raises(ValueError):
         tg.Tuning(**kw)
@@ -777,8 +812,8 @@ def test_tuning_default_is_restored():
     assert tg.TUNING == tg.Tuning()
     assert (tg.TUNING.precision, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k,
             tg.TUNING.block_v, tg.TUNING.intra, tg.TUNING.fuse_intra, tg.TUNING.half_states, tg.TUNING.dg_form,
-            tg.TUNING.reuse_forward, tg.TUNING.reuse_gates) == (
-        "mixed", None, None, 64, 64, "matmul", False, False, "scan", True, False)
+            tg.TUNING.reuse_forward, tg.TUNING.reuse_gates, tg.TUNING.dqk) == (
+        "mixed", None, None, 64, 64, "matmul", False, False, "scan", True, False, "fused")
 
 
 # --------------------------------------------------------------------------------------------------
