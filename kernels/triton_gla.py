@@ -94,7 +94,8 @@ TRITON_INTERPRET=1, taken from the module global `TUNING` (a `Tuning`) when chun
 is called, so a benchmark can A/B configurations in one process by assigning `triton_gla.TUNING = Tuning(...)`
 between calls. The defaults are the configuration above: BK, BV = next power of two of K, V clamped to
 [16, 64] (`block_k`, `block_v` move the upper bound: powers of two in [16, 256], else ValueError), Triton's
-default num_warps / num_stages (`num_warps`, `num_stages`: launch options of every chunk kernel), precision
+default num_warps / num_stages (`num_warps`, `num_stages`: launch options of every chunk kernel; `_dqk_inter`
+takes 8 warps by default), precision
 "mixed". A kernel launched with LOWP (bf16/fp16 q, k, v only) takes every tl.dot's operands in the input
 dtype with fp32 accumulation (gate factors are applied in fp32 first, then the product is rounded), and
 its scratch buffers (A, h, dh: read only as matmul operands) are stored in the input dtype; the products
@@ -163,7 +164,8 @@ class Tuning:
     #            pass 65504 over a long sequence)
     #   "low":   every product and scratch buffer in the input dtype, the backward's too (fla's chunk_gla
     #            likewise rounds h and dh to bf16 for its dq / dk products)
-    num_warps: int | None = None  # launch option of every chunk kernel (None: Triton's default)
+    num_warps: int | None = None  # launch option of every chunk kernel (None: Triton's default; 8 for
+    #                               `_dqk_inter`, which spills at 4)
     num_stages: int | None = None  # likewise
     block_v: int = 64  # upper bound of the V block (BV = power of two in [16, block_v])
     block_k: int = 64  # upper bound of the K block (BK)
@@ -712,7 +714,8 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, dC, scale, T, Tp, H, Hk, G, 
     """Per (chunk, K block, kv head): dq of the G query heads, dk summed over them, dB = Σ q⊙dq − k⊙dk.
 
     INTER=False (Tuning.dqk "split"): only the intra-chunk terms, stored to dq and dk (fp32 scratch buffers
-    then); `_dqk_inter` adds the inter-chunk terms in 64-row tiles and stores dq, dk, dB (and dC).
+    then); `_dqk_inter` adds the inter-chunk terms in 64-row tiles and stores dq, dk, dB (and dC, so CARRY
+    must be False here).
 
     CARRY (Tuning.dg_form "carry", with gates): also dC[n] = Σ_v S_n ⊙ dS_n `[B, Hk, N, K]`, the state after
     chunk n times its gradient dh[n], as exp(b_last) ⊙ Σ_v h[n] ⊙ dh[n] + Σ_s k_s ⊙ dk_s^inter, since
@@ -729,6 +732,7 @@ def _dqk_bwd(q, k, v, b, h, do, dh, dA, dq, dk, dB, dC, scale, T, Tp, H, Hk, G, 
     row at a time ([16, BK] each: key rows for dq, query rows for dk) with exponents masked to ≤ 0 before
     the exp.
     """
+    tl.static_assert(INTER or not CARRY, "the carry needs the inter-chunk terms (_dqk_inter forms it)")
     n, ik, ibk = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
     bi = ibk // Hk

@@ -484,37 +484,44 @@ def test_dg_carry(intra, block_k, block_v, H, Hk, T, K, V, gate, faint, monkeypa
     assert [name for name, _ in ran] == ([] if gate is None else ["_chunk_suffix"])
 
 
-# (intra, dg_form, block_k, block_v, H, Hk, T, K, V, gate) for Tuning.dqk "split"
+# (intra, dg_form, block_k, block_v, B, H, Hk, T, K, V, gate, faint) for Tuning.dqk "split"; faint gates keep
+# the carry's exp(b_last) ⊙ Σ_v h ⊙ dh term far from 0 (see CARRY)
 DQK_SPLIT = [
-    ("matmul", "scan", 64, 64, 4, 2, 150, 32, 17, "channel"),  # GQA, three chunks, the last a masked tail
-    ("matmul", "carry", 16, 16, 2, 1, 70, 40, 33, "channel"),  # K and V over several blocks; the carry
-    ("matmul", "scan", 64, 64, 2, 2, 130, 16, 16, "scalar"),
-    ("rows", "carry", 64, 64, 2, 1, 100, 32, 16, "channel"),
-    ("matmul", "scan", 64, 64, 2, 1, 40, 16, 16, None),
+    ("matmul", "scan", 64, 64, 1, 4, 2, 150, 32, 17, "channel", False),  # GQA, three chunks, a masked tail
+    ("matmul", "carry", 16, 16, 1, 2, 1, 70, 40, 33, "channel", False),  # K and V over several blocks
+    ("matmul", "carry", 64, 64, 1, 4, 2, 150, 32, 17, "channel", True),
+    ("matmul", "scan", 64, 64, 2, 2, 2, 130, 16, 16, "scalar", False),  # two sequences
+    ("matmul", "carry", 64, 64, 2, 4, 2, 100, 16, 16, "scalar", True),
+    ("rows", "carry", 64, 64, 1, 2, 1, 100, 32, 16, "channel", False),
+    ("matmul", "scan", 64, 64, 1, 2, 1, 40, 16, 16, None, False),
 ]
 
 
-@pytest.mark.parametrize("intra,dg_form,block_k,block_v,H,Hk,T,K,V,gate", DQK_SPLIT)
-def test_dqk_split(intra, dg_form, block_k, block_v, H, Hk, T, K, V, gate, monkeypatch):
+@pytest.mark.parametrize("intra,dg_form,block_k,block_v,B,H,Hk,T,K,V,gate,faint", DQK_SPLIT)
+def test_dqk_split(intra, dg_form, block_k, block_v, B, H, Hk, T, K, V, gate, faint, monkeypatch):
     """dqk "split" (intra-chunk terms by `_dqk_bwd` INTER=False, inter-chunk ones by `_dqk_inter` in 64-row
     tiles) gives the oracle's gradients; both kernels run once per backward."""
     ran = []
     for name in ("_dqk_bwd", "_dqk_inter"):
         monkeypatch.setattr(tg, name, Spy(name, ran))
     tg.TUNING = tg.Tuning(dqk="split", intra=intra, dg_form=dg_form, block_k=block_k, block_v=block_v)
-    check_against_oracle(H, Hk, T, K, V, gate)
+    check_against_oracle(H, Hk, T, K, V, gate, B=B, faint=faint)
     assert [name for name, _ in ran] == ["_dqk_bwd", "_dqk_inter"]
 
 
-def test_dqk_split_in_low_precision():
+@pytest.mark.parametrize("dg_form", ["scan", "carry"])
+def test_dqk_split_in_low_precision(dg_form, monkeypatch):
     """Under "low" the split form rounds the same operands as the fused one: dq, dk, dg agree closely."""
-    q, k, v, g, S0 = make(1, 2, 1, 130, 32, 16, "channel", dtype=torch.bfloat16)
+    q, k, v, g, S0 = make(1, 4, 2, 130, 32, 16, "channel", dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(4)
-    do = torch.randn(1, 2, 130, 16, generator=gen).to(DEVICE).bfloat16()
-    tg.TUNING = tg.Tuning(precision="low")
+    do = torch.randn(1, 4, 130, 16, generator=gen).to(DEVICE).bfloat16()
+    tg.TUNING = tg.Tuning(precision="low", dg_form=dg_form)
     fused = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None)
-    tg.TUNING = tg.Tuning(precision="low", dqk="split")
+    ran = []
+    monkeypatch.setattr(tg, "_dqk_inter", Spy("_dqk_inter", ran))
+    tg.TUNING = tg.Tuning(precision="low", dg_form=dg_form, dqk="split")
     split = tg.chunk_gla_bwd(q, k, v, g, SCALE, S0, do, None)
+    assert len(ran) == 1
     for name, a, b in zip(NAMES[2:], split, fused):
         assert rel(a, b) <= 2e-3, name
 
