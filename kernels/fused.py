@@ -98,9 +98,9 @@ def _reuse(q, k, v, g, initial_state=None) -> tuple[bool, bool, str]:
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in leaves)):
         return False, False, ""
     tg = sys.modules.get("lincompile.kernels.triton_gla")  # the name `_kernel` imports it by
-    t = tg.TUNING if tg is not None else None
-    if t is None:
+    if tg is None:
         return _REUSE_DEFAULT
+    t = tg.TUNING
     keep_a = t.reuse_forward and not t.fuse_intra
     return keep_a, t.reuse_gates and not t.fuse_intra, t.precision if keep_a else ""
 
