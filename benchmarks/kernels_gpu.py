@@ -8,12 +8,14 @@ Part 1, correctness (bf16 inputs, B=2, H=16 query / 4 kv heads, T=4096 or --chec
 the operator library's PyTorch forms run in fp32 on the same inputs — relative error ‖Δ‖/‖ref‖ of outputs and
 gradients, target ≤ 1e-2:
     chunk_gla (per-channel gates, scalar gates; with initial and final state), recurrent_gla_step,
-    swa_attention (window 64, 4 sink logits, a ring prefix), the fused liger_attention forward; and, as a
+    swa_attention (window 64, 4 sink logits, a ring prefix), liger_attention's forward (chunked and one-launch,
+    `fused.LIGER_FORWARD`); and, as a
     yardstick of what bf16 costs, fla's chunk_gla on the same check (without GQA) if fla-core is importable.
 Part 2, speed (bf16, tokens·heads constant: B = tokens / T, H heads of --head-dim, no GQA so fla runs the
 same problem): median ms from `triton.testing.do_bench` of forward and forward+backward for
     ours chunk_gla · fla chunk_gla (if fla-core is importable) · torch SDPA causal (flash) ·
-    ours swa_attention (w=64) · ours liger_attention fused forward (+ its backward by recomputation).
+    ours swa_attention (w=64) · ours liger_attention, its forward chunked (chunk_gla + swa_attention kernels,
+    the default) and in one launch (triton_liger.py), each with the backward by recomputation.
 Forward+backward times exclude the accumulation into .grad (reset between runs: do_bench's grad_to_none); up to
 stop 12 they included it, ~1.3 ms for chunk_gla at 16k.
 Prints the GPU name, a correctness table and a speed table, and writes both as JSON.
@@ -28,6 +30,7 @@ Targets (issue #6): ours ≥ fla chunk_gla speed; ≥ 5× SDPA forward at 16k.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -137,7 +140,19 @@ def check_swa(B, H, Hk, T, D, W, m, dev):
     return errs
 
 
-def check_liger(B, H, Hk, T, D, dev):
+@contextlib.contextmanager
+def liger_forward(forward):
+    """`fused.LIGER_FORWARD` set to `forward` for the duration."""
+    from lincompile.kernels import fused
+
+    before, fused.LIGER_FORWARD = fused.LIGER_FORWARD, forward
+    try:
+        yield
+    finally:
+        fused.LIGER_FORWARD = before
+
+
+def check_liger(B, H, Hk, T, D, dev, forward="chunked"):
     from lincompile.kernels import fused
     from lincompile.kernels.liger_attention import LigerAttention
 
@@ -150,8 +165,9 @@ def check_liger(B, H, Hk, T, D, dev):
     state["gla"] = torch.randn_like(state["gla"]) * 0.1
     o_r, st_r = op.chunked(*(x.float() for x in (q, k, v, q_pre, k_pre)), state=state)  # PyTorch forms, fp32
     cfg = op.config
-    o, st = fused.liger_attention_chunked(q, k, v, q_pre, k_pre, window=cfg["window"], a=cfg["a"], b=cfg["b"],
-                                          scale=op.scale, gate_normalizer=cfg["gate_normalizer"], state=state)
+    with liger_forward(forward):
+        o, st = fused.liger_attention_chunked(q, k, v, q_pre, k_pre, window=cfg["window"], a=cfg["a"], b=cfg["b"],
+                                              scale=op.scale, gate_normalizer=cfg["gate_normalizer"], state=state)
     return {"o": rel(o, o_r), "final_state": rel(st["gla"], st_r["gla"])}
 
 
@@ -166,7 +182,8 @@ def correctness(args, dev):
         ("chunk_gla scalar gates", lambda: check_gla(B, H, Hk, T, D, dev, scalar=True)),
         ("recurrent_gla_step", lambda: check_step(8 if not args.smoke else 2, H, Hk, D, dev)),
         ("swa_attention w=64, 4 sinks, ring", lambda: check_swa(B, H, Hk, T, D, 64, 4, dev)),
-        ("liger_attention fused fwd", lambda: check_liger(B, H, Hk, T, D, dev)),
+        ("liger_attention fwd, chunked", lambda: check_liger(B, H, Hk, T, D, dev)),
+        ("liger_attention fwd, one launch", lambda: check_liger(B, H, Hk, T, D, dev, "one_launch")),
         *([("fla chunk_gla (yardstick, no GQA)", lambda: check_gla(B, H, H, T, D, dev, False, fla))] if fla else []),
     ]:
         try:
@@ -216,6 +233,13 @@ def speed(args, dev):
         gt = g.detach().transpose(1, 2).contiguous().requires_grad_(True)
         dot = do.transpose(1, 2).contiguous()
 
+        def liger(forward):
+            def run():
+                with liger_forward(forward):
+                    return fused.liger_attention(q, k, v, q, k, None, ring, ring, seen, 64, 0.5, 0.5, D ** -0.5,
+                                                 16.0)[0]
+            return run
+
         def fb(fwd, grad_out):
             def run():
                 out = fwd()
@@ -226,8 +250,8 @@ def speed(args, dev):
             "ours chunk_gla": (lambda: fused.chunk_gla(q, k, v, g, D ** -0.5, None)[0], do),
             "torch sdpa (flash)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), do),
             "ours swa_attention w64": (lambda: fused.swa_attention(q, k, v, ring, ring, seen, D ** -0.5, None)[0], do),
-            "ours liger_attention fused": (lambda: fused.liger_attention(q, k, v, q, k, None, ring, ring, seen, 64, 0.5,
-                                                                         0.5, D ** -0.5, 16.0)[0], do),
+            "ours liger_attention": (liger("chunked"), do),
+            "ours liger_attention one launch": (liger("one_launch"), do),
         }
         if fla_chunk_gla is not None:  # fla autotunes on its first call (minutes)
             cases["fla chunk_gla"] = (lambda: fla_chunk_gla(qt, kt, vt, gt, scale=D ** -0.5)[0], dot)
@@ -242,7 +266,7 @@ def speed(args, dev):
             for x in (q, k, v, g, qt, kt, vt, gt):
                 x.grad = None
             rows.append(row)
-            print(f"  T={T:6d} B={B:3d} {name:28s} fwd {row.get('fwd_ms', float('nan')):9.3f} ms   "
+            print(f"  T={T:6d} B={B:3d} {name:32s} fwd {row.get('fwd_ms', float('nan')):9.3f} ms   "
                   f"fwd+bwd {row.get('fwd_bwd_ms', float('nan')):9.3f} ms  {row.get('error', '')}", flush=True)
         cases.clear()
         if dev == "cuda":
@@ -253,7 +277,7 @@ def speed(args, dev):
 def speed_table(rows) -> list[str]:
     by = {(r["T"], r["kernel"]): r for r in rows}
     names = ["ours chunk_gla", "fla chunk_gla", "torch sdpa (flash)", "ours swa_attention w64",
-             "ours liger_attention fused"]
+             "ours liger_attention", "ours liger_attention one launch"]
     lines = ["| T | B | " + " | ".join(f"{n} fwd / fwd+bwd (ms)" for n in names)
              + " | SDPA / ours fwd | fla / ours fwd+bwd |",
              "|---|---|" + "---|" * (len(names) + 2)]

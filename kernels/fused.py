@@ -11,11 +11,13 @@ them still export and `torch.compile`. Inside, every call picks its implementati
     lincompile::recurrent_gla_step(q, k, v, g?, state, scale) -> (o, state)             kernels/triton_gla.py
     lincompile::swa_attention(q, k, v, prev_k, prev_v, seen, scale, sinks?) -> (o, lse) kernels/triton_swa.py
     lincompile::liger_attention(q, k, v, q_pre, k_pre, initial_state?, prev_k, prev_v, seen,
-                                window, a, b, scale, gate_normalizer) -> (o, final_state) kernels/triton_liger.py
+                                window, a, b, scale, gate_normalizer) -> (o, final_state)
+                                          chunk_gla + swa_attention (LIGER_FORWARD), or kernels/triton_liger.py
 
 Gates reach the kernels clamped (`gla.clamp_log_gate`, done in PyTorch so autograd masks the clamped
-gradient). The fused Liger-attention op computes feature maps and gates in the kernel prologue (one read
-of q, k, v); its backward recomputes through chunk_gla + swa_attention, whose backward kernels are Triton.
+gradient). The Liger-attention op runs chunk_gla's and swa_attention's kernels, or (LIGER_FORWARD
+"one_launch") one kernel with feature maps and gates in its prologue (one read of q, k, v); its backward
+recomputes through chunk_gla + swa_attention, whose backward kernels are Triton.
 
 Operators call the backend-aware wrappers at the bottom (`gla_chunked(..., backend=self.backend)`); with
 backend "torch" they are exactly the operator library's opaque ops (kernels/opaque.py).
@@ -278,19 +280,82 @@ swa_attention.register_autograd(_swa_backward, setup_context=_swa_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Liger attention in one kernel: φ = softmax feature maps and gates in the prologue, GLA + SWA + the mix.
+# Liger attention: GLA over φ = softmax feature maps with gates from k_pre, + SWA, + the mix.
+
+# How the Triton path runs lincompile::liger_attention's forward:
+#   "chunked" (default): chunk_gla's and swa_attention's kernels, which run in parallel over chunks; feature
+#       maps, gates and the mix in PyTorch (`_liger_composed`, as on the PyTorch path)
+#   "one_launch": triton_liger.py's single kernel (feature maps and gates in its prologue, one read of q, k,
+#       v), which walks T in one program per (batch, kv head, V block). On the H100 (stop 12, B·T = 64k, 16
+#       heads of 128) it took 15.2 ms at every T from 2k to 16k, against 3.2 ms for chunk_gla's forward plus
+#       0.95 for swa_attention's: reading q, k, v once does not pay for the sequential walk.
+# Read at every call (the op runs its body eagerly, also under torch.compile); the backward is the same.
+LIGER_FORWARDS = ("chunked", "one_launch")
+LIGER_FORWARD = "chunked"
 
 
-def _liger_inputs(q_pre, k_pre, gate_normalizer):
-    phi = lambda x: x.float().softmax(-1).to(x.dtype)  # noqa: E731 — liger_gla's "softmax" feature map
+def _prologue_kernels(q_pre, k_pre):
+    """triton_liger when its prologue kernels run these inputs, else None."""
+    if not _runs_triton(q_pre):
+        return None
+    kern = importlib.import_module("lincompile.kernels.triton_liger")
+    return kern if kern.prologue_supported(q_pre, k_pre) is None else None
+
+
+# The prologue of the chunked forward (and of the backward) as ops of their own, for the same reason as the
+# backward ops above: AOTAutograd traces `_liger_backward` with fake tensors. No autograd: only the op's
+# forward (under no_grad) and its backward call them.
+@torch.library.custom_op("lincompile::liger_prologue", mutates_args=())
+def liger_prologue(q_pre: Tensor, k_pre: Tensor, gate_normalizer: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(φ(q_pre), φ(k_pre), g) in one Triton launch per input (`triton_liger.liger_prologue`)."""
+    return _require_prologue(q_pre, k_pre).liger_prologue(q_pre, k_pre, gate_normalizer)
+
+
+@liger_prologue.register_fake
+def _(q_pre, k_pre, gate_normalizer):
+    return q_pre.new_empty(q_pre.shape), k_pre.new_empty(k_pre.shape), k_pre.new_empty(k_pre.shape,
+                                                                                        dtype=torch.float32)
+
+
+@torch.library.custom_op("lincompile::liger_prologue_bwd", mutates_args=())
+def liger_prologue_bwd(q_pre: Tensor, k_pre: Tensor, dphi_q: Tensor, dphi_k: Tensor, dg: Optional[Tensor],
+                       gate_normalizer: float) -> tuple[Tensor, Tensor]:
+    """(dq_pre, dk_pre) through the prologue (`triton_liger.liger_prologue_bwd`)."""
+    return _require_prologue(q_pre, k_pre).liger_prologue_bwd(q_pre, k_pre, dphi_q, dphi_k, dg, gate_normalizer)
+
+
+@liger_prologue_bwd.register_fake
+def _(q_pre, k_pre, dphi_q, dphi_k, dg, gate_normalizer):
+    return q_pre.new_empty(q_pre.shape), k_pre.new_empty(k_pre.shape)
+
+
+def _require_prologue(q_pre, k_pre):
+    kern = _prologue_kernels(q_pre, k_pre)
+    if kern is None:
+        raise RuntimeError("lincompile::liger_prologue: the Triton kernel does not run these inputs")
+    return kern
+
+
+def _liger_inputs(q_pre, k_pre, gate_normalizer, kernels=False):
+    """(φ(q_pre), φ(k_pre), g): liger_gla's "softmax" feature maps and the clamped gates. kernels: in one
+    Triton launch per input where it runs them (`triton_liger.liger_prologue`; no autograd), rather than in
+    about ten passes of PyTorch."""
+    if kernels and _prologue_kernels(q_pre, k_pre) is not None:
+        return liger_prologue(q_pre, k_pre, float(gate_normalizer))
+    phi = lambda x: x.float().softmax(-1).to(x.dtype)  # noqa: E731
     return phi(q_pre), phi(k_pre), clamp_log_gate(F.logsigmoid(k_pre.float()) / gate_normalizer)
 
 
 def _liger_composed(q, k, v, q_pre, k_pre, initial_state, prev_k, prev_v, seen, window, a, b, scale,
-                    gate_normalizer):
-    """The same op out of the two kernel ops above (differentiable: their backward is Triton)."""
+                    gate_normalizer, kernels=False):
+    """The same op out of the two kernel ops above (differentiable: their backward is Triton). kernels (the
+    op's chunked forward, under no_grad): the prologue in Triton, and b folded into chunk_gla's scale (its
+    output is linear in the query side), which leaves the mix one fused add."""
     swa, _ = swa_attention(q, k, v, prev_k, prev_v, seen, scale, None)
-    gq, gk, g = _liger_inputs(q_pre, k_pre, gate_normalizer)
+    gq, gk, g = _liger_inputs(q_pre, k_pre, gate_normalizer, kernels)
+    if kernels:
+        gla, S = chunk_gla(gq, gk, v, g, float(b), initial_state)
+        return torch.add(gla.to(q.dtype), swa, alpha=a), S
     gla, S = chunk_gla(gq, gk, v, g, 1.0, initial_state)
     return (a * swa.float() + b * gla.float()).to(q.dtype), S
 
@@ -299,14 +364,17 @@ def _liger_composed(q, k, v, q_pre, k_pre, initial_state, prev_k, prev_v, seen, 
 def liger_attention(q: Tensor, k: Tensor, v: Tensor, q_pre: Tensor, k_pre: Tensor, initial_state: Optional[Tensor],
                     prev_k: Tensor, prev_v: Tensor, seen: Tensor, window: int, a: float, b: float, scale: float,
                     gate_normalizer: float) -> tuple[Tensor, Tensor]:
-    kern = _kernel("triton_liger", q, q, k, v, window)
+    if LIGER_FORWARD not in LIGER_FORWARDS:
+        raise ValueError(f"fused.LIGER_FORWARD must be one of {', '.join(LIGER_FORWARDS)}, got {LIGER_FORWARD!r}")
+    kern = _kernel("triton_liger", q, q, k, v, window) if LIGER_FORWARD == "one_launch" else None
     if kern is not None:
         o, S = kern.liger_attention_fwd(q, k, v, q_pre, k_pre, window=window, a=a, b=b, scale=scale,
                                         gate_normalizer=gate_normalizer, initial_state=initial_state,
                                         prev_k=prev_k, prev_v=prev_v, seen=seen)
         return o, S.clone() if S is initial_state else S
-    o, S = _liger_composed(q, k, v, q_pre, k_pre, initial_state, prev_k, prev_v, seen, window, a, b, scale,
-                           gate_normalizer)
+    with torch.no_grad():  # no autograd inside an op; nor is A kept for a backward (chunk_gla's `_reuse`)
+        o, S = _liger_composed(q, k, v, q_pre, k_pre, initial_state, prev_k, prev_v, seen, window, a, b, scale,
+                               gate_normalizer, kernels=True)
     return o, S.clone() if S is initial_state else S
 
 
@@ -328,25 +396,32 @@ def _liger_backward(ctx, do, dS):
         wants = tuple(ctx.needs_input_grad[:8]) + (False,) * 6
         inputs = (q, k, v, q_pre, k_pre, S0, prev_k, prev_v, seen) + tuple(ctx.params)
         return tuple(grad_by_recompute(_liger_composed, inputs, wants, (do, dS)))
-    # The mix is linear: the SWA branch gets a·do, the GLA branch b·do; each goes through its Triton backward
-    # (recomputing the SWA forward for its lse), then through the prologue by hand: no autograd inside, so
-    # AOTAutograd can trace this formula too.
-    do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device) if do is None else do.float()
+    # The mix is linear: the SWA branch gets a·do, the GLA branch b·do (as chunk_gla's scale, as in the
+    # forward); each goes through its Triton backward (recomputing the SWA forward for its lse), then through
+    # the prologue (`triton_liger.liger_prologue_bwd`, or by hand): no autograd inside, so AOTAutograd can
+    # trace this formula too.
+    do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device) if do is None else do
     o_w, lse = swa_attention(q, k, v, prev_k, prev_v, seen, scale, None)
     dq, dk, dv_w, dpk, dpv, _ = swa_attention_bwd(q, k, v, prev_k, prev_v, seen, scale, None, o_w, lse,
-                                                  (a * do).to(o_w.dtype), None)
-    fq, fk = q_pre.float().softmax(-1), k_pre.float().softmax(-1)
-    raw = F.logsigmoid(k_pre.float()) / gate_normalizer
-    g = raw.clamp(min=_gla.LOG_GATE_MIN)
-    dfq, dfk, dv_g, dg, dS0 = chunk_gla_bwd(fq.to(q_pre.dtype), fk.to(k_pre.dtype), v, g, 1.0, S0,
-                                            (b * do).to(v.dtype), dS)
-    dfq, dfk = dfq.float(), dfk.float()
-    dq_pre = fq * (dfq - (fq * dfq).sum(-1, keepdim=True))  # softmax feature map
-    dk_pre = fk * (dfk - (fk * dfk).sum(-1, keepdim=True))
-    dk_pre = dk_pre + dg * (raw >= _gla.LOG_GATE_MIN) * torch.sigmoid(-k_pre.float()) / gate_normalizer
-    dv = dv_w.float() + dv_g.float()
-    return (dq, dk, dv.to(v.dtype), dq_pre.to(q_pre.dtype), dk_pre.to(k_pre.dtype), _none_if_empty(dS0), dpk, dpv,
-            None) + (None,) * 5
+                                                  (a * do.float()).to(o_w.dtype), None)
+    kernels = _prologue_kernels(q_pre, k_pre) is not None
+    if kernels:
+        fq, fk, g = liger_prologue(q_pre, k_pre, float(gate_normalizer))
+    else:
+        fq, fk = q_pre.float().softmax(-1), k_pre.float().softmax(-1)
+        raw = F.logsigmoid(k_pre.float()) / gate_normalizer
+        g = raw.clamp(min=_gla.LOG_GATE_MIN)
+    dfq, dfk, dv_g, dg, dS0 = chunk_gla_bwd(fq.to(q_pre.dtype), fk.to(k_pre.dtype), v, g, float(b), S0,
+                                            do.to(v.dtype), dS)
+    if kernels:
+        dq_pre, dk_pre = liger_prologue_bwd(q_pre, k_pre, dfq, dfk, _none_if_empty(dg), float(gate_normalizer))
+    else:
+        dfq, dfk = dfq.float(), dfk.float()
+        dq_pre = fq * (dfq - (fq * dfq).sum(-1, keepdim=True))  # softmax feature map
+        dk_pre = fk * (dfk - (fk * dfk).sum(-1, keepdim=True))
+        dk_pre = dk_pre + dg * (raw >= _gla.LOG_GATE_MIN) * torch.sigmoid(-k_pre.float()) / gate_normalizer
+    return (dq, dk, torch.add(dv_w, dv_g).to(v.dtype), dq_pre.to(q_pre.dtype), dk_pre.to(k_pre.dtype),
+            _none_if_empty(dS0), dpk, dpv, None) + (None,) * 5
 
 
 liger_attention.register_autograd(_liger_backward, setup_context=_liger_setup)

@@ -249,6 +249,137 @@ def _liger_fwd_kernel(
     tl.store(sT_ptr + s_off, S, mask=s_mask)
 
 
+@triton.jit
+def _prologue_kernel(x_ptr, phi_ptr, g_ptr, T, NH, D, sb, sh, st, inv_gn, LOG_GATE_MIN: tl.constexpr,
+                     BR: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr):
+    """φ(x) = softmax of x over the head dim, in x's dtype, for BR rows of one (batch, head); with GATE also
+    g = max(logsigmoid(x) / gate_normalizer, LOG_GATE_MIN) in fp32. Outputs are contiguous [B, NH, T, D]."""
+    pid_t, bh = tl.program_id(0), tl.program_id(1)
+    rows = pid_t * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    col_ok = cols < D
+    ok = (rows < T)[:, None] & col_ok[None, :]
+    base = x_ptr + (bh // NH).to(tl.int64) * sb + (bh % NH).to(tl.int64) * sh
+    x = tl.load(base + rows[:, None].to(tl.int64) * st + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    out = (bh.to(tl.int64) * T + rows[:, None]) * D + cols[None, :]
+    tl.store(phi_ptr + out, _feature(x, col_ok[None, :]).to(phi_ptr.dtype.element_ty), mask=ok)
+    if GATE:
+        tl.store(g_ptr + out, tl.maximum(_logsigmoid(x) * inv_gn, LOG_GATE_MIN), mask=ok)
+
+
+@triton.jit
+def _logsigmoid(x):
+    """logsigmoid(x) = min(x, 0) - log1p(e^{-|x|}); log1p(u) = log(w)·u / (w - 1) with w = 1 + u (u itself
+    where w rounds to 1), so gates near 0 keep their relative precision."""
+    u = tl.exp(-tl.abs(x))
+    w = 1.0 + u
+    exact = w == 1.0
+    return tl.minimum(x, 0.0) - tl.where(exact, u, tl.log(w) * (u / tl.where(exact, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _prologue_bwd_kernel(x_ptr, dphi_ptr, dg_ptr, dx_ptr, T, NH, D, sb, sh, st, inv_gn,
+                         LOG_GATE_MIN: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr):
+    """dx = φ ⊙ (dφ - Σ_d φ ⊙ dφ) for φ = softmax(x) (recomputed in fp32); with GATE plus the gate's
+    dg ⊙ [logsigmoid(x)/gn ≥ LOG_GATE_MIN] ⊙ sigmoid(-x) / gn. dφ, dg, dx contiguous [B, NH, T, D]."""
+    pid_t, bh = tl.program_id(0), tl.program_id(1)
+    rows = pid_t * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    col_ok = cols < D
+    ok = (rows < T)[:, None] & col_ok[None, :]
+    base = x_ptr + (bh // NH).to(tl.int64) * sb + (bh % NH).to(tl.int64) * sh
+    x = tl.load(base + rows[:, None].to(tl.int64) * st + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    out = (bh.to(tl.int64) * T + rows[:, None]) * D + cols[None, :]
+    phi = _feature(x, col_ok[None, :])
+    dphi = tl.load(dphi_ptr + out, mask=ok, other=0.0).to(tl.float32)
+    dx = phi * (dphi - tl.sum(phi * dphi, axis=1)[:, None])
+    if GATE:
+        dg = tl.load(dg_ptr + out, mask=ok, other=0.0).to(tl.float32)
+        live = _logsigmoid(x) * inv_gn >= LOG_GATE_MIN  # the clamp passes no gradient below its floor
+        e = tl.exp(-tl.abs(x))
+        sig_neg = tl.where(x >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # sigmoid(-x) without overflow
+        dx += tl.where(live, dg * sig_neg * inv_gn, 0.0)
+    tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+MAX_PROLOGUE_DIM = 256
+
+
+def prologue_supported(q_pre, k_pre) -> str | None:
+    """None when `liger_prologue` runs these inputs, else a one-line reason."""
+    for name, x in (("q_pre", q_pre), ("k_pre", k_pre)):
+        if x.dim() != 4:
+            return f"{name} must be 4-D [B, H, T, D]"
+        if x.dtype not in _DTYPES:
+            return f"{name} dtype {x.dtype}: need fp16/bf16/fp32"
+        if not 1 <= x.shape[-1] <= MAX_PROLOGUE_DIM:
+            return f"{name} head dim {x.shape[-1]} outside 1..{MAX_PROLOGUE_DIM}"
+        if x.device.type != "cuda" and not _interpreting():
+            return f"{x.device.type} tensors need TRITON_INTERPRET=1"
+    return None
+
+
+def liger_prologue(q_pre, k_pre, gate_normalizer: float):
+    """(φ(q_pre), φ(k_pre), g): the softmax feature maps in the inputs' dtype and the clamped log gates
+    logsigmoid(k_pre) / gate_normalizer (fp32), all contiguous, in one read of each input: what the chunked
+    forward of `lincompile::liger_attention` feeds chunk_gla (`fused._liger_inputs` is the PyTorch form)."""
+    reason = prologue_supported(q_pre, k_pre)
+    if reason is not None:
+        raise ValueError(f"liger_prologue: {reason}")
+    if gate_normalizer <= 0:
+        raise ValueError("gate_normalizer must be positive")
+    phis = [torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q_pre, k_pre)]
+    g = torch.empty(k_pre.shape, device=k_pre.device, dtype=torch.float32)
+    if POISON:
+        for out in (*phis, g):
+            out.fill_(float("nan"))
+    for x, phi, gate in ((q_pre, phis[0], False), (k_pre, phis[1], True)):
+        if x.numel() == 0:
+            continue
+        x = _last_dim_contiguous(x)
+        grid, BR, BD = _rows_launch(x)
+        _prologue_kernel[grid](x, phi, g, x.shape[2], x.shape[1], x.shape[3], x.stride(0), x.stride(1),
+                               x.stride(2), 1.0 / float(gate_normalizer), LOG_GATE_MIN=LOG_GATE_MIN, BR=BR, BD=BD,
+                               GATE=gate)
+    return phis[0], phis[1], g
+
+
+def _rows_launch(x):
+    """(grid, BR, BD) of the prologue kernels for x [B, NH, T, D]: BR rows per program, 2048 elements (at
+    4 warps and head_dim 128 on sm_90, 4096 made the backward with gates spill; 2048: 177 registers, none)."""
+    B, NH, T, D = x.shape
+    BD = max(16, triton.next_power_of_2(D))
+    BR = max(1, min(64, 2048 // BD))
+    return (triton.cdiv(T, BR), B * NH), BR, BD
+
+
+def liger_prologue_bwd(q_pre, k_pre, dphi_q, dphi_k, dg, gate_normalizer: float):
+    """(dq_pre, dk_pre) in the inputs' dtypes: the gradients through `liger_prologue` of dφ(q_pre), dφ(k_pre)
+    and dg (fp32 or None: no gate gradient), with φ and the gates recomputed in fp32, one read of each."""
+    reason = prologue_supported(q_pre, k_pre)
+    if reason is not None:
+        raise ValueError(f"liger_prologue_bwd: {reason}")
+    if gate_normalizer <= 0:
+        raise ValueError("gate_normalizer must be positive")
+    if dphi_q.shape != q_pre.shape or dphi_k.shape != k_pre.shape or (dg is not None and dg.shape != k_pre.shape):
+        raise ValueError(f"liger_prologue_bwd: gradient shapes {tuple(dphi_q.shape)} / {tuple(dphi_k.shape)} / "
+                         f"{None if dg is None else tuple(dg.shape)} do not match q_pre / k_pre")
+    dxs = [torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q_pre, k_pre)]
+    if POISON:
+        for out in dxs:
+            out.fill_(float("nan"))
+    for x, dphi, dx, gate in ((q_pre, dphi_q, dxs[0], False), (k_pre, dphi_k, dxs[1], dg is not None)):
+        if x.numel() == 0:
+            continue
+        x = _last_dim_contiguous(x)
+        grid, BR, BD = _rows_launch(x)
+        _prologue_bwd_kernel[grid](x, dphi.contiguous(), dg.contiguous() if gate else dphi, dx, x.shape[2],
+                                   x.shape[1], x.shape[3], x.stride(0), x.stride(1), x.stride(2),
+                                   1.0 / float(gate_normalizer), LOG_GATE_MIN=LOG_GATE_MIN, BR=BR, BD=BD,
+                                   GATE=gate)
+    return dxs[0], dxs[1]
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 

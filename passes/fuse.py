@@ -3,8 +3,8 @@
     fuse: {backend: auto | triton | torch}        auto = triton when CUDA and triton are there, else torch
 
 With the Triton backend every operator node whose operator has kernel ops (`Operator.kernel_names()`) runs
-them: its chunked form calls `lincompile::chunk_gla`, `lincompile::swa_attention` or the one-launch
-`lincompile::liger_attention` (feature maps and gates computed in the kernel prologue), and its decode
+them: its chunked form calls `lincompile::chunk_gla`, `lincompile::swa_attention` or
+`lincompile::liger_attention` (both of those kernels and the mix, as one op), and its decode
 step `lincompile::recurrent_gla_step` (kernels/fused.py). Those ops run Triton on CUDA tensors (or under
 TRITON_INTERPRET=1) and the PyTorch forms elsewhere, so a graph fused for Triton stays correct on any
 device. The node keeps its target (module paths, hence weight names and adapters, do not depend on the

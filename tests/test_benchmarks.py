@@ -157,5 +157,5 @@ def test_kernels_gpu_correctness_smoke(tmp_path):
     res, _ = _kernels_gpu(tmp_path, "--skip-speed")
     assert [r["kernel"] for r in res["correctness"]] == [
         "chunk_gla per-channel gates", "chunk_gla scalar gates", "recurrent_gla_step",
-        "swa_attention w=64, 4 sinks, ring", "liger_attention fused fwd"]
+        "swa_attention w=64, 4 sinks, ring", "liger_attention fwd, chunked", "liger_attention fwd, one launch"]
     assert all(r["ok"] for r in res["correctness"]), res["correctness"]

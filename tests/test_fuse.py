@@ -180,6 +180,22 @@ def test_kernel_ops_go_through_torch_compile():
     assert all(_rel(a, b) < 1e-5 for a, b in zip(got, eager))
 
 
+@needs_kernels
+def test_liger_attention_goes_through_torch_compile():
+    """The op's backward formula (swa's and chunk_gla's backward ops, the prologue ops) traces under
+    AOTAutograd with fake tensors and gives the eager gradients."""
+    op, args = _op_cases()["liger_attention"]
+
+    def f(q, k, v, q_pre, k_pre):
+        o, S = op(q, k, v, q_pre, k_pre, *args[5:])
+        return o.square().sum() + S.sum()
+
+    eager = torch.autograd.grad(f(*args[:5]), args[:5])
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(*args[:5]), args[:5])
+    assert all(_rel(a, b) < 1e-5 for a, b in zip(got, eager))
+
+
 def _gla_leaves(dtype, gate, seed=0):
     gen = torch.Generator().manual_seed(seed)
     B, H, Hk, T, D = 1, 4, 2, 20, 16
@@ -231,6 +247,9 @@ def _op_cases():
         "swa_attention": (fused.swa_attention, (q, k, v, ring, ring, seen, 0.25, rnd(H, 2))),
         "liger_attention": (fused.liger_attention, (q, k, v, rnd(B, H, T, D), rnd(B, H, T, D), None, ring, ring, seen,
                                                     8, 0.5, 0.5, 0.25, 16.0)),
+        "liger_prologue": (fused.liger_prologue, (rnd(B, H, T, D), rnd(B, Hk, T, D).transpose(1, 2), 16.0)),
+        "liger_prologue_bwd": (fused.liger_prologue_bwd, (rnd(B, H, T, D), rnd(B, Hk, T, D), rnd(B, H, T, D),
+                                                          rnd(B, Hk, T, D), rnd(B, Hk, T, D).float(), 16.0)),
     }
 
 
@@ -245,6 +264,58 @@ def test_kernel_ops_pass_opcheck(name, interpret, monkeypatch):
     # the PyTorch forms' AOT trace with dynamic shapes takes 10-15 s here; fake tensors are what matter
     checks = ("test_schema", "test_autograd_registration", "test_faketensor") if interpret == "0" else None
     torch.library.opcheck(op, args, **({"test_utils": checks} if checks else {}))
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["liger_prologue", "liger_prologue_bwd"])
+def test_prologue_ops_pass_opcheck(name):
+    """Triton only (their callers check that it runs), no autograd (they are called under none): the fakes
+    agree with the kernels."""
+    op, args = _op_cases()[name]
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_kernels
+def test_liger_attention_forward_runs_the_chosen_kernels(monkeypatch):
+    """LIGER_FORWARD "chunked" (default) runs chunk_gla's and swa_attention's kernels, "one_launch" the single
+    kernel of triton_liger.py; both agree with the PyTorch forms, and with the same backward."""
+    from lincompile.kernels import triton_gla, triton_liger, triton_swa
+
+    calls = []
+    for mod, name in ((triton_liger, "liger_attention_fwd"), (triton_gla, "chunk_gla_fwd"), (triton_swa, "swa_fwd"),
+                      (triton_liger, "liger_prologue"), (triton_liger, "liger_prologue_bwd")):
+        def spy(*a, _f=getattr(mod, name), _n=name, **kw):
+            calls.append(_n)
+            return _f(*a, **kw)
+        monkeypatch.setattr(mod, name, spy)
+    op, args = _op_cases()["liger_attention"]
+    do = torch.randn(1, 4, 20, 16, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        leaves = [x.detach().requires_grad_() for x in args[:5]]
+        o, S = op(*leaves, *args[5:])
+        (o * do).sum().backward()
+        return o.detach(), S, [x.grad for x in leaves]
+
+    want = {"chunked": ["swa_fwd", "liger_prologue", "chunk_gla_fwd"], "one_launch": ["liger_attention_fwd"]}
+    got = {}
+    for choice in fused.LIGER_FORWARDS:
+        monkeypatch.setattr(fused, "LIGER_FORWARD", choice)
+        calls.clear()
+        got[choice] = run()
+        forward = calls[:calls.index("swa_fwd", 1 if choice == "chunked" else 0)]  # the backward recomputes swa
+        assert forward == want[choice], (choice, calls)
+        assert calls[len(forward):] == ["swa_fwd", "liger_prologue", "liger_prologue_bwd"], (choice, calls)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch forms
+    ref = run()
+    for choice, (o, S, grads) in got.items():
+        assert _rel(o, ref[0]) < 1e-5 and _rel(S, ref[1]) < 1e-5, choice
+        for x, r in zip(grads, ref[2]):
+            assert _rel(x, r) < 1e-4, choice
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fused, "LIGER_FORWARD", "fused")
+    with pytest.raises(ValueError, match="LIGER_FORWARD must be one of chunked, one_launch, got 'fused'"):
+        op(*args)
 
 
 @needs_kernels

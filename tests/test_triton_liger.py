@@ -147,3 +147,64 @@ def test_supported_and_errors():
     with pytest.raises(ValueError, match="all or none"):
         liger_attention_fwd(q, k, k, q, k, window=4, a=.5, b=.5, scale=.25, gate_normalizer=16.0,
                             prev_k=torch.zeros(1, 2, 4, 16, device=DEV))
+
+
+@pytest.mark.parametrize("D", [16, 20, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prologue_matches_pytorch(D, dtype):
+    """liger_prologue (the chunked forward's feature maps and gates) against fused._liger_inputs' PyTorch form,
+    on strided inputs ([B, T, H, D] transposed, as projections give them) with a tail block and gates from
+    tiny to far past the clamp."""
+    from lincompile.kernels.fused import _liger_inputs
+
+    gen = torch.Generator().manual_seed(D)
+    q_pre = (torch.randn(2, 67, 4, D, generator=gen) * 3).to(DEV, dtype).transpose(1, 2)
+    k_pre = (torch.randn(2, 67, 2, D, generator=gen) * 3).to(DEV, dtype).transpose(1, 2)
+    k_pre[0, 0, :4, 0] = torch.tensor([30.0, -30.0, 90.0, -100.0], dtype=dtype)  # logsigmoid ≈ -1e-13 / clamp
+    got = triton_liger.liger_prologue(q_pre, k_pre, 4.0)
+    want = _liger_inputs(q_pre, k_pre, 4.0)
+    assert [x.dtype for x in got] == [dtype, dtype, torch.float32]
+    assert all(x.is_contiguous() for x in got)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: one rounding of φ, at most one step apart
+    for x, ref in zip(got, want):
+        assert x.shape == ref.shape and rel(x, ref) < tol
+    assert got[2][0, 0, 0, 0].item() == pytest.approx(-torch.exp(torch.tensor(-30.0)).item() / 4, rel=1e-5)
+    assert got[2][0, 0, 1:, 0].tolist()[:3] == [-5.0, pytest.approx(-torch.exp(torch.tensor(-90.0)).item() / 4,
+                                                                     rel=1e-5), -5.0]
+
+
+def test_prologue_errors_and_empty():
+    x = torch.randn(1, 2, 0, 16, device=DEV)
+    phq, phk, g = triton_liger.liger_prologue(x, x, 16.0)
+    assert phq.shape == phk.shape == g.shape == (1, 2, 0, 16)
+    with pytest.raises(ValueError, match="k_pre head dim 300 outside"):
+        triton_liger.liger_prologue(torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 300), 16.0)
+    with pytest.raises(ValueError, match="q_pre dtype torch.int64"):
+        triton_liger.liger_prologue(torch.ones(1, 1, 2, 16, dtype=torch.long), torch.randn(1, 1, 2, 16), 16.0)
+    with pytest.raises(ValueError, match="gate_normalizer must be positive"):
+        triton_liger.liger_prologue(torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 16), 0.0)
+
+
+@pytest.mark.parametrize("D,dtype", [(16, torch.float32), (20, torch.float32), (64, torch.bfloat16)])
+def test_prologue_backward_matches_autograd(D, dtype):
+    """liger_prologue_bwd against autograd through the PyTorch form, gates at the clamp (no gradient) included;
+    with dg None the gate term is left out."""
+    from lincompile.kernels.fused import _liger_inputs
+
+    gen = torch.Generator().manual_seed(D)
+    q_pre = (torch.randn(1, 67, 4, D, generator=gen) * 3).to(DEV, dtype).transpose(1, 2)
+    k_pre = (torch.randn(1, 67, 2, D, generator=gen) * 20).to(DEV, dtype).transpose(1, 2)  # many clamped gates
+    dphq, dphk = (torch.randn(x.shape, generator=gen).to(DEV, dtype) for x in (q_pre, k_pre))
+    dg = torch.randn(k_pre.shape, generator=gen).to(DEV)
+    leaves = [x.detach().float().requires_grad_() for x in (q_pre, k_pre)]
+    outs = _liger_inputs(*leaves, 4.0)
+    assert (outs[2] == -5.0).float().mean() > 0.1  # the clamp is exercised
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for with_gate in (True, False):
+        grads = torch.autograd.grad(outs, leaves, (dphq.float(), dphk.float(), dg if with_gate else 0 * dg),
+                                    retain_graph=True)
+        got = triton_liger.liger_prologue_bwd(q_pre, k_pre, dphq, dphk, dg if with_gate else None, 4.0)
+        for x, ref, inp in zip(got, grads, (q_pre, k_pre)):
+            assert x.dtype == inp.dtype and x.shape == inp.shape and rel(x, ref) < tol, with_gate
+    with pytest.raises(ValueError, match="gradient shapes"):
+        triton_liger.liger_prologue_bwd(q_pre, k_pre, dphk, dphk, None, 4.0)
