@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= out/smollm2-135m-liger-attention
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow test-all bench clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: setup
 
 test-slow: $(VENV)/.model
 	$(BIN)/python -m pytest -q -m slow
+
+# every interpreter kernel case (`make test` runs a subset that covers each code path)
+test-all: setup
+	$(BIN)/python -m pytest -q -m 'not slow'
 
 bench: $(VENV)/.model
 	$(BIN)/python benchmarks/apply.py

@@ -1,4 +1,11 @@
-"""Fused Triton forward kernel of Liger Attention: gated linear attention + sliding-window softmax + the mix.
+"""Triton kernels of Liger Attention: the prologue of its chunked form, and a one-launch forward.
+
+The prologue (`liger_prologue`, `liger_prologue_bwd`): the softmax feature maps φ(q_pre), φ(k_pre) and the
+clamped log gates max(logsigmoid(k_pre) / gate_normalizer, -5), one program per 2048 elements of rows, one read
+of each input; and the gradients back through them (φ and the gates recomputed in fp32). The default forward of
+`lincompile::liger_attention` (`fused.LIGER_FORWARD = "chunked"`) feeds them to chunk_gla's kernels.
+
+The one-launch forward (`liger_attention_fwd`, LIGER_FORWARD "one_launch"), below:
 
     o_t = a · SWA_W(q, k, v)_t + b · GLA(φ(q_pre), φ(k_pre), v, g)_t
 

@@ -34,6 +34,13 @@ def _configs():
 ARCHS = list(_configs())
 
 
+def exhaustive(cases, keep):
+    """`cases` for pytest.mark.parametrize, those whose index is not in `keep` marked `exhaustive`: left out of
+    `make test` (the interpreter is slow; the kept ones cover every code path) and run by `make test-all`."""
+    return [c if i in keep else pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.exhaustive)
+            for i, c in enumerate(cases)]
+
+
 def tiny_config(arch: str):
     return _configs()[arch]()
 

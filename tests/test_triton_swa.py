@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 
 import torch  # noqa: E402
 
+from conftest import exhaustive  # noqa: E402
 from lincompile.kernels import triton_swa as ts  # noqa: E402
 from lincompile.kernels.swa import swa_naive  # noqa: E402
 from lincompile.kernels.swa_sinks import _window_sums, normalise_with  # noqa: E402
@@ -113,7 +114,7 @@ CASES = [(2, 4, 2, 1, 1, 0, 16, 16, 0, None),
          (2, 4, 2, 100, 4, 0, 16, 16, 0, None)]
 
 
-@pytest.mark.parametrize("B,H,Hk,T,W,seen,D,Dv,m,blocks", CASES)
+@pytest.mark.parametrize("B,H,Hk,T,W,seen,D,Dv,m,blocks", exhaustive(CASES, keep={0, 1, 2, 3, 7, 9}))
 def test_fp32_against_oracle(B, H, Hk, T, W, seen, D, Dv, m, blocks, monkeypatch):
     if blocks is not None:
         monkeypatch.setattr(ts, "BLOCKS", blocks)
