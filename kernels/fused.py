@@ -284,7 +284,8 @@ swa_attention.register_autograd(_swa_backward, setup_context=_swa_setup)
 
 # How the Triton path runs lincompile::liger_attention's forward:
 #   "chunked" (default): chunk_gla's and swa_attention's kernels, which run in parallel over chunks; feature
-#       maps, gates and the mix in PyTorch (`_liger_composed`, as on the PyTorch path)
+#       maps and gates from the prologue ops below, b folded into chunk_gla's scale, the mix one add
+#       (`_liger_composed(kernels=True)`)
 #   "one_launch": triton_liger.py's single kernel (feature maps and gates in its prologue, one read of q, k,
 #       v), which walks T in one program per (batch, kv head, V block). On the H100 (stop 12, B·T = 64k, 16
 #       heads of 128) it took 15.2 ms at every T from 2k to 16k, against 3.2 ms for chunk_gla's forward plus
@@ -355,7 +356,7 @@ def _liger_composed(q, k, v, q_pre, k_pre, initial_state, prev_k, prev_v, seen, 
     gq, gk, g = _liger_inputs(q_pre, k_pre, gate_normalizer, kernels)
     if kernels:
         gla, S = chunk_gla(gq, gk, v, g, float(b), initial_state)
-        return torch.add(gla.to(q.dtype), swa, alpha=a), S
+        return torch.add(gla, swa, alpha=a).to(q.dtype), S  # one rounding when gla is wider (fp32 q_pre)
     gla, S = chunk_gla(gq, gk, v, g, 1.0, initial_state)
     return (a * swa.float() + b * gla.float()).to(q.dtype), S
 

@@ -42,7 +42,7 @@ class LigerAttention(LigerGLA):
         return self._mix(swa, gla)
 
     def kernel_names(self):
-        # The softmax feature map and the gates are computed in the fused kernel's prologue.
+        # One kernel op: the softmax feature map and the gates come from its prologue kernels (kernels/fused.py).
         if self.config["feature_map"] == "softmax":
             return ("liger_attention",)
         return ("chunk_gla", "swa_attention")

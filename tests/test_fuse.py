@@ -186,13 +186,13 @@ def test_liger_attention_goes_through_torch_compile():
     AOTAutograd with fake tensors and gives the eager gradients."""
     op, args = _op_cases()["liger_attention"]
 
-    def f(q, k, v, q_pre, k_pre):
-        o, S = op(q, k, v, q_pre, k_pre, *args[5:])
+    def f(q, k, v, q_pre, k_pre, S0):
+        o, S = op(q, k, v, q_pre, k_pre, S0, *args[6:])
         return o.square().sum() + S.sum()
 
-    eager = torch.autograd.grad(f(*args[:5]), args[:5])
+    eager = torch.autograd.grad(f(*args[:6]), args[:6])
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    got = torch.autograd.grad(compiled(*args[:5]), args[:5])
+    got = torch.autograd.grad(compiled(*args[:6]), args[:6])
     assert all(_rel(a, b) < 1e-5 for a, b in zip(got, eager))
 
 
@@ -245,8 +245,9 @@ def _op_cases():
         "recurrent_gla_step": (fused.recurrent_gla_step, (torch.randn(B, H, D), torch.randn(B, Hk, D),
                                                           torch.randn(B, Hk, D), g, torch.randn(B, Hk, D, D), 0.25)),
         "swa_attention": (fused.swa_attention, (q, k, v, ring, ring, seen, 0.25, rnd(H, 2))),
-        "liger_attention": (fused.liger_attention, (q, k, v, rnd(B, H, T, D), rnd(B, H, T, D), None, ring, ring, seen,
-                                                    8, 0.5, 0.5, 0.25, 16.0)),
+        # a ≠ b: the chunked forward folds b into chunk_gla's scale; an initial state, whose gradient it reaches
+        "liger_attention": (fused.liger_attention, (q, k, v, rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, D, D), ring,
+                                                    ring, seen, 8, 0.3, 0.8, 0.25, 16.0)),
         "liger_prologue": (fused.liger_prologue, (rnd(B, H, T, D), rnd(B, Hk, T, D).transpose(1, 2), 16.0)),
         "liger_prologue_bwd": (fused.liger_prologue_bwd, (rnd(B, H, T, D), rnd(B, Hk, T, D), rnd(B, H, T, D),
                                                           rnd(B, Hk, T, D), rnd(B, Hk, T, D).float(), 16.0)),
@@ -291,11 +292,13 @@ def test_liger_attention_forward_runs_the_chosen_kernels(monkeypatch):
     op, args = _op_cases()["liger_attention"]
     do = torch.randn(1, 4, 20, 16, generator=torch.Generator().manual_seed(2))
 
+    dS = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+
     def run():
-        leaves = [x.detach().requires_grad_() for x in args[:5]]
-        o, S = op(*leaves, *args[5:])
-        (o * do).sum().backward()
-        return o.detach(), S, [x.grad for x in leaves]
+        leaves = [x.detach().requires_grad_() for x in args[:6]]  # q, k, v, q_pre, k_pre, initial state
+        o, S = op(*leaves, *args[6:])
+        ((o * do).sum() + (S * dS).sum()).backward()
+        return o.detach(), S.detach(), [x.grad for x in leaves]
 
     want = {"chunked": ["swa_fwd", "liger_prologue", "chunk_gla_fwd"], "one_launch": ["liger_attention_fwd"]}
     got = {}
@@ -310,6 +313,7 @@ def test_liger_attention_forward_runs_the_chosen_kernels(monkeypatch):
     ref = run()
     for choice, (o, S, grads) in got.items():
         assert _rel(o, ref[0]) < 1e-5 and _rel(S, ref[1]) < 1e-5, choice
+        assert len(grads) == 6 and all(x is not None for x in grads)
         for x, r in zip(grads, ref[2]):
             assert _rel(x, r) < 1e-4, choice
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -584,7 +584,7 @@ INTRA = [
 KERNEL_OF = {"matmul": "_attn_intra_mm", "rows": "_attn_intra", "split": "_attn_intra_split"}
 
 
-@pytest.mark.parametrize("intra,fuse_intra,block_k,H,Hk,T,K,V,gate", exhaustive(INTRA, keep={0, 3, 5, 6, 7, 9, 10, 11}))
+@pytest.mark.parametrize("intra,fuse_intra,block_k,H,Hk,T,K,V,gate", exhaustive(INTRA, keep={0, 1, 3, 4, 5, 6, 7, 9, 10, 11}))
 def test_intra_kinds(intra, fuse_intra, block_k, H, Hk, T, K, V, gate, monkeypatch):
     """Every Tuning.intra (and fuse_intra) gives the oracle's forward and gradients, and launches the kernels it
     names: A by `_attn_intra` (one program per chunk) or `_attn_intra_split` / `_attn_intra_mm` (one per
