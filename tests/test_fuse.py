@@ -245,9 +245,12 @@ def _op_cases():
         "recurrent_gla_step": (fused.recurrent_gla_step, (torch.randn(B, H, D), torch.randn(B, Hk, D),
                                                           torch.randn(B, Hk, D), g, torch.randn(B, Hk, D, D), 0.25)),
         "swa_attention": (fused.swa_attention, (q, k, v, ring, ring, seen, 0.25, rnd(H, 2))),
-        # a ≠ b: the chunked forward folds b into chunk_gla's scale; an initial state, whose gradient it reaches
-        "liger_attention": (fused.liger_attention, (q, k, v, rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, D, D), ring,
-                                                    ring, seen, 8, 0.3, 0.8, 0.25, 16.0)),
+        # a ≠ b: the chunked forward folds b into chunk_gla's scale; an initial state, whose gradient it reaches;
+        # GQA; a ring of 8 keys / values of which the last 5 positions exist
+        "liger_attention": (fused.liger_attention, (q, rnd(B, Hk, T, D), rnd(B, Hk, T, D), rnd(B, H, T, D),
+                                                    rnd(B, Hk, T, D), rnd(B, Hk, D, D), torch.randn(B, Hk, 8, D),
+                                                    torch.randn(B, Hk, 8, D), torch.tensor(5), 8, 0.3, 0.8, 0.25,
+                                                    16.0)),
         "liger_prologue": (fused.liger_prologue, (rnd(B, H, T, D), rnd(B, Hk, T, D).transpose(1, 2), 16.0)),
         "liger_prologue_bwd": (fused.liger_prologue_bwd, (rnd(B, H, T, D), rnd(B, Hk, T, D), rnd(B, H, T, D),
                                                           rnd(B, Hk, T, D), rnd(B, Hk, T, D).float(), 16.0)),
@@ -292,7 +295,7 @@ def test_liger_attention_forward_runs_the_chosen_kernels(monkeypatch):
     op, args = _op_cases()["liger_attention"]
     do = torch.randn(1, 4, 20, 16, generator=torch.Generator().manual_seed(2))
 
-    dS = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    dS = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(3))
 
     def run():
         leaves = [x.detach().requires_grad_() for x in args[:6]]  # q, k, v, q_pre, k_pre, initial state
