@@ -257,19 +257,26 @@ def _liger_fwd_kernel(
 
 
 @triton.jit
+def _rows_tile(x_ptr, T, NH, D, sb, sh, st, BR: tl.constexpr, BD: tl.constexpr):
+    """The prologue kernels' tile: BR rows of one (batch, head) of a strided x [B, NH, T, D] in fp32 (0 past T
+    and D), their offsets in a contiguous [B, NH, T, D], the tile's mask and the head-dim mask."""
+    pid_t, bh = tl.program_id(0), tl.program_id(1)
+    rows = pid_t * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    col_ok = (cols < D)[None, :]
+    ok = (rows < T)[:, None] & col_ok
+    base = x_ptr + (bh // NH).to(tl.int64) * sb + (bh % NH).to(tl.int64) * sh
+    x = tl.load(base + rows[:, None].to(tl.int64) * st + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    return x, (bh.to(tl.int64) * T + rows[:, None]) * D + cols[None, :], ok, col_ok
+
+
+@triton.jit
 def _prologue_kernel(x_ptr, phi_ptr, g_ptr, T, NH, D, sb, sh, st, inv_gn, LOG_GATE_MIN: tl.constexpr,
                      BR: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr):
     """φ(x) = softmax of x over the head dim, in x's dtype, for BR rows of one (batch, head); with GATE also
     g = max(logsigmoid(x) / gate_normalizer, LOG_GATE_MIN) in fp32. Outputs are contiguous [B, NH, T, D]."""
-    pid_t, bh = tl.program_id(0), tl.program_id(1)
-    rows = pid_t * BR + tl.arange(0, BR)
-    cols = tl.arange(0, BD)
-    col_ok = cols < D
-    ok = (rows < T)[:, None] & col_ok[None, :]
-    base = x_ptr + (bh // NH).to(tl.int64) * sb + (bh % NH).to(tl.int64) * sh
-    x = tl.load(base + rows[:, None].to(tl.int64) * st + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    out = (bh.to(tl.int64) * T + rows[:, None]) * D + cols[None, :]
-    tl.store(phi_ptr + out, _feature(x, col_ok[None, :]).to(phi_ptr.dtype.element_ty), mask=ok)
+    x, out, ok, col_ok = _rows_tile(x_ptr, T, NH, D, sb, sh, st, BR, BD)
+    tl.store(phi_ptr + out, _feature(x, col_ok).to(phi_ptr.dtype.element_ty), mask=ok)
     if GATE:
         tl.store(g_ptr + out, tl.maximum(_logsigmoid(x) * inv_gn, LOG_GATE_MIN), mask=ok)
 
@@ -289,15 +296,8 @@ def _prologue_bwd_kernel(x_ptr, dphi_ptr, dg_ptr, dx_ptr, T, NH, D, sb, sh, st, 
                          LOG_GATE_MIN: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, GATE: tl.constexpr):
     """dx = φ ⊙ (dφ - Σ_d φ ⊙ dφ) for φ = softmax(x) (recomputed in fp32); with GATE plus the gate's
     dg ⊙ [logsigmoid(x)/gn ≥ LOG_GATE_MIN] ⊙ sigmoid(-x) / gn. dφ, dg, dx contiguous [B, NH, T, D]."""
-    pid_t, bh = tl.program_id(0), tl.program_id(1)
-    rows = pid_t * BR + tl.arange(0, BR)
-    cols = tl.arange(0, BD)
-    col_ok = cols < D
-    ok = (rows < T)[:, None] & col_ok[None, :]
-    base = x_ptr + (bh // NH).to(tl.int64) * sb + (bh % NH).to(tl.int64) * sh
-    x = tl.load(base + rows[:, None].to(tl.int64) * st + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    out = (bh.to(tl.int64) * T + rows[:, None]) * D + cols[None, :]
-    phi = _feature(x, col_ok[None, :])
+    x, out, ok, col_ok = _rows_tile(x_ptr, T, NH, D, sb, sh, st, BR, BD)
+    phi = _feature(x, col_ok)
     dphi = tl.load(dphi_ptr + out, mask=ok, other=0.0).to(tl.float32)
     dx = phi * (dphi - tl.sum(phi * dphi, axis=1)[:, None])
     if GATE:
