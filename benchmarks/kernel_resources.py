@@ -45,7 +45,9 @@ KERNELS = [
     ("_attn_intra", "_attn_intra", {}),  # Tuning.intra "rows"
     ("_attn_intra_split", "_attn_intra_split", {}),  # "split"
     ("_attn_intra_mm", "_attn_intra_mm", {}),  # "matmul" (the default)
+    ("_attn_intra_mm raw gates", "_attn_intra_mm", {"RAW": True}),  # Tuning.raw_gates: the gate cumsum in-kernel
     ("_o_fwd", "_o_fwd", {}),  # the forward's output from A
+    ("_o_fwd raw gates", "_o_fwd", {"RAW": True}),  # likewise
     ("_o_fwd_mm", "_o_fwd_mm", {"RAW": True}),  # Tuning.fuse_intra: A and the gate cumsum in the output kernel
     ("_h_fwd", "_h_fwd", {}),
     ("_h_fwd raw gates", "_h_fwd", {"RAW": True}),  # fuse_intra's forward: the gate cumsum in the scan

@@ -315,6 +315,7 @@ VARIANTS = {
     "no reuse": {"reuse_forward": False},  # the backward forms A again, as up to stop 12
     "keep b": {"reuse_gates": True},  # ... and keeps the cumulative gates too (fp32, g's size)
     "low carry keep b": {"precision": "low", "dg_form": "carry", "reuse_gates": True},
+    "raw gates": {"raw_gates": True},  # no gate cumsum kernel in the forward: each kernel cumulates g (not yet timed)
     "split dqk": {"dqk": "split"},  # dq/dk's inter-chunk products in their own 64-row kernel (wgmma), as fla
     "low carry split dqk": {"precision": "low", "dg_form": "carry", "dqk": "split"},
     "w8": {"num_warps": 8},

@@ -14,8 +14,8 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
   forward   1. `_chunk_cumsum`: b = cumulative sum of g restarted at every chunk, fp32 `[B, Hk, N·C, KG]`
                (one program per (chunk, K block, batch·kv head) loads a [C, BK] tile of g, rows ≥ T as zero
                gates, and stores its tl.cumsum down the rows; so b stays flat past T and b at the chunk's last
-               row is its total decay). Skipped with `TUNING.fuse_intra`: 2. and 4. then cumulate g
-               themselves (RAW).
+               row is its total decay). Skipped with `TUNING.fuse_intra` (2. and 4. then cumulate g
+               themselves: RAW) and with `TUNING.raw_gates` (2., 3. and 4. do).
             2. `_h_fwd`: sequential scan over chunks per (batch, kv head, K block, V block); stores the state
                each chunk starts from, h[n] `[B, Hk, N, K, V]`, in the input dtype (fp32 under precision
                "full" unless `TUNING.half_states`), and the final state (fp32).
@@ -195,6 +195,11 @@ class Tuning:
     #   it alike, so the gradients are bit-identical. Costs holding A, [B, H, N·C, 64] in A's dtype (the input
     #   dtype under "mixed" (bf16) and "low", else fp32), from the forward to the backward. Read when the
     #   forward runs (or is traced: torch.compile guards on it). Nothing is kept with fuse_intra (no A)
+    raw_gates: bool = False  # forward only: no `_chunk_cumsum` launch and no b buffer; `_h_fwd`,
+    #   `_attn_intra_mm` and `_o_fwd` take each chunk's cumulative gates from g in their own tiles (as
+    #   fuse_intra's kernels do), the values `_chunk_cumsum` stores. Saves that kernel's read of g and write
+    #   of b (~1.1 GB at 16k with fp32 gates: an estimated 0.3 ms), at the price of registers (not yet
+    #   timed). Needs intra "matmul"; a forward asked to keep b (reuse_gates) forms it as usual
     reuse_gates: bool = False  # likewise the cumulative gates b (1.), [B, Hk, N·C, KG] fp32: as large as an
     #   fp32 g, which is held as well (the backward's dg reads g for the clamp mask), for an estimated 0.35 ms
     #   at 16k (half of `_chunk_cumsum`'s time in the H100 profile)
@@ -213,11 +218,12 @@ class Tuning:
             raise ValueError(f"Tuning.precision must be one of {', '.join(PRECISION)}, got {self.precision!r}")
         if self.intra not in INTRA:
             raise ValueError(f"Tuning.intra must be one of {', '.join(INTRA)}, got {self.intra!r}")
-        for name in ("reuse_forward", "reuse_gates"):
+        for name in ("reuse_forward", "reuse_gates", "raw_gates"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Tuning.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.fuse_intra and self.intra != "matmul":
-            raise ValueError(f"Tuning.fuse_intra needs intra='matmul', got intra={self.intra!r}")
+        for name in ("fuse_intra", "raw_gates"):
+            if getattr(self, name) and self.intra != "matmul":
+                raise ValueError(f"Tuning.{name} needs intra='matmul', got intra={self.intra!r}")
         for name in ("block_k", "block_v"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int) or not 16 <= x <= MAX_HEAD_DIM or x & (x - 1):
@@ -477,17 +483,18 @@ def _attn_intra_split(q, k, b, A, scale, T, Tp, H, Hk, G,
 @triton.jit
 def _gates(b_chunk, i, n_keys, k0, K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr, C: tl.constexpr,
            BC: tl.constexpr, BK: tl.constexpr, RAW: tl.constexpr, GMIN: tl.constexpr):
-    """The cumulative gates one matmul-scheme block needs, for the K block at k0: the chunk's [C, BK], its
-    row block i's [BC, BK] and the reference r = b at the block's middle row, [1, BK]. From the b buffer, or
+    """The cumulative gates one matmul-scheme block needs, for the K block at k0: the chunk's [C, BK] (rows
+    after block i's end 0: never used), its row block i's [BC, BK] and the reference r = b at the block's middle row, [1, BK]. From the b buffer, or
     (RAW) from the gates themselves: b_chunk then points at g's first row of the chunk, rows ≥ n_keys read
     as zero gates, and the chunk-local cumsum of max(g, GMIN) is taken here; the block rows and r are picked
     out of it (masked sums of zeros: the same values, bit for bit)."""
     oC = tl.arange(0, C)
     okk = tl.arange(0, BK)
     mk = (okk < K - k0)[None, :]  # with one gate per step (SBK = 0) every column reads that gate
+    upto = (oC < i * BC + BC)[:, None]  # rows after the block are not needed (callers mask them): not loaded
     cols = k0 * SBK + okk[None, :] * SBK
     if RAW:
-        gg = tl.load(b_chunk + oC[:, None] * KG + cols, mask=(oC < n_keys)[:, None] & mk, other=0.0)
+        gg = tl.load(b_chunk + oC[:, None] * KG + cols, mask=(oC < n_keys)[:, None] & upto & mk, other=0.0)
         bc = tl.cumsum(tl.maximum(gg.to(tl.float32), GMIN, propagate_nan=tl.PropagateNan.ALL), axis=0)
         NC: tl.constexpr = C // BC
         sel = (tl.arange(0, NC) == i)[:, None, None]
@@ -495,7 +502,7 @@ def _gates(b_chunk, i, n_keys, k0, K: tl.constexpr, KG: tl.constexpr, SBK: tl.co
         r = tl.sum(tl.where((oC == i * BC + BC // 2 - 1)[:, None], bc, 0.0), axis=0)[None, :]
     else:
         oc = tl.arange(0, BC)
-        bc = tl.load(b_chunk + oC[:, None] * KG + cols, mask=mk, other=0.0)
+        bc = tl.load(b_chunk + oC[:, None] * KG + cols, mask=upto & mk, other=0.0)
         bi = tl.load(b_chunk + (i * BC + oc[:, None]) * KG + cols, mask=mk, other=0.0)
         r = tl.load(b_chunk + (i * BC + BC // 2 - 1) * KG + cols, mask=mk, other=0.0)
     return bc, bi, r
@@ -535,17 +542,19 @@ def _intra_block(q_rows, k_chunk, b_chunk, i, n_rows, n_keys,
 def _attn_intra_mm(q, k, b, A, scale, T, Tp, H, Hk, G,
                    K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
                    C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                   USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+                   USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+                   RAW: tl.constexpr = False, GMIN: tl.constexpr = 0.0):
     """`_attn_intra`'s A without its row loop: one program per (BC-row block i, chunk, query head) stores the
     block's whole [BC, C] row of A, `_intra_block` (one matmul per K block through the reference
     r = b at the block's middle row m = i·BC + BC/2 − 1: every factor is ≤ exp((BC/2)·|LOG_GATE_MIN|) = e^40,
     `_chunk_cumsum` clamps the gates; keys of earlier blocks get factors ≤ 1; for s ≤ t the product,
     exp(b_t − b_s), is ≤ 1; keys after the block are not loaded (exponent 0 there); entries with s > t are
-    dropped by tl.where, never multiplied)."""
+    dropped by tl.where, never multiplied). RAW: b is the gates g `[B, Hk, T, KG]` (`Tuning.raw_gates`)."""
     pid, ibh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     n, i, ibk, t0 = _row_block(pid, ibh, H, Hk, G, C, BC)
-    att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b + (ibk * Tp + t0) * KG, i,
-                       T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC, False, 0.0)
+    b_chunk = b + (ibk * (T if RAW else Tp) + t0) * KG
+    att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b_chunk, i,
+                       T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, PREC, RAW, GMIN)
     oc = tl.arange(0, BC)
     oC = tl.arange(0, C)
     tl.store(A + (ibh * Tp + t0 + i * BC) * C + oc[:, None] * C + oC[None, :],
@@ -556,7 +565,10 @@ def _attn_intra_mm(q, k, b, A, scale, T, Tp, H, Hk, G,
 def _o_fwd(q, v, b, h, A, o, scale, T, Tp, H, Hk, G, N,
            K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr):
+           USE_G: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+           RAW: tl.constexpr = False, GMIN: tl.constexpr = 0.0):
+    """o = scale (q ⊙ exp(b)) h[n] + A v for one (chunk, V block, query head). RAW: b is the gates g
+    `[B, Hk, T, KG]`, cumulated over the chunk's rows here (`Tuning.raw_gates`)."""
     n, iv, ibh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty
     ibk = (ibh // H) * Hk + (ibh % H) // G
@@ -575,7 +587,12 @@ def _o_fwd(q, v, b, h, A, o, scale, T, Tp, H, Hk, G, N,
         mk = (okk < K - k0)[None, :]
         qq = tl.load(q + (ibh * T + t0) * K + k0 + ck, mask=mt & mk, other=0.0).to(tl.float32)
         if USE_G:
-            qq = qq * tl.exp(tl.load(b + (ibk * Tp + t0) * KG + k0 * SBK + cb, mask=mk, other=0.0))
+            if RAW:  # rows ≥ T as zero gates, as `_chunk_cumsum` pads them
+                gg = tl.load(b + (ibk * T + t0) * KG + k0 * SBK + cb, mask=mt & mk, other=0.0).to(tl.float32)
+                bb = tl.cumsum(tl.maximum(gg, GMIN, propagate_nan=tl.PropagateNan.ALL), axis=0)
+            else:
+                bb = tl.load(b + (ibk * Tp + t0) * KG + k0 * SBK + cb, mask=mk, other=0.0)
+            qq = qq * tl.exp(bb)
         hh = tl.load(h + (ibk * N + n) * K * V + k0 * V + kv, mask=(okk < K - k0)[:, None] & mv, other=0.0)
         acc = _dot(qq, hh, acc, ET, LOWP, PREC)
     acc = acc * scale
@@ -1290,6 +1307,7 @@ class _Setup:
                        if x is not None}
         self.intra_kind = t.intra
         self.fuse_intra = bool(t.fuse_intra)
+        self.raw_gates = bool(t.raw_gates) and self.use_g
         self.dg_carry = t.dg_form == "carry" and self.use_g
         self.dqk_split = t.dqk == "split"
         self.dev = q.device
@@ -1321,14 +1339,16 @@ class _Setup:
                                          **s.consts())
         return h, ht
 
-    def intra(self, scale):
+    def intra(self, scale, raw=False):
+        """A [B, H, N·C, C]; raw (intra "matmul" only): from the gates themselves (no b buffer)."""
         s = self
         A = _empty(s.B, s.H, s.Tp, s.C, device=s.dev, dtype=s.adt)
         kernel = {"matmul": _attn_intra_mm, "rows": _attn_intra, "split": _attn_intra_split}[s.intra_kind]
         grid = (s.N if s.intra_kind == "rows" else s.N * (s.C // SUB), s.B * s.H)
-        kernel[grid](s.q, s.k, s.b_arg, A, scale, s.T, s.Tp, s.H, s.Hk, s.G,
+        extra = dict(RAW=True, GMIN=LOG_GATE_MIN) if raw else {}
+        kernel[grid](s.q, s.k, s.g if raw else s.b_arg, A, scale, s.T, s.Tp, s.H, s.Hk, s.G,
                      K=s.K, KG=s.KG, SBK=s.SBK, C=s.C, BC=SUB, BK=s.BK,
-                     USE_G=s.use_g, PREC=s.prec, LOWP=s.lowp_v, **s.launch)
+                     USE_G=s.use_g, PREC=s.prec, LOWP=s.lowp_v, **extra, **s.launch)
         return A
 
 
@@ -1358,8 +1378,10 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64,
         return (o, fin, None if a_layout is None else q.new_empty(a_layout[0], dtype=a_layout[1]),
                 None if b_shape is None else q.new_empty(b_shape, dtype=torch.float32))
     scale = float(scale)
-    # fuse_intra: neither A nor the cumulative gates b are stored; the two kernels cumulate g themselves
-    h, ht = s.states(initial_state, raw=s.fuse_intra, dtype=s.fwd_hdt)
+    # fuse_intra: neither A nor the cumulative gates b are stored; the two kernels cumulate g themselves.
+    # raw_gates: A is, b is not (unless it is to be kept); the three kernels cumulate g themselves
+    raw = s.raw_gates and not keep_b
+    h, ht = s.states(initial_state, raw=s.fuse_intra or raw, dtype=s.fwd_hdt)
     o = _empty(s.B, s.H, s.T, s.V, device=s.dev, dtype=q.dtype)
     if s.fuse_intra:
         gates = s.g if s.use_g else s.q
@@ -1368,9 +1390,9 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64,
                                                           **s.consts())
         A = None
     else:
-        A = s.intra(scale)
-        _o_fwd[(s.N, s.NV, s.B * s.H)](s.q, s.v, s.b_arg, h, A, o, scale, s.T, s.Tp, s.H, s.Hk, s.G, s.N,
-                                       **s.consts())
+        A = s.intra(scale, raw=raw)
+        _o_fwd[(s.N, s.NV, s.B * s.H)](s.q, s.v, s.g if raw else s.b_arg, h, A, o, scale, s.T, s.Tp, s.H, s.Hk,
+                                       s.G, s.N, RAW=raw, GMIN=LOG_GATE_MIN, **s.consts())
     if not keep:
         return o, ht
     a_layout, b_shape = kept_layout(q, k, v, g, keep_a, keep_b, precision)

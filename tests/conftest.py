@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -9,6 +10,31 @@ import torch
 
 # Tests run on small CPU machines; one intra-op thread avoids thread wake-up overhead on tiny tensors.
 torch.set_num_threads(int(os.environ.get("LINCOMPILE_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _interpreter_without_overflow_checks():
+    """The Triton interpreter checks every int32 add, sub and mul for overflow, a quarter of its time in the
+    kernel tests. The GPU compiler does so only in debug mode, and at the tests' sizes no index can come near
+    2**31 anyway: real sizes are where overflow could happen, and the kernels widen program ids to int64
+    before they scale offsets. LINCOMPILE_TEST_SANITIZE=1 keeps the checks."""
+    if os.environ.get("TRITON_INTERPRET") != "1":  # the kernel test modules set it when they are collected
+        yield
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        yield
+        return
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if os.environ.get("LINCOMPILE_TEST_SANITIZE") == "1" or not hasattr(options, "sanitize_overflow"):
+        yield
+        return
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    yield
+    builder.options = options
+
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 
