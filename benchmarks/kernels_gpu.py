@@ -126,16 +126,16 @@ def check_swa(B, H, Hk, T, D, W, m, dev):
     q, k, v = (torch.randn(B, h, T, D, device=dev, dtype=bf) for h in (H, Hk, Hk))
     pk, pv = (torch.randn(B, Hk, W, D, device=dev, dtype=bf) for _ in range(2))
     seen = torch.tensor(3 * W, device=dev)
-    sinks = torch.randn(H, m, device=dev)
+    sinks = torch.randn(H, m, device=dev) if m else None  # m = 0: no sink logits
     do, dlse = torch.randn(B, H, T, D, device=dev, dtype=bf), torch.randn(B, H, T, device=dev)
-    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, pk, pv, sinks)]
+    leaves = [x if x is None else x.detach().clone().requires_grad_(True) for x in (q, k, v, pk, pv, sinks)]
     o, lse = fused.swa_attention(*leaves[:5], seen, D ** -0.5, leaves[5])
     torch.autograd.backward([o, lse], [do, dlse])
-    ref = [x.detach().float().clone().requires_grad_(True) for x in (q, k, v, pk, pv, sinks)]
+    ref = [x if x is None else x.detach().float().clone().requires_grad_(True) for x in (q, k, v, pk, pv, sinks)]
     o_r, lse_r = fused._swa_torch(*ref[:5], seen, D ** -0.5, ref[5])
     torch.autograd.backward([o_r, lse_r], [do.float(), dlse])
     errs = {"o": rel(o, o_r), "lse": rel(lse, lse_r)}
-    for name, x, r in zip(("dq", "dk", "dv", "dprev_k", "dprev_v", "dsinks"), leaves, ref):
+    for name, x, r in zip(("dq", "dk", "dv", "dprev_k", "dprev_v", "dsinks")[: 6 if m else 5], leaves, ref):
         errs[name] = rel(x.grad, r.grad)
     return errs
 

@@ -97,8 +97,8 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
                           "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    labels = ["_attn_intra", "_attn_intra_split", "_attn_intra_mm", "_o_fwd", "_o_fwd_mm", "_h_fwd",
-              "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul", "_dqk_bwd matmul carry",
+    labels = ["_attn_intra", "_attn_intra_split", "_attn_intra_mm", "_attn_intra_mm raw gates", "_o_fwd",
+              "_o_fwd raw gates", "_o_fwd_mm", "_h_fwd", "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul", "_dqk_bwd matmul carry",
               "_dqk_bwd matmul intra", "_dqk_inter", "_dqk_inter carry", "_dv_bwd", "_dv_bwd fused"]
     assert [r["kernel"] for r in rows] == labels
     for r in rows:
@@ -111,7 +111,8 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert split["stack_bytes"] == split["local_bytes"] == 0
     # the default's kernels fit without spilling (README); the matmul form needs fewer registers than the rows
     assert mm["stack_bytes"] == mm["local_bytes"] == 0 and mm["registers"] < intra["registers"]
-    for name in ("_o_fwd_mm", "_h_fwd raw gates", "_dqk_bwd matmul", "_dv_bwd fused"):
+    for name in ("_o_fwd_mm", "_h_fwd raw gates", "_attn_intra_mm raw gates", "_o_fwd raw gates", "_dqk_bwd matmul",
+                 "_dv_bwd fused"):
         assert by[name]["stack_bytes"] == by[name]["local_bytes"] == 0, name
     # tensor-core instructions (README): the 64-row products are wgmma, the 16-row-block kernels mma.sync only
     for name in ("_o_fwd", "_h_fwd", "_dv_bwd", "_dqk_inter"):
@@ -122,6 +123,45 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert intra_only["tensor_core"]["mma.sync"] < by["_dqk_bwd matmul"]["tensor_core"]["mma.sync"]
     for name in ("_attn_intra_mm", "_dqk_bwd matmul", "_dqk_bwd matmul intra"):
         assert by[name]["tensor_core"]["wgmma"] == 0 and by[name]["tensor_core"]["mma.sync"] > 0, name
+
+
+def test_kernel_compile_records_and_compiles_every_launch(tmp_path):
+    """benchmarks/kernel_compile.py: the launches of liger_attention's forward and backward (both forward forms,
+    so chunk_gla's, swa_attention's and the prologue's kernels too), recorded in the interpreter, all compile
+    for sm_90 here, and each names its kernel, launch options and resources."""
+    pytest.importorskip("triton")
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton has no bundled cuobjdump")
+    import subprocess
+    import sys
+
+    out = tmp_path / "compile.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_compile.py"), "--head-dim", "32",
+                          "--ops", "liger", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    kernels = {r["kernel"].split()[0] for r in rows}
+    assert {"_h_fwd", "_attn_intra_mm", "_o_fwd", "_dh_bwd", "_dqk_bwd", "_dv_bwd", "_swa_fwd_kernel",
+            "_swa_bwd_dq_kernel", "_swa_bwd_dkdv_kernel", "_prologue_kernel", "_prologue_bwd_kernel",
+            "_liger_fwd_kernel"} <= kernels
+    for r in rows:
+        assert "error" not in r and r["registers"] > 0 and r["programs_per_sm"] >= 1, r
+        assert f"| {r['kernel']} | {r['module']} |" in run.stdout
+    swa = [r for r in rows if r["module"] == "triton_swa"]
+    assert all("DT=bf16" in r["kernel"] and r["num_warps"] == 4 for r in swa)  # the GPU's choices, not the interpreter's
+    assert f"{len(rows)} compiled, 0 failed" in run.stdout
+
+
+def test_kernel_compile_rejects_an_unknown_variant():
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_compile.py"), "--variants", "fastest"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "unknown variant(s) fastest; known: default," in run.stderr
 
 
 def _kernels_gpu(tmp_path, *args):
