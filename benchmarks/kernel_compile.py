@@ -79,6 +79,8 @@ def _recorder(launches: dict):
         def key_of(name, d):  # what the compiled code depends on
             if d[0] == "int" and name not in constexprs:
                 return ["int", d[1] == 1, d[1] % 16 == 0]
+            if d[0] == "float" and name not in constexprs:
+                return ["float"]
             return d
 
         key = json.dumps([self.fn.__module__, self.fn.__name__, options,
@@ -152,8 +154,10 @@ def record(head_dim: int, variants: list[str], ops: list[str]) -> list[dict]:
 
 
 def signature(jit, params: dict):
-    """(signature, constexprs, attrs) for `ASTSource`, from a recorded launch of `jit`."""
+    """(signature, constexprs, attrs) for `ASTSource`, from a recorded launch of `jit`. Scalars get the type
+    the installed Triton gives them at a launch (`mangle_type`)."""
     import triton.language as tl
+    from triton.runtime.jit import mangle_type
 
     sig, const, attrs = {}, {}, {}
     for idx, p in enumerate(jit.params):
@@ -166,14 +170,10 @@ def signature(jit, params: dict):
         elif kind == "ptr":
             sig[p.name] = _PTR[value]
             attrs[(idx,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-        elif kind == "int":
-            sig[p.name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-            if value % 16 == 0:
+        elif kind in ("int", "float", "bool"):
+            sig[p.name] = mangle_type(value)
+            if kind == "int" and value % 16 == 0:
                 attrs[(idx,)] = [["tt.divisibility", 16]]
-        elif kind == "float":
-            sig[p.name] = "fp32"
-        elif kind == "bool":
-            sig[p.name] = "i1"
         else:
             raise ValueError(f"{jit.__name__}: cannot type argument {p.name} = {value!r} ({kind})")
     return sig, const, attrs
@@ -208,11 +208,11 @@ def compile_all(launches: list[dict], arch: int, smem_kb: int) -> list[dict]:
           "programs per SM |")
     print("|---|---|---|---|---|---|---|---|")
     for launch in sorted(launches, key=lambda x: (x["module"], label(x))):
-        jit = getattr(importlib.import_module(launch["module"]), launch["kernel"])
         opts = {k: launch["options"][k] for k in ("num_warps", "num_stages") if k in launch["options"]}
         row = {"kernel": label(launch), "module": launch["module"].rsplit(".", 1)[-1], **opts}
         warps = opts.get("num_warps", 4)
         try:
+            jit = getattr(importlib.import_module(launch["module"]), launch["kernel"])
             sig, const, attrs = signature(jit, launch["params"])
             compiled = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=const, attrs=attrs),
                                       target=GPUTarget("cuda", arch, 32), options=opts)
@@ -236,9 +236,10 @@ def main(argv=None) -> int:
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     p.add_argument("--smem-kb", type=int, default=228, help="shared memory per SM (H100: 228)")
     p.add_argument("--json", dest="json_path", type=Path, default=None)
-    p.add_argument("--save-launches", type=Path, default=None, help="also write the recorded launches here")
-    p.add_argument("--launches", type=Path, default=None,
-                   help="compile these recorded launches (from --save-launches) instead of recording")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--save-launches", type=Path, default=None, help="also write the recorded launches here")
+    source.add_argument("--launches", type=Path, default=None,
+                        help="compile these recorded launches (from --save-launches) instead of recording")
     p.add_argument("--record", type=Path, default=None, help=argparse.SUPPRESS)  # the subprocess's step 1
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
@@ -263,6 +264,9 @@ def main(argv=None) -> int:
             launches = json.loads(args.launches.read_text())
         except (OSError, ValueError) as err:
             sys.exit(f"kernel_compile: cannot read launches from {args.launches}: {err}")
+        if not isinstance(launches, list) or not all(
+                isinstance(x, dict) and {"module", "kernel", "options", "params"} <= set(x) for x in launches):
+            sys.exit(f"kernel_compile: {args.launches} is not a list of recorded launches (from --save-launches)")
     else:
         print(f"recording the launches (interpreter; head_dim {args.head_dim}, bf16, T = 128) ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:

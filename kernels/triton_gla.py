@@ -484,10 +484,11 @@ def _attn_intra_split(q, k, b, A, scale, T, Tp, H, Hk, G,
 def _gates(b_chunk, i, n_keys, k0, K: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr, C: tl.constexpr,
            BC: tl.constexpr, BK: tl.constexpr, RAW: tl.constexpr, GMIN: tl.constexpr):
     """The cumulative gates one matmul-scheme block needs, for the K block at k0: the chunk's [C, BK] (rows
-    after block i's end 0: never used), its row block i's [BC, BK] and the reference r = b at the block's middle row, [1, BK]. From the b buffer, or
-    (RAW) from the gates themselves: b_chunk then points at g's first row of the chunk, rows ≥ n_keys read
-    as zero gates, and the chunk-local cumsum of max(g, GMIN) is taken here; the block rows and r are picked
-    out of it (masked sums of zeros: the same values, bit for bit)."""
+    after block i's end are not loaded, callers never use them), its row block i's [BC, BK] and the
+    reference r = b at the block's middle row, [1, BK]. From the b buffer, or (RAW) from the gates
+    themselves: b_chunk then points at g's first row of the chunk, rows ≥ n_keys read as zero gates, and the
+    chunk-local cumsum of max(g, GMIN) is taken here; the block rows and r are picked out of it (masked sums
+    of zeros: the same values, bit for bit)."""
     oC = tl.arange(0, C)
     okk = tl.arange(0, BK)
     mk = (okk < K - k0)[None, :]  # with one gate per step (SBK = 0) every column reads that gate

@@ -23,7 +23,7 @@ def _interpreter_without_overflow_checks():
         return
     try:
         from triton.runtime import interpreter
-    except ImportError:
+    except Exception:  # no (usable) Triton: the kernel tests skip or fail on their own, with their own message
         yield
         return
     builder = getattr(interpreter, "interpreter_builder", None)

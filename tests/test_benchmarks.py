@@ -98,8 +98,9 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     labels = ["_attn_intra", "_attn_intra_split", "_attn_intra_mm", "_attn_intra_mm raw gates", "_o_fwd",
-              "_o_fwd raw gates", "_o_fwd_mm", "_h_fwd", "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul", "_dqk_bwd matmul carry",
-              "_dqk_bwd matmul intra", "_dqk_inter", "_dqk_inter carry", "_dv_bwd", "_dv_bwd fused"]
+              "_o_fwd raw gates", "_o_fwd_mm", "_h_fwd", "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul",
+              "_dqk_bwd matmul carry", "_dqk_bwd matmul intra", "_dqk_inter", "_dqk_inter carry", "_dv_bwd",
+              "_dv_bwd fused"]
     assert [r["kernel"] for r in rows] == labels
     for r in rows:
         assert r["registers"] > 0 and r["shared_bytes"] > 0 and r["programs_per_sm"] >= 1
@@ -111,8 +112,8 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert split["stack_bytes"] == split["local_bytes"] == 0
     # the default's kernels fit without spilling (README); the matmul form needs fewer registers than the rows
     assert mm["stack_bytes"] == mm["local_bytes"] == 0 and mm["registers"] < intra["registers"]
-    for name in ("_o_fwd_mm", "_h_fwd raw gates", "_attn_intra_mm raw gates", "_o_fwd raw gates", "_dqk_bwd matmul",
-                 "_dv_bwd fused"):
+    for name in ("_o_fwd_mm", "_h_fwd raw gates", "_attn_intra_mm raw gates", "_o_fwd raw gates",
+                 "_dqk_bwd matmul", "_dv_bwd fused"):
         assert by[name]["stack_bytes"] == by[name]["local_bytes"] == 0, name
     # tensor-core instructions (README): the 64-row products are wgmma, the 16-row-block kernels mma.sync only
     for name in ("_o_fwd", "_h_fwd", "_dv_bwd", "_dqk_inter"):
@@ -150,18 +151,28 @@ def test_kernel_compile_records_and_compiles_every_launch(tmp_path):
         assert "error" not in r and r["registers"] > 0 and r["programs_per_sm"] >= 1, r
         assert f"| {r['kernel']} | {r['module']} |" in run.stdout
     swa = [r for r in rows if r["module"] == "triton_swa"]
-    assert all("DT=bf16" in r["kernel"] and r["num_warps"] == 4 for r in swa)  # the GPU's choices, not the interpreter's
+    # the GPU's launch choices, not the interpreter's
+    assert all("DT=bf16" in r["kernel"] and r["num_warps"] == 4 for r in swa)
     assert f"{len(rows)} compiled, 0 failed" in run.stdout
 
 
-def test_kernel_compile_rejects_an_unknown_variant():
+def test_kernel_compile_rejects_bad_input(tmp_path):
+    """An unknown variant, and a launches file that is not what --save-launches writes: one line, exit 1."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_compile.py"), "--variants", "fastest"],
-                         capture_output=True, text=True, timeout=300)
+    script = str(ROOT / "benchmarks" / "kernel_compile.py")
+    run = subprocess.run([sys.executable, script, "--variants", "fastest"], capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 1 and "unknown variant(s) fastest; known: default," in run.stderr
+    bad = tmp_path / "compile.json"
+    bad.write_text('{"rows": []}')
+    run = subprocess.run([sys.executable, script, "--launches", str(bad)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"kernel_compile: {bad} is not a list of recorded launches (from --save-launches)")
 
 
 def _kernels_gpu(tmp_path, *args):

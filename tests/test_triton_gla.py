@@ -393,20 +393,18 @@ def test_half_states(dtype, fuse, monkeypatch):
     q, k, v, g, S0 = make(B, H, Hk, T, K, V, "channel", dtype=dtype)
     do = torch.randn(B, H, T, V).to(DEVICE).to(dtype)
     dS = torch.randn(B, Hk, K, V).to(DEVICE)
-    ref = fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)
-    tg.TUNING = tg.Tuning(precision="full", fuse_intra=fuse)
-    default = fwd_bwd(q, k, v, g, S0, do, dS)
     scratch = record_scratch(monkeypatch)
     tg.TUNING = tg.Tuning(precision="full", fuse_intra=fuse, half_states=True)
+    ref, _ = tg.chunk_gla_fwd(q.float(), k.float(), v.float(), g, SCALE, S0)
+    assert {dt for shape, dt in scratch if len(shape) == 5} == {torch.float32}  # fp32 inputs: h in fp32
     got = fwd_bwd(q, k, v, g, S0, do, dS)
-    hs = [dt for shape, dt in scratch if len(shape) == 5]
+    hs = [dt for shape, dt in scratch if len(shape) == 5][1:]
     assert hs[0] == dtype and set(hs[1:]) == {torch.float32}  # the forward's h; the backward's h and dh
-    assert rel(got[0], ref[0]) <= 1e-2 and not torch.equal(got[0], default[0])
+    tg.TUNING = tg.Tuning(precision="full", fuse_intra=fuse)
+    default = fwd_bwd(q, k, v, g, S0, do, dS)
+    assert rel(got[0], ref) <= 1e-2 and not torch.equal(got[0], default[0])
     for name, a, b in zip(NAMES[1:], got[1:], default[1:]):
         assert torch.equal(a, b), name
-    scratch.clear()
-    fwd_bwd(q.float(), k.float(), v.float(), g, S0, do.float(), dS)
-    assert {dt for shape, dt in scratch if len(shape) == 5} == {torch.float32}
 
 
 def test_precision_ignored_for_fp32():
@@ -491,7 +489,7 @@ def test_dg_carry(intra, block_k, block_v, H, Hk, T, K, V, gate, faint, monkeypa
 DQK_SPLIT = [
     ("matmul", "scan", 64, 64, 1, 4, 2, 150, 32, 17, "channel", False),  # GQA, three chunks, a masked tail
     ("matmul", "carry", 16, 16, 1, 2, 1, 70, 40, 33, "channel", False),  # K and V over several blocks
-    ("matmul", "carry", 64, 64, 1, 2, 1, 150, 32, 17, "channel", True),
+    ("matmul", "carry", 64, 64, 1, 2, 2, 150, 32, 17, "channel", True),  # the carry of kv head 1
     ("matmul", "scan", 64, 64, 2, 2, 2, 130, 16, 16, "scalar", False),  # two sequences
     ("matmul", "carry", 64, 64, 2, 4, 2, 100, 16, 16, "scalar", True),
     ("rows", "carry", 64, 64, 1, 2, 1, 100, 32, 16, "channel", False),
@@ -568,7 +566,7 @@ def test_dg_carry_keeps_low_precision_dg_accurate():
 # (intra, fuse_intra, block_k, H, Hk, T, K, V, gate): tails inside the first and second 16-row blocks of a chunk,
 # a single row; the default ("matmul", unfused) runs in every test above
 INTRA = [
-    ("rows", False, 64, 2, 1, 70, 16, 17, "channel"),  # GQA, the tail chunk's rows 6..63 past T
+    ("rows", False, 64, 2, 2, 70, 16, 17, "channel"),  # two kv heads, the tail chunk's rows 6..63 past T
     ("rows", False, 16, 2, 1, 40, 40, 16, "scalar"),  # K over three blocks, T inside the third row block
     ("split", False, 64, 4, 2, 70, 16, 17, "channel"),
     ("split", False, 64, 2, 2, 17, 16, 16, "scalar"),  # one chunk, T inside the second row block
@@ -608,7 +606,7 @@ def test_intra_kinds(intra, fuse_intra, block_k, H, Hk, T, K, V, gate, monkeypat
 # (B, H, Hk, T, K, V, gate, block_k, dtype) for Tuning.raw_gates
 RAW_GATES = [
     (1, 2, 1, 100, 40, 33, "channel", 16, torch.float32),  # GQA, K over three blocks (a partial last one), a tail
-    (2, 2, 2, 70, 16, 16, "scalar", 64, torch.float32),  # one gate per step, two sequences
+    (2, 4, 2, 40, 16, 16, "scalar", 64, torch.float32),  # one gate per step, two sequences, GQA over 2 kv heads
     (1, 2, 1, 70, 32, 16, "channel", 64, torch.bfloat16),  # "mixed": the half-precision forward kernels
 ]
 
@@ -616,20 +614,20 @@ RAW_GATES = [
 @pytest.mark.parametrize("B,H,Hk,T,K,V,gate,block_k,dtype", RAW_GATES)
 def test_raw_gates(B, H, Hk, T, K, V, gate, block_k, dtype, monkeypatch):
     """raw_gates: the forward launches no `_chunk_cumsum` (`_h_fwd`, `_attn_intra_mm` and `_o_fwd` cumulate and
-    clamp g in their tiles) and gives the default's output and final state; a forward asked to keep b still
-    forms it, the same b."""
+    clamp g in their tiles) and gives the default's output, final state and A (which the backward reuses); a
+    forward asked to keep b still forms it, the same b."""
     q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, strong=True, dtype=dtype)
     g = g * 1.5  # many gates below LOG_GATE_MIN, which every cumsum must clamp alike
     tg.TUNING = tg.Tuning(block_k=block_k)
-    want = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_b=True)
+    want = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True, keep_b=True)
     log = []
     for name in ("_chunk_cumsum", "_h_fwd", "_attn_intra_mm", "_o_fwd"):
         monkeypatch.setattr(tg, name, Spy(name, log))
     tg.TUNING = tg.Tuning(block_k=block_k, raw_gates=True)
-    o, S = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    o, S, A, no_b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True)  # what the custom op asks by default
     assert [name for name, _ in log] == ["_h_fwd", "_attn_intra_mm", "_o_fwd"]
-    assert torch.isfinite(o).all() and o.dtype == dtype
-    assert rel(o, want[0]) <= 1e-6 and rel(S, want[1]) <= 1e-6
+    assert torch.isfinite(o).all() and o.dtype == dtype and no_b is None
+    assert rel(o, want[0]) <= 1e-6 and rel(S, want[1]) <= 1e-6 and rel(A, want[2]) <= 1e-6
     log.clear()
     *_, b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_b=True)
     assert [name for name, _ in log] == ["_chunk_cumsum", "_h_fwd", "_attn_intra_mm", "_o_fwd"]
