@@ -197,7 +197,7 @@ class Tuning:
     #   forward runs (or is traced: torch.compile guards on it). Nothing is kept with fuse_intra (no A)
     raw_gates: bool = False  # forward only: no `_chunk_cumsum` launch and no b buffer; `_h_fwd`,
     #   `_attn_intra_mm` and `_o_fwd` take each chunk's cumulative gates from g in their own tiles (as
-    #   fuse_intra's kernels do), the values `_chunk_cumsum` stores. Saves that kernel's read of g and write
+    #   fuse_intra's kernels do), the sums `_chunk_cumsum` stores. Saves that kernel's read of g and write
     #   of b (~1.1 GB at 16k with fp32 gates: an estimated 0.3 ms), at the price of registers (not yet
     #   timed). Needs intra "matmul"; a forward asked to keep b (reuse_gates) forms it as usual
     reuse_gates: bool = False  # likewise the cumulative gates b (1.), [B, Hk, N·C, KG] fp32: as large as an
