@@ -60,6 +60,7 @@ KERNELS = [
     ("_dqk_inter carry", "_dqk_inter", {"CARRY": True}),
     ("_dv_bwd", "_dv_bwd", {"FUSED": False}),
     ("_dv_bwd fused", "_dv_bwd", {"FUSED": True}),  # fuse_intra: A formed in the dv kernel
+    ("_fwd_scan", "_fwd_scan", {"BK": None, "RAW": True}),  # Tuning.scan_forward: the whole K in one block
 ]
 _HALF = {"q", "k", "v", "do", "dq", "dk", "dv", "o"}  # bf16 tensors; every other pointer is fp32 (b, A, h, dh, dA, dB,
 #                                                      dqi, dki)
@@ -78,6 +79,8 @@ def compile_kernel(kernel, extra: dict, arch: int, warps: int, block_k: int, hea
     from triton.compiler import ASTSource
 
     extra = dict(extra)
+    if "BK" in extra and extra["BK"] is None:  # a kernel that takes the whole head in one K block
+        extra["BK"] = head_dim
     fp32 = extra.pop("fp32", set())  # pointers that are fp32 in this launch although usually bf16
     common = {"G": 1, "K": head_dim, "V": head_dim, "KG": head_dim, "SBK": 1, "C": 64, "BC": 16, "BK": block_k,
               "BV": 64, "USE_G": True, "PREC": "tf32", "LOWP": lowp, "HAS_H0": False, "RAW": False, "GMIN": -5.0,

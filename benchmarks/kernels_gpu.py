@@ -23,7 +23,8 @@ Prints the GPU name, a correctness table and a speed table, and writes both as J
 fusion, warps, block sizes): correctness at T=2048 and forward / forward+backward time at T=2048 (B=32) and
 T=16384 (B=4) for each, plus a per-kernel time breakdown (torch.profiler) of the first, of "rows" (the scheme
 measured before the matmul default) and of the fastest. `--variant NAME` runs the main benchmark with one of
-them.
+them. `--tune --warm` runs each case once, untimed, to fill Triton's cache (benchmarks/gpu_session.sh, the
+prepared device session, runs one such process per variant in parallel before the timed `--tune`).
 Targets (issue #6): ours ≥ fla chunk_gla speed; ≥ 5× SDPA forward at 16k.
 """
 
@@ -316,6 +317,11 @@ VARIANTS = {
     "keep b": {"reuse_gates": True},  # ... and keeps the cumulative gates too (fp32, g's size)
     "low carry keep b": {"precision": "low", "dg_form": "carry", "reuse_gates": True},
     "raw gates": {"raw_gates": True},  # no gate cumsum kernel in the forward: each kernel cumulates g (not yet timed)
+    # the forward in one sequential kernel, the state in registers: no h, A, b buffers (not yet timed); V blocks
+    # of 64 give B·Hk·2 programs at head_dim 128 (one per SM), 128 halve that but form A once per kv head
+    "scan": {"scan_forward": True},
+    "scan bv128": {"scan_forward": True, "block_v": 128},
+    "scan bv32": {"scan_forward": True, "block_v": 32},
     "split dqk": {"dqk": "split"},  # dq/dk's inter-chunk products in their own 64-row kernel (wgmma), as fla
     "low carry split dqk": {"precision": "low", "dg_form": "carry", "dqk": "split"},
     "w8": {"num_warps": 8},
@@ -374,6 +380,7 @@ def _tune(args, dev, H, D, sizes, names, save) -> dict:
     from lincompile.kernels import fused
 
     rows = []
+    quick = args.smoke or args.warm  # one untimed-quality run per case: compiles, no do_bench
     for name in names:
         set_variant(name)
         row = {"variant": name, **VARIANTS[name]}
@@ -386,8 +393,8 @@ def _tune(args, dev, H, D, sizes, names, save) -> dict:
                 (q, k, v, g), do = gla_inputs(B, H, T, D, dev)
                 fwd = lambda: fused.chunk_gla(q, k, v, g, D ** -0.5, None)[0]  # noqa: E731
                 with torch.no_grad():
-                    row[f"fwd_ms_{T}"] = bench(fwd, args.smoke)
-                row[f"fwd_bwd_ms_{T}"] = bench(lambda: fwd().backward(do), args.smoke, (q, k, v, g))
+                    row[f"fwd_ms_{T}"] = bench(fwd, quick)
+                row[f"fwd_bwd_ms_{T}"] = bench(lambda: fwd().backward(do), quick, (q, k, v, g))
                 del q, k, v, g, do
         except Exception as err:
             row["error"] = repr(err)[:300]
@@ -396,6 +403,8 @@ def _tune(args, dev, H, D, sizes, names, save) -> dict:
         save({"rows": rows, "partial": True})  # a run cut short still leaves the variants it finished
         if dev == "cuda":
             torch.cuda.empty_cache()
+    if args.warm:  # the kernels are compiled and cached: what --warm is for
+        return {"rows": rows, "sdpa": {}, "best": None, "profile": {}}
     sdpa = {}
     for B, T in sizes:  # the yardstick of the issue's target: ≥ 5× SDPA forward at 16k
         (q, k, v, _), do = gla_inputs(B, H, T, D, dev)
@@ -432,12 +441,17 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="A/B the chunk_gla launch configurations (see VARIANTS)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None, help="with --tune: which")
     p.add_argument("--variant", choices=list(VARIANTS), default=None, help="run the benchmark with this one")
+    p.add_argument("--warm", action="store_true",
+                   help="with --tune: run each case once, untimed, to fill Triton's cache for a later --tune "
+                        "(benchmarks/gpu_session.sh runs one such process per variant in parallel)")
     p.add_argument("--skip-check", action="store_true", help="leave out the correctness part")
     args = p.parse_args(argv)
     if args.tune and args.variant:
         p.error("--variant is for the benchmark; with --tune, choose with --variants")
     if args.variants and not args.tune:
         p.error("--variants goes with --tune")
+    if args.warm and not args.tune:
+        p.error("--warm goes with --tune")
     if args.smoke:
         args.lengths, args.tokens, args.heads, args.head_dim = [64, 128], 128, 2, 32
     dev = "cuda" if torch.cuda.is_available() else "cpu"

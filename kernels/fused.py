@@ -92,7 +92,7 @@ _REUSE_DEFAULT = (True, False, "mixed")
 
 def _reuse(q, k, v, g, initial_state=None) -> tuple[bool, bool, str]:
     """(keep A, keep b, precision) for this forward: `Tuning.reuse_forward` / `reuse_gates` (False with
-    fuse_intra) when a backward can follow, and `Tuning.precision` when A is kept (A's dtype follows it; ""
+    fuse_intra or scan_forward) when a backward can follow, and `Tuning.precision` when A is kept (A's dtype follows it; ""
     otherwise). Read here, in the wrapper, so that torch.compile guards on them and traces again when TUNING
     changes (the op's outputs depend on them); through sys.modules, not an import, because compiled code
     cannot import: before triton_gla is imported, TUNING is still at its defaults."""
@@ -103,8 +103,8 @@ def _reuse(q, k, v, g, initial_state=None) -> tuple[bool, bool, str]:
     if tg is None:
         return _REUSE_DEFAULT
     t = tg.TUNING
-    keep_a = t.reuse_forward and not t.fuse_intra
-    return keep_a, t.reuse_gates and not t.fuse_intra, t.precision if keep_a else ""
+    keep_a = t.reuse_forward and not t.keeps_nothing
+    return keep_a, t.reuse_gates and not t.keeps_nothing, t.precision if keep_a else ""
 
 
 def _kept(q, k, v, g, keep_a, keep_b, precision):

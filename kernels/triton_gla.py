@@ -26,6 +26,9 @@ Structure (chunks of C = 64 positions, sub-chunks of c = 16; the tail chunk is m
             4. `_o_fwd`: o = scale (q ⊙ exp(b)) h[n] + A v per (query head, chunk, V block). With
                `TUNING.fuse_intra`, `_o_fwd_mm` does 3. and 4. in one kernel per 16-row block, and the
                backward's `_dv_bwd` forms A itself too: A never leaves the registers.
+            With `TUNING.scan_forward`, `_fwd_scan` does 1.–4. in one launch: one program per (V block,
+            batch·kv head) walks the chunks with the state in registers and forms each chunk's output as
+            `_o_fwd_mm` does, for the G query heads of the group; no h, A or b buffer.
   backward  h is recomputed (2.; fp32 unless precision "low"). A (and b with `Tuning.reuse_gates`) are the
             forward's where the custom op's wrapper had it keep them (`Tuning.reuse_forward`; fla keeps A
             alike), else recomputed (1., 3.; A not with fuse_intra); then
@@ -203,6 +206,17 @@ class Tuning:
     reuse_gates: bool = False  # likewise the cumulative gates b (1.), [B, Hk, N·C, KG] fp32: as large as an
     #   fp32 g, which is held as well (the backward's dg reads g for the clamp mask), for an estimated 0.35 ms
     #   at 16k (half of `_chunk_cumsum`'s time in the H100 profile)
+    scan_forward: bool = False  # the forward as one kernel, `_fwd_scan`: a sequential pass per (kv head, V
+    #   block) with the state in registers, the output formed as `_o_fwd_mm` forms it. No h, A or b buffer
+    #   (the forward's scratch memory no longer grows with T: h alone is 0.5 GB at 64k for 16 heads of
+    #   128), one launch instead of four, and GQA groups share the state update; but B·Hk·NV programs only,
+    #   the whole K in one block (8 warps unless num_warps says otherwise), and the backward forms A and b
+    #   again. Needs intra "matmul". Not yet timed
+
+    @property
+    def keeps_nothing(self) -> bool:
+        """The forward forms no A or b that a backward could reuse (fuse_intra, scan_forward)."""
+        return self.fuse_intra or self.scan_forward
 
     def __post_init__(self):
         self.validate()
@@ -218,10 +232,10 @@ class Tuning:
             raise ValueError(f"Tuning.precision must be one of {', '.join(PRECISION)}, got {self.precision!r}")
         if self.intra not in INTRA:
             raise ValueError(f"Tuning.intra must be one of {', '.join(INTRA)}, got {self.intra!r}")
-        for name in ("reuse_forward", "reuse_gates", "raw_gates"):
+        for name in ("reuse_forward", "reuse_gates", "raw_gates", "fuse_intra", "scan_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Tuning.{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("fuse_intra", "raw_gates"):
+        for name in ("fuse_intra", "raw_gates", "scan_forward"):
             if getattr(self, name) and self.intra != "matmul":
                 raise ValueError(f"Tuning.{name} needs intra='matmul', got intra={self.intra!r}")
         for name in ("block_k", "block_v"):
@@ -654,6 +668,83 @@ def _o_fwd_mm(q, k, v, b, h, o, scale, T, Tp, H, Hk, G, N,
 
 
 @triton.jit
+def _fwd_scan(q, k, v, g, h0, o, ht, scale, T, H, Hk, G, N,
+              K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
+              C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              USE_G: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr, LOWP: tl.constexpr,
+              GMIN: tl.constexpr):
+    """The whole forward in one sequential pass (`Tuning.scan_forward`): one program per (V block, batch·kv
+    head) walks the chunks with the state S [K, BV] in registers (BK ≥ K: the whole K in one block). Per
+    chunk it loads k, v and g once and cumulates the gates (clamped, as `_chunk_cumsum` does); forms the
+    output of each of the G query heads of the group, 16-row block by 16-row block, as `_o_fwd_mm` does
+    (the intra-chunk row block through the reference r at the block's middle row, the inter-chunk part
+    from S as it was before the chunk, rounded to the input dtype under LOWP as the h buffer would be);
+    then advances S as `_h_fwd` does. No h, A or b buffer, one launch, and the state update is shared by
+    the group's query heads; but only B·Hk·NV programs, each N chunks long."""
+    iv, ibk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    ET: tl.constexpr = q.dtype.element_ty
+    NC: tl.constexpr = C // BC
+    ok = tl.arange(0, BK)
+    ov = iv * BV + tl.arange(0, BV)
+    oc = tl.arange(0, C)
+    ob = tl.arange(0, BC)
+    mk = (ok < K)[None, :]
+    mv = (ov < V)[None, :]
+    okv = ok[:, None] * V + ov[None, :]
+    mkv = (ok < K)[:, None] & mv
+    first = (ibk // Hk) * H + (ibk % Hk) * G  # the group's first query head
+    if HAS_H0:
+        S = tl.load(h0 + ibk * K * V + okv, mask=mkv, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for n in range(N):
+        t0 = n * C
+        mt = (oc < T - t0)[:, None]
+        # k and v stay as loaded (bf16 tiles take half the registers); `_dot` converts its operands
+        kk = tl.load(k + (ibk * T + t0) * K + oc[:, None] * K + ok[None, :], mask=mt & mk, other=0.0)
+        vv = tl.load(v + (ibk * T + t0) * V + oc[:, None] * V + ov[None, :], mask=mt & mv, other=0.0)
+        if USE_G:  # rows ≥ T as zero gates, so bb stays flat past T and its last row is the chunk's decay
+            gg = tl.load(g + (ibk * T + t0) * KG + oc[:, None] * KG + ok[None, :] * SBK, mask=mt & mk,
+                         other=0.0).to(tl.float32)
+            bb = tl.cumsum(tl.maximum(gg, GMIN, propagate_nan=tl.PropagateNan.ALL), axis=0)
+            b3 = tl.reshape(bb, (NC, BC, BK))
+        if LOWP:  # the rounding `_dot` would apply to S in every product below, done once per chunk
+            hs = _lowp(S, ET)
+        else:
+            hs = S
+        for j in range(G):
+            q_chunk = q + ((first + j) * T + t0) * K
+            o_chunk = o + ((first + j) * T + t0) * V
+            for i in range(NC):  # a loop, not unrolled: unrolled, the four blocks' tiles spill (280 bytes at 8 warps)
+                mi = (ob < T - t0 - i * BC)[:, None]
+                qi = tl.load(q_chunk + (i * BC + ob[:, None]) * K + ok[None, :], mask=mi & mk,
+                             other=0.0).to(tl.float32)
+                inter = tl.zeros([BC, BV], dtype=tl.float32)
+                if USE_G:  # block i's rows of bb, and r: picked out by masked sums of zeros (exact)
+                    bi = tl.sum(tl.where((tl.arange(0, NC) == i)[:, None, None], b3, 0.0), axis=0)
+                    r = tl.sum(tl.where((oc == i * BC + BC // 2 - 1)[:, None], bb, 0.0), axis=0)[None, :]
+                    inter = _dot(qi * tl.exp(bi), hs, inter, ET, LOWP, PREC)
+                    qi = qi * tl.exp(bi - r)
+                    # keys after the block keep factor 1: their entries (s > t) are dropped below
+                    kc = kk.to(tl.float32) * tl.exp(tl.where((oc < i * BC + BC)[:, None], r - bb, 0.0))
+                else:
+                    inter = _dot(qi, hs, inter, ET, LOWP, PREC)
+                    kc = kk.to(tl.float32)
+                att = _dot(qi, tl.trans(kc), tl.zeros([BC, C], dtype=tl.float32), tl.float32, False, PREC)
+                att = tl.where(oc[None, :] <= i * BC + ob[:, None], att, 0.0)
+                acc = _dot(att * scale, vv, inter * scale, ET, LOWP, PREC)  # scaled before LOWP rounds it
+                tl.store(o_chunk + (i * BC + ob[:, None]) * V + ov[None, :], acc.to(o.dtype.element_ty),
+                         mask=mi & mv)
+        if USE_G:
+            bl = tl.sum(tl.where((oc == C - 1)[:, None], bb, 0.0), axis=0)
+            S = S * tl.exp(bl)[:, None]
+            S = _dot(tl.trans(kk.to(tl.float32) * tl.exp(bl[None, :] - bb)), vv, S, ET, LOWP, PREC)
+        else:
+            S = _dot(tl.trans(kk), vv, S, ET, LOWP, PREC)
+    tl.store(ht + ibk * K * V + okv, S, mask=mkv)
+
+
+@triton.jit
 def _dh_bwd(q, do, b, dht, dh, dh0, scale, T, Tp, H, Hk, G, N,
             K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr, SBK: tl.constexpr,
             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -1030,7 +1121,7 @@ def _dv_bwd(q, k, b, dh, A, do, dv, scale, T, Tp, H, Hk, G, N,
         if FUSED:
             ob = tl.arange(0, BC)
             NC: tl.constexpr = C // BC
-            for i in tl.static_range(NC):
+            for i in range(NC):
                 att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b + (ibk * Tp + t0) * KG,
                                    i, T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, APREC, False, 0.0)
                 dd = tl.load(do + (ibh * T + t0 + i * BC) * V + ob[:, None] * V + ov[None, :],
@@ -1181,10 +1272,10 @@ def _precision(q, k, v, requested: str) -> str:
 
 def kept_layout(q, k, v, g, keep_a: bool = True, keep_b: bool = True, precision: str | None = None):
     """What `chunk_gla_fwd(..., keep_a, keep_b, precision)` returns as A and b: (A's shape and dtype, or None;
-    b's shape, or None). None where not asked for, with fuse_intra (the forward forms neither) and b without
+    b's shape, or None). None where not asked for, with fuse_intra or scan_forward (the forward forms neither) and b without
     gates; A's dtype follows the precision (TUNING's unless given). Shapes may be symbolic: the custom op's
     register_fake calls this too."""
-    if TUNING.fuse_intra:
+    if TUNING.keeps_nothing:
         return None, None
     B, H, T = q.shape[0], q.shape[1], q.shape[2]
     Tp = (T + CHUNK - 1) // CHUNK * CHUNK
@@ -1309,6 +1400,7 @@ class _Setup:
         self.intra_kind = t.intra
         self.fuse_intra = bool(t.fuse_intra)
         self.raw_gates = bool(t.raw_gates) and self.use_g
+        self.scan_forward = t.scan_forward
         self.dg_carry = t.dg_form == "carry" and self.use_g
         self.dqk_split = t.dqk == "split"
         self.dev = q.device
@@ -1359,6 +1451,20 @@ def _check_state(state, s):
         raise ValueError(f"state shape {tuple(state.shape)}, expected {want}")
 
 
+def _scan_forward(s: _Setup, scale: float, initial_state):
+    """(o, final state) by `_fwd_scan` (Tuning.scan_forward)."""
+    o = _empty(s.B, s.H, s.T, s.V, device=s.dev, dtype=s.q.dtype)
+    ht = _empty(s.B, s.Hk, s.K, s.V, device=s.dev)
+    h0 = initial_state.contiguous() if initial_state is not None else ht
+    launch = {"num_warps": 8, **s.launch}  # S [K, BV] fp32 and the chunk's k and gates stay in registers
+    _fwd_scan[(s.NV, s.B * s.Hk)](s.q, s.k, s.v, s.g if s.use_g else s.q, h0, o, ht, scale, s.T, s.H, s.Hk,
+                                  s.G, s.N, K=s.K, V=s.V, KG=s.KG, SBK=s.SBK, C=s.C, BC=SUB,
+                                  BK=_pow2(s.K, hi=MAX_HEAD_DIM), BV=s.BV, USE_G=s.use_g,
+                                  HAS_H0=initial_state is not None, PREC=s.prec, LOWP=s.lowp, GMIN=LOG_GATE_MIN,
+                                  **launch)
+    return o, ht
+
+
 def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64, keep_a: bool = False,
                   keep_b: bool = False, precision: str | None = None):
     """(o [B,H,T,V] q.dtype, final_state [B,Hk,K,V] fp32); keep_a or keep_b adds (A, b), the intra-chunk
@@ -1382,6 +1488,9 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state=None, chunk: int = 64,
     # fuse_intra: neither A nor the cumulative gates b are stored; the two kernels cumulate g themselves.
     # raw_gates: A is, b is not (unless it is to be kept); the three kernels cumulate g themselves
     raw = s.raw_gates and not keep_b
+    if s.scan_forward:
+        o, ht = _scan_forward(s, scale, initial_state)
+        return (o, ht, None, None) if keep else (o, ht)
     h, ht = s.states(initial_state, raw=s.fuse_intra or raw, dtype=s.fwd_hdt)
     o = _empty(s.B, s.H, s.T, s.V, device=s.dev, dtype=q.dtype)
     if s.fuse_intra:

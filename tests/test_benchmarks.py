@@ -100,7 +100,7 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     labels = ["_attn_intra", "_attn_intra_split", "_attn_intra_mm", "_attn_intra_mm raw gates", "_o_fwd",
               "_o_fwd raw gates", "_o_fwd_mm", "_h_fwd", "_h_fwd raw gates", "_dqk_bwd rows", "_dqk_bwd matmul",
               "_dqk_bwd matmul carry", "_dqk_bwd matmul intra", "_dqk_inter", "_dqk_inter carry", "_dv_bwd",
-              "_dv_bwd fused"]
+              "_dv_bwd fused", "_fwd_scan"]
     assert [r["kernel"] for r in rows] == labels
     for r in rows:
         assert r["registers"] > 0 and r["shared_bytes"] > 0 and r["programs_per_sm"] >= 1
@@ -124,6 +124,8 @@ def test_kernel_resources_compiles_for_a_gpu_without_one(tmp_path):
     assert intra_only["tensor_core"]["mma.sync"] < by["_dqk_bwd matmul"]["tensor_core"]["mma.sync"]
     for name in ("_attn_intra_mm", "_dqk_bwd matmul", "_dqk_bwd matmul intra"):
         assert by[name]["tensor_core"]["wgmma"] == 0 and by[name]["tensor_core"]["mma.sync"] > 0, name
+    # scan_forward: the state update is a 64-row product (wgmma), the output's 16-row blocks are mma.sync
+    assert by["_fwd_scan"]["tensor_core"]["wgmma"] > 0 and by["_fwd_scan"]["tensor_core"]["mma.sync"] > 0
 
 
 def test_kernel_compile_records_and_compiles_every_launch(tmp_path):
@@ -201,6 +203,44 @@ def test_kernels_gpu_tune_smoke(tmp_path):
     assert res["best"] in ("default", "low carry keep b") and "partial" not in res
     assert set(res["sdpa"]) == {"fwd_ms_64", "fwd_bwd_ms_64", "fwd_ms_128", "fwd_bwd_ms_128"}
     assert f"best: {res['best']}" in stdout
+
+
+def test_kernels_gpu_warm_smoke(tmp_path):
+    """--tune --warm (what benchmarks/gpu_session.sh runs per variant, in parallel, to fill Triton's cache): each
+    case runs once, errors are still checked, and nothing is compared (no SDPA, no best); --warm alone is refused."""
+    import subprocess
+    import sys
+
+    res, _ = _kernels_gpu(tmp_path, "--tune", "--warm", "--variants", "scan")
+    (row,) = res["rows"]
+    assert row["variant"] == "scan" and row["scan_forward"] is True and "error" not in row, row
+    assert row["max_rel_err"] <= 1e-2 and row["fwd_ms_128"] > 0
+    assert res["sdpa"] == {} and res["best"] is None and res["profile"] == {}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_gpu.py"), "--smoke", "--warm"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--warm goes with --tune" in run.stderr
+
+
+def test_gpu_session_script_parses():
+    """benchmarks/gpu_session.sh (run on a lent GPU machine only) is valid bash and names only variants that
+    kernels_gpu.py has."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    default = re.search(r'VARIANTS=\$\{VARIANTS:-"([^"]+)"\}', script.read_text()).group(1)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import kernels_gpu
+    finally:
+        sys.path.pop(0)
+    names = [n.replace("|", " ") for n in default.split()]
+    assert names and set(names) <= set(kernels_gpu.VARIANTS), names
 
 
 def test_kernels_gpu_correctness_smoke(tmp_path):

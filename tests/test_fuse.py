@@ -341,7 +341,8 @@ def test_what_the_forward_keeps_follows_tuning_and_grad_mode(monkeypatch):
     assert fused._reuse(q, k, v, g.detach(), torch.zeros(1, 2, 16, 16, requires_grad=True)) == (True, False, "mixed")
     for kw, want in ((dict(reuse_gates=True, precision="low"), (True, True, "low")),
                      (dict(reuse_forward=False, reuse_gates=True), (False, True, "")),
-                     (dict(fuse_intra=True, reuse_gates=True), (False, False, ""))):
+                     (dict(fuse_intra=True, reuse_gates=True), (False, False, "")),
+                     (dict(scan_forward=True, reuse_gates=True), (False, False, ""))):
         monkeypatch.setattr(tg, "TUNING", tg.Tuning(**kw))
         assert fused._reuse(q, k, v, g) == want, kw
 
@@ -364,7 +365,7 @@ def test_chunk_gla_op_runs_the_precision_it_is_given():
 @needs_kernels
 def test_chunk_gla_backward_reuses_the_forward(monkeypatch):
     """Through the op's autograd, the backward launches what the forward did not keep, and no more: A by
-    default, b too with reuse_gates; the gradients are those of a recomputing backward, bit for bit. Under
+    default, b too with reuse_gates, both after a scan_forward; the gradients are those of a recomputing backward, bit for bit. Under
     torch.compile (AOTAutograd) the same, and a changed TUNING traces the wrapper again."""
     from lincompile.kernels import triton_gla as tg
 
@@ -384,7 +385,7 @@ def test_chunk_gla_backward_reuses_the_forward(monkeypatch):
             launches.append(self.name)
             return self.kernel[grid]
 
-    for name in ("_chunk_cumsum", "_attn_intra_mm"):
+    for name in ("_chunk_cumsum", "_attn_intra_mm", "_fwd_scan"):
         monkeypatch.setattr(tg, name, Count(name))
     forward = ["_chunk_cumsum", "_attn_intra_mm"]
     reused = grads()
@@ -394,6 +395,10 @@ def test_chunk_gla_backward_reuses_the_forward(monkeypatch):
         monkeypatch.setattr(tg, "TUNING", tg.Tuning(**kw))
         assert all(torch.equal(a, b) for a, b in zip(grads(), reused)), kw
         assert launches == forward + backward, kw
+    launches.clear()
+    monkeypatch.setattr(tg, "TUNING", tg.Tuning(scan_forward=True))  # keeps nothing: the backward forms b and A
+    assert all(torch.equal(a, b) for a, b in zip(grads(), reused))
+    assert launches == ["_fwd_scan"] + forward
     monkeypatch.setattr(tg, "TUNING", tg.Tuning())
     torch._dynamo.reset()
     compiled_fn = torch.compile(fused.chunk_gla, backend="aot_eager", fullgraph=True)

@@ -634,6 +634,47 @@ def test_raw_gates(B, H, Hk, T, K, V, gate, block_k, dtype, monkeypatch):
     assert torch.equal(b, want[3])
 
 
+# (B, H, Hk, T, K, V, gate, h0, dtype) for Tuning.scan_forward
+SCAN_FORWARD = [
+    (1, 2, 1, 100, 40, 33, "channel", True, torch.float32),  # GQA (one state update for two heads), K not a
+    #                                                          power of two, V over two blocks, a tail chunk
+    (2, 4, 2, 70, 16, 16, "scalar", False, torch.float32),  # two sequences, GQA over two kv heads, no S0
+    (1, 2, 2, 64, 32, 16, None, True, torch.float32),  # no gates, one whole chunk
+    (1, 2, 1, 70, 32, 16, "channel", True, torch.bfloat16),  # "mixed": the state rounded as the h buffer is
+    (1, 2, 2, 1, 16, 16, "channel", True, torch.float32),  # a single row
+]
+
+
+@pytest.mark.parametrize("B,H,Hk,T,K,V,gate,h0,dtype", SCAN_FORWARD)
+def test_scan_forward(B, H, Hk, T, K, V, gate, h0, dtype, monkeypatch):
+    """scan_forward: the forward is one `_fwd_scan` launch of (V blocks, batch·kv heads) programs and gives
+    the default forward's output and final state; it keeps nothing for a backward (kept_layout agrees)."""
+    q, k, v, g, S0 = make(B, H, Hk, T, K, V, gate, strong=True, h0=h0, dtype=dtype)
+    if g is not None:
+        g = g * 1.5  # many gates below LOG_GATE_MIN, which the scan must clamp as `_chunk_cumsum` does
+    want = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
+    log = []
+    for name in ("_chunk_cumsum", "_h_fwd", "_attn_intra_mm", "_o_fwd", "_o_fwd_mm", "_fwd_scan"):
+        monkeypatch.setattr(tg, name, Spy(name, log))
+    tg.TUNING = tg.Tuning(scan_forward=True)
+    o, S, A, b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True, keep_b=True)
+    assert log == [("_fwd_scan", (-(-V // 64), B * Hk))]
+    assert A is None and b is None and tg.kept_layout(q, k, v, g) == (None, None)
+    assert o.dtype == dtype and torch.isfinite(o).all() and S.dtype == torch.float32
+    tol = 1e-6 if dtype == torch.float32 else 5e-3  # bf16: a rounding of o in the last place, on a GPU
+    assert rel(o, want[0]) <= tol and rel(S, want[1]) <= 1e-6
+    ro, rS = gla.gla_naive(*(None if x is None else x.float().cpu() for x in (q, k, v, g)), SCALE,
+                           None if S0 is None else S0.cpu())
+    oracle_tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: operands of the products in bf16
+    assert rel(S, rS) <= oracle_tol and rel(o, ro) <= oracle_tol
+
+
+def test_scan_forward_then_backward():
+    """The backward after a scan forward forms A, b and h itself: the oracle's forward and every gradient."""
+    tg.TUNING = tg.Tuning(scan_forward=True)
+    check_against_oracle(2, 1, 70, 20, 20, "channel")
+
+
 def test_fuse_intra_batches():
     """fuse_intra with two batches, GQA, per-channel gates over three K blocks: the batch strides of the raw
     gates, the fused output and the fused dv."""
@@ -829,7 +870,8 @@ def test_kept_layout_at_zero_length():
                                 dict(intra="diagonal"), dict(intra="rows", fuse_intra=True),
                                 dict(precision="bf16"), dict(precision=True), dict(dg_form="flat"),
                                 dict(reuse_forward=1), dict(reuse_gates=None), dict(dqk="inter"),
-                                dict(raw_gates=1), dict(intra="split", raw_gates=True)])
+                                dict(raw_gates=1), dict(intra="split", raw_gates=True), dict(fuse_intra=1),
+                                dict(scan_forward="yes"), dict(intra="rows", scan_forward=True)])
 def test_bad_tuning(kw):
     with pytest.raises(ValueError):
         tg.Tuning(**kw)
@@ -853,8 +895,9 @@ def test_tuning_default_is_restored():
     assert tg.TUNING == tg.Tuning()
     assert (tg.TUNING.precision, tg.TUNING.num_warps, tg.TUNING.num_stages, tg.TUNING.block_k,
             tg.TUNING.block_v, tg.TUNING.intra, tg.TUNING.fuse_intra, tg.TUNING.half_states, tg.TUNING.dg_form,
-            tg.TUNING.reuse_forward, tg.TUNING.reuse_gates, tg.TUNING.dqk, tg.TUNING.raw_gates) == (
-        "mixed", None, None, 64, 64, "matmul", False, False, "scan", True, False, "fused", False)
+            tg.TUNING.reuse_forward, tg.TUNING.reuse_gates, tg.TUNING.dqk, tg.TUNING.raw_gates,
+            tg.TUNING.scan_forward) == (
+        "mixed", None, None, 64, 64, "matmul", False, False, "scan", True, False, "fused", False, False)
 
 
 # --------------------------------------------------------------------------------------------------
