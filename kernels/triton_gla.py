@@ -1272,9 +1272,9 @@ def _precision(q, k, v, requested: str) -> str:
 
 def kept_layout(q, k, v, g, keep_a: bool = True, keep_b: bool = True, precision: str | None = None):
     """What `chunk_gla_fwd(..., keep_a, keep_b, precision)` returns as A and b: (A's shape and dtype, or None;
-    b's shape, or None). None where not asked for, with fuse_intra or scan_forward (the forward forms neither) and b without
-    gates; A's dtype follows the precision (TUNING's unless given). Shapes may be symbolic: the custom op's
-    register_fake calls this too."""
+    b's shape, or None). None where not asked for, with fuse_intra or scan_forward (the forward forms
+    neither) and b without gates; A's dtype follows the precision (TUNING's unless given). Shapes may be
+    symbolic: the custom op's register_fake calls this too."""
     if TUNING.keeps_nothing:
         return None, None
     B, H, T = q.shape[0], q.shape[1], q.shape[2]
