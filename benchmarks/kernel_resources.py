@@ -60,7 +60,7 @@ KERNELS = [
     ("_dqk_inter carry", "_dqk_inter", {"CARRY": True}),
     ("_dv_bwd", "_dv_bwd", {"FUSED": False}),
     ("_dv_bwd fused", "_dv_bwd", {"FUSED": True}),  # fuse_intra: A formed in the dv kernel
-    ("_fwd_scan", "_fwd_scan", {"BK": None, "RAW": True}),  # Tuning.scan_forward: the whole K in one block
+    ("_fwd_scan", "_fwd_scan", {"BK": None}),  # Tuning.scan_forward: the whole K in one block
 ]
 _HALF = {"q", "k", "v", "do", "dq", "dk", "dv", "o"}  # bf16 tensors; every other pointer is fp32 (b, A, h, dh, dA, dB,
 #                                                      dqi, dki)

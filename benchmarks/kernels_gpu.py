@@ -369,6 +369,8 @@ def profile_gla(B, H, T, D, dev) -> dict:
 def tune(args, dev, save=lambda partial: None) -> dict:
     H, D = args.heads, args.head_dim
     sizes = [(32, 2048), (4, 16384)] if not args.smoke else [(1, 64), (1, 128)]
+    if args.warm:  # one sequence each: the same compiled kernels (the batch only sizes the grids), in less
+        sizes = [(1, T) for _, T in sizes]  # memory, for the parallel warm-up processes on one GPU
     names = args.variants or list(VARIANTS)
     try:
         return _tune(args, dev, H, D, sizes, names, save)

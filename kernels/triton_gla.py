@@ -209,9 +209,11 @@ class Tuning:
     scan_forward: bool = False  # the forward as one kernel, `_fwd_scan`: a sequential pass per (kv head, V
     #   block) with the state in registers, the output formed as `_o_fwd_mm` forms it. No h, A or b buffer
     #   (the forward's scratch memory no longer grows with T: h alone is 0.5 GB at 64k for 16 heads of
-    #   128), one launch instead of four, and GQA groups share the state update; but B·Hk·NV programs only,
-    #   the whole K in one block (8 warps unless num_warps says otherwise), and the backward forms A and b
-    #   again. Needs intra "matmul". Not yet timed
+    #   128), one launch instead of four, and GQA groups share the state update and the key tiles; but
+    #   B·Hk·NV programs only, the whole K in one block (8 warps unless num_warps says otherwise; at head_dim
+    #   256 it spills), and the backward forms A and b again. half_states does not apply (there is no h: the
+    #   state is rounded to the input dtype for its products under "mixed" and "low", as h is). Needs intra
+    #   "matmul". Not yet timed
 
     @property
     def keeps_nothing(self) -> bool:
@@ -676,9 +678,10 @@ def _fwd_scan(q, k, v, g, h0, o, ht, scale, T, H, Hk, G, N,
     """The whole forward in one sequential pass (`Tuning.scan_forward`): one program per (V block, batch·kv
     head) walks the chunks with the state S [K, BV] in registers (BK ≥ K: the whole K in one block). Per
     chunk it loads k, v and g once and cumulates the gates (clamped, as `_chunk_cumsum` does); forms the
-    output of each of the G query heads of the group, 16-row block by 16-row block, as `_o_fwd_mm` does
-    (the intra-chunk row block through the reference r at the block's middle row, the inter-chunk part
-    from S as it was before the chunk, rounded to the input dtype under LOWP as the h buffer would be);
+    output 16-row block by 16-row block, as `_o_fwd_mm` does, for each of the G query heads of the group
+    (the intra-chunk row block through the reference r at the block's middle row, whose gates and key
+    tile the heads share; the inter-chunk part from S as it was before the chunk, rounded to the input
+    dtype under LOWP as the default forward's h buffer is);
     then advances S as `_h_fwd` does. No h, A or b buffer, one launch, and the state update is shared by
     the group's query heads; but only B·Hk·NV programs, each N chunks long."""
     iv, ibk = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -712,29 +715,30 @@ def _fwd_scan(q, k, v, g, h0, o, ht, scale, T, H, Hk, G, N,
             hs = _lowp(S, ET)
         else:
             hs = S
-        for j in range(G):
-            q_chunk = q + ((first + j) * T + t0) * K
-            o_chunk = o + ((first + j) * T + t0) * V
-            for i in range(NC):  # a loop, not unrolled: unrolled, the four blocks' tiles spill (280 bytes at 8 warps)
-                mi = (ob < T - t0 - i * BC)[:, None]
-                qi = tl.load(q_chunk + (i * BC + ob[:, None]) * K + ok[None, :], mask=mi & mk,
-                             other=0.0).to(tl.float32)
+        for i in range(NC):  # a loop, not unrolled: unrolled, the four blocks' tiles spill (280 bytes at 8 warps)
+            mi = (ob < T - t0 - i * BC)[:, None]
+            if USE_G:  # block i's rows of bb and r, picked out by masked sums of zeros (exact); its key tile
+                bi = tl.sum(tl.where((tl.arange(0, NC) == i)[:, None, None], b3, 0.0), axis=0)
+                r = tl.sum(tl.where((oc == i * BC + BC // 2 - 1)[:, None], bb, 0.0), axis=0)[None, :]
+                # keys after the block keep factor 1: their entries (s > t) are dropped below
+                kc = kk.to(tl.float32) * tl.exp(tl.where((oc < i * BC + BC)[:, None], r - bb, 0.0))
+                qf, qr = tl.exp(bi), tl.exp(bi - r)  # the query factors of the inter- and intra-chunk parts
+            else:
+                kc = kk.to(tl.float32)
+            for j in range(G):  # the group's query heads share the block's gates and key tile
+                q_rows = q + ((first + j) * T + t0 + i * BC) * K
+                qi = tl.load(q_rows + ob[:, None] * K + ok[None, :], mask=mi & mk, other=0.0).to(tl.float32)
                 inter = tl.zeros([BC, BV], dtype=tl.float32)
-                if USE_G:  # block i's rows of bb, and r: picked out by masked sums of zeros (exact)
-                    bi = tl.sum(tl.where((tl.arange(0, NC) == i)[:, None, None], b3, 0.0), axis=0)
-                    r = tl.sum(tl.where((oc == i * BC + BC // 2 - 1)[:, None], bb, 0.0), axis=0)[None, :]
-                    inter = _dot(qi * tl.exp(bi), hs, inter, ET, LOWP, PREC)
-                    qi = qi * tl.exp(bi - r)
-                    # keys after the block keep factor 1: their entries (s > t) are dropped below
-                    kc = kk.to(tl.float32) * tl.exp(tl.where((oc < i * BC + BC)[:, None], r - bb, 0.0))
+                if USE_G:
+                    inter = _dot(qi * qf, hs, inter, ET, LOWP, PREC)
+                    qi = qi * qr
                 else:
                     inter = _dot(qi, hs, inter, ET, LOWP, PREC)
-                    kc = kk.to(tl.float32)
                 att = _dot(qi, tl.trans(kc), tl.zeros([BC, C], dtype=tl.float32), tl.float32, False, PREC)
                 att = tl.where(oc[None, :] <= i * BC + ob[:, None], att, 0.0)
                 acc = _dot(att * scale, vv, inter * scale, ET, LOWP, PREC)  # scaled before LOWP rounds it
-                tl.store(o_chunk + (i * BC + ob[:, None]) * V + ov[None, :], acc.to(o.dtype.element_ty),
-                         mask=mi & mv)
+                tl.store(o + ((first + j) * T + t0 + i * BC) * V + ob[:, None] * V + ov[None, :],
+                         acc.to(o.dtype.element_ty), mask=mi & mv)
         if USE_G:
             bl = tl.sum(tl.where((oc == C - 1)[:, None], bb, 0.0), axis=0)
             S = S * tl.exp(bl)[:, None]
@@ -1121,7 +1125,7 @@ def _dv_bwd(q, k, b, dh, A, do, dv, scale, T, Tp, H, Hk, G, N,
         if FUSED:
             ob = tl.arange(0, BC)
             NC: tl.constexpr = C // BC
-            for i in range(NC):
+            for i in tl.static_range(NC):
                 att = _intra_block(q + (ibh * T + t0 + i * BC) * K, k + (ibk * T + t0) * K, b + (ibk * Tp + t0) * KG,
                                    i, T - t0 - i * BC, T - t0, K, KG, SBK, C, BC, BK, USE_G, APREC, False, 0.0)
                 dd = tl.load(do + (ibh * T + t0 + i * BC) * V + ob[:, None] * V + ov[None, :],

@@ -29,6 +29,10 @@ if INTERPRET and type(tg._h_fwd).__name__ != "InterpretedFunction":
     pytest.skip("triton_gla was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 SCALE = 0.3
+# Two forms that cumulate the gates in different kernels: the interpreter forms the same sums (bit for bit); a
+# GPU's cumsum over a tile of another width may round b's last bit otherwise, and a factor exp(b) then moves
+# ~1e-5 where b ~ −300
+SAME = 1e-6 if INTERPRET else 1e-4
 
 
 @pytest.fixture(autouse=True)
@@ -627,7 +631,7 @@ def test_raw_gates(B, H, Hk, T, K, V, gate, block_k, dtype, monkeypatch):
     o, S, A, no_b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True)  # what the custom op asks by default
     assert [name for name, _ in log] == ["_h_fwd", "_attn_intra_mm", "_o_fwd"]
     assert torch.isfinite(o).all() and o.dtype == dtype and no_b is None
-    assert rel(o, want[0]) <= 1e-6 and rel(S, want[1]) <= 1e-6 and rel(A, want[2]) <= 1e-6
+    assert rel(o, want[0]) <= SAME and rel(S, want[1]) <= SAME and rel(A, want[2]) <= SAME
     log.clear()
     *_, b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_b=True)
     assert [name for name, _ in log] == ["_chunk_cumsum", "_h_fwd", "_attn_intra_mm", "_o_fwd"]
@@ -636,8 +640,10 @@ def test_raw_gates(B, H, Hk, T, K, V, gate, block_k, dtype, monkeypatch):
 
 # (B, H, Hk, T, K, V, gate, h0, dtype) for Tuning.scan_forward
 SCAN_FORWARD = [
-    (1, 2, 1, 100, 40, 33, "channel", True, torch.float32),  # GQA (one state update for two heads), K not a
-    #                                                          power of two, V over two blocks, a tail chunk
+    (1, 2, 1, 100, 40, 33, "channel", True, torch.float32),  # GQA (one state update for two heads), K and V
+    #                                                          not powers of two, a tail chunk
+    (2, 4, 2, 70, 80, 65, "channel", True, torch.float32),  # K in one 128-wide block, V over two blocks (two
+    #                                                         programs per kv head), two sequences, GQA
     (2, 4, 2, 70, 16, 16, "scalar", False, torch.float32),  # two sequences, GQA over two kv heads, no S0
     (1, 2, 2, 64, 32, 16, None, True, torch.float32),  # no gates, one whole chunk
     (1, 2, 1, 70, 32, 16, "channel", True, torch.bfloat16),  # "mixed": the state rounded as the h buffer is
@@ -661,8 +667,8 @@ def test_scan_forward(B, H, Hk, T, K, V, gate, h0, dtype, monkeypatch):
     assert log == [("_fwd_scan", (-(-V // 64), B * Hk))]
     assert A is None and b is None and tg.kept_layout(q, k, v, g) == (None, None)
     assert o.dtype == dtype and torch.isfinite(o).all() and S.dtype == torch.float32
-    tol = 1e-6 if dtype == torch.float32 else 5e-3  # bf16: a rounding of o in the last place, on a GPU
-    assert rel(o, want[0]) <= tol and rel(S, want[1]) <= 1e-6
+    assert rel(S, want[1]) <= SAME
+    assert rel(o, want[0]) <= (SAME if dtype == torch.float32 else 5e-3)  # bf16: o rounded in its last place
     ro, rS = gla.gla_naive(*(None if x is None else x.float().cpu() for x in (q, k, v, g)), SCALE,
                            None if S0 is None else S0.cpu())
     oracle_tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: operands of the products in bf16
@@ -754,10 +760,10 @@ def test_gates_below_the_clamp(fuse, KG):
     assert (dg[g < gla.LOG_GATE_MIN] == 0).all() and (dg[g >= gla.LOG_GATE_MIN] != 0).any()
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_a_nan_gate_stays_nan(fuse):
+@pytest.mark.parametrize("kw", [{}, dict(fuse_intra=True), dict(scan_forward=True)])
+def test_a_nan_gate_stays_nan(kw):
     """The clamp keeps a NaN gate NaN (as torch's clamp does), so a diverging model is not hidden."""
-    tg.TUNING = tg.Tuning(fuse_intra=fuse)
+    tg.TUNING = tg.Tuning(**kw)
     q, k, v, g, S0 = make(1, 2, 1, 40, 16, 16, "channel")
     g = g.clone()
     g[0, 0, 20, 3] = float("nan")
