@@ -47,6 +47,10 @@ heal:
 # The resume and data-parallel runs: short, checkpointing often, same global batch (2 sequences).
 RERUN = ["--transfer-steps", "3", "--steps", "6", "--checkpoint-every", "2", "--eval-every", "100", "--no-progress"]
 SINGLE = RERUN + ["--batch-size", "2"]  # both stages; two processes get --batch-size 1 each
+# for the kill test: a tiny model's LoRA step takes tens of milliseconds, so the stage is longer there, to leave
+# a window of several steps between its first checkpoint and its last
+LONG = ["--transfer-steps", "3", "--steps", "16", "--checkpoint-every", "2", "--eval-every", "100", "--no-progress",
+        "--batch-size", "2"]
 
 
 def run(*args):
@@ -220,17 +224,26 @@ def test_heal_and_eval_errors(world, tmp_path):
 # Resume after kill -9, and data parallelism: both must give what one uninterrupted process gives.
 
 
-@pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
+def _heal_copy(world, tmp_path_factory, args):
     ref = tmp_path_factory.mktemp("ref") / "out"
     shutil.copytree(world / "out", ref)
-    code, output = run("heal", ref, *SINGLE)
+    code, output = run("heal", ref, *args)
     assert code == 0, output
     # A second heal starts again from the pre-heal weights, which stay recorded as they were.
     first = tensors(world / "out" / "heal" / "original.safetensors")
     again = tensors(ref / "heal" / "original.safetensors")
     assert set(first) == set(again) and all(torch.equal(first[k], again[k]) for k in first)
     return ref
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    return _heal_copy(world, tmp_path_factory, SINGLE)
+
+
+@pytest.fixture(scope="module")
+def long_reference(world, tmp_path_factory):
+    return _heal_copy(world, tmp_path_factory, LONG)
 
 
 def assert_same_result(a, b, atol=1e-6):
@@ -246,25 +259,30 @@ def subprocess_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "LINCOMPILE_TEST_THREADS": "1"}
 
 
-def test_resume_after_kill_equals_uninterrupted(world, reference, tmp_path):
+def test_resume_after_kill_equals_uninterrupted(world, long_reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(world / "out", out)
-    proc = subprocess.Popen([sys.executable, "-m", "lincompile", "heal", str(out), *SINGLE], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "lincompile", "heal", str(out), *LONG], cwd=tmp_path,
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = out / "heal" / "ckpt" / "lora-0000002"
+    root = out / "heal" / "ckpt"
+
+    def mid_stage_2():  # a LoRA checkpoint of this run before its last step (16); each removes the one before.
+        # (The copied output may hold an earlier heal's checkpoints: a new heal clears them first.)
+        return any(p.name in {f"lora-{s:07d}" for s in range(2, 16, 2)} for p in root.glob("lora-*"))
+
     deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    while not mid_stage_2() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)  # mid-stage-2, whatever it is doing now
     proc.wait()
     assert json.loads((out / "heal" / "state.json").read_text())["status"] == "running"
     code, output = run("heal", out, "--resume", "--no-progress")
     assert code == 0, output
-    assert_same_result(out, reference)
+    assert_same_result(out, long_reference)
     steps = [(r["stage"], r["step"]) for r in map(json.loads, (out / "heal" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
-    assert steps == [("transfer", s) for s in (1, 2, 3)] + [("lora", s) for s in range(1, 7)]  # none twice
+    assert steps == [("transfer", s) for s in (1, 2, 3)] + [("lora", s) for s in range(1, 17)]  # none twice
 
 
 def test_two_gloo_processes_equal_one_process(world, reference, tmp_path):
