@@ -88,6 +88,10 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
 
 # (reuse_forward, reuse_gates, precision) of triton_gla.Tuning() (tests/test_fuse.py checks)
 _REUSE_DEFAULT = (True, False, "mixed")
+if os.environ.get("LINCOMPILE_GLA_TUNING") and triton_installed():
+    # a configuration asked for by environment (triton_gla.TUNING_ENV) holds from the first call on: `_reuse`
+    # reads it from the module, so the module is loaded now, not by that call (which may be traced)
+    importlib.import_module("lincompile.kernels.triton_gla")
 
 
 def _reuse(q, k, v, g, initial_state=None) -> tuple[bool, bool, str]:

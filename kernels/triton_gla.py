@@ -124,11 +124,13 @@ so that an element a kernel fails to write shows up in tests.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import triton
 import triton.language as tl
+
+from lincompile.errors import UsageError, did_you_mean
 
 from .gla import LOG_GATE_MIN
 
@@ -155,7 +157,8 @@ class Tuning:
     chunk_gla_fwd / chunk_gla_bwd; reuse_forward and reuse_gates (and the precision, when A is kept) by the
     custom op's wrapper (`fused.chunk_gla`), which passes them on (direct callers pass keep_a / keep_b and
     A / b themselves). The defaults: the matmul scheme, unfused, mixed precision, Triton's launch
-    options, blocks of at most 64, the backward reusing the forward's A (not b)."""
+    options, blocks of at most 64, the backward reusing the forward's A (not b); LINCOMPILE_GLA_TUNING
+    ("name=value,...", `parse_tuning`) changes them for a whole process."""
 
     precision: str = "mixed"  # bf16/fp16 inputs (PRECISION; fp32 or mixed-dtype inputs always run "full"):
     #   "full":  fp32 matmul operands (TF32 matmuls), fp32 scratch buffers A, h, dh
@@ -253,7 +256,51 @@ class Tuning:
                 raise ValueError(f"Tuning.{name} must be None or {what}, got {x!r}")
 
 
-TUNING = Tuning()
+TUNING_ENV = "LINCOMPILE_GLA_TUNING"
+
+
+class TuningEnvError(UsageError, ValueError):
+    """A bad LINCOMPILE_GLA_TUNING: the CLI's one line and exit code 2."""
+
+
+def parse_tuning(text: str) -> Tuning:
+    """A Tuning from "name=value,name=value" (the form of LINCOMPILE_GLA_TUNING): booleans as 1/0/true/false/
+    yes/no, num_warps / num_stages as an int or none, the rest as written. ValueError naming the bad item."""
+    types = {f.name: f.type for f in fields(Tuning)}
+    kw = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or name not in types:
+            what = f"unknown knob {name!r}{did_you_mean(name, types)}" if eq else f"{item!r} is not name=value"
+            raise ValueError(f"{what}; knobs: {', '.join(types)}")
+        kind, low = str(types[name]), value.lower()
+        if kind == "bool":
+            if low not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"{name} must be 1/0/true/false/yes/no, got {value!r}")
+            kw[name] = low in ("1", "true", "yes")
+        elif kind.startswith("int"):
+            if kind.endswith("None") and low == "none":
+                kw[name] = None
+            elif not value.lstrip("-").isdigit():
+                raise ValueError(f"{name} must be an int{' or none' if kind.endswith('None') else ''}, got {value!r}")
+            else:
+                kw[name] = int(value)
+        else:
+            kw[name] = value
+    return Tuning(**kw)
+
+
+def _tuning_from_env() -> Tuning:
+    """The starting configuration: the defaults, or what LINCOMPILE_GLA_TUNING says (e.g. "precision=low,
+    dg_form=carry"), for runs whose code does not set `TUNING` itself (lincompile generate, heal, benchmarks)."""
+    text = os.environ.get(TUNING_ENV, "")
+    try:
+        return parse_tuning(text)
+    except ValueError as err:
+        raise TuningEnvError(f"{TUNING_ENV}={text!r}: {err}") from None
+
+
+TUNING = _tuning_from_env()
 
 # The Triton interpreter (3.x) mishandles bf16: tl.dot multiplies the raw 16-bit patterns as integers, and
 # fp32 -> bf16 casts truncate where the GPU rounds to nearest even. Under TRITON_INTERPRET=1 `_lowp` rounds

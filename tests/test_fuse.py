@@ -347,6 +347,30 @@ def test_what_the_forward_keeps_follows_tuning_and_grad_mode(monkeypatch):
         assert fused._reuse(q, k, v, g) == want, kw
 
 
+@pytest.mark.skipif(not fused.triton_installed(), reason="triton is not installed")
+def test_tuning_from_the_environment():
+    """LINCOMPILE_GLA_TUNING sets the starting configuration, loaded with the fused ops so that the first call's
+    wrapper already reads it (scan_forward: nothing kept for the backward); a bad value fails the import with
+    one line that names the variable, the knob and the likely one."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from lincompile.kernels import fused\n"
+            "tg = sys.modules['lincompile.kernels.triton_gla']\n"
+            "x = torch.zeros(1, 2, 8, 16, requires_grad=True)\n"
+            "print(tg.TUNING.scan_forward, tg.TUNING.precision, fused._reuse(x, x, x, x))\n")
+    env = dict(os.environ, TRITON_INTERPRET="1", LINCOMPILE_GLA_TUNING="scan_forward=1, precision=low")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "low", "(False,", "False,", "'')"]
+    env["LINCOMPILE_GLA_TUNING"] = "precison=low"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1].startswith("lincompile.kernels.triton_gla.TuningEnvError: "
+        "LINCOMPILE_GLA_TUNING='precison=low': unknown knob 'precison' (did you mean \"precision\"?)")
+
+
 @needs_kernels
 def test_chunk_gla_op_runs_the_precision_it_is_given():
     """The op's precision argument (what the wrapper read from TUNING) sets A's dtype in the real op and in

@@ -883,6 +883,20 @@ def test_bad_tuning(kw):
         tg.Tuning(**kw)
 
 
+def test_parse_tuning():
+    """The form of LINCOMPILE_GLA_TUNING: name=value items, booleans and optional ints spelled out; each bad
+    item a ValueError that says what was expected."""
+    t = tg.parse_tuning(" precision=low, dg_form=carry,scan_forward=yes,num_warps=8,num_stages=none ")
+    assert t == tg.Tuning(precision="low", dg_form="carry", scan_forward=True, num_warps=8)
+    assert tg.parse_tuning("") == tg.Tuning() and tg.parse_tuning("fuse_intra=0,block_v=32").block_v == 32
+    for text, match in [("precison=low", 'did you mean "precision"'), ("scan_forward=2", "1/0/true"),
+                        ("num_warps=x", "an int or none"), ("block_k=none", "an int, got"),
+                        ("precision", "is not name=value"), ("block_k=48", "power of two"),
+                        ("intra=rows,fuse_intra=1", "needs intra")]:
+        with pytest.raises(ValueError, match=match):
+            tg.parse_tuning(text)
+
+
 def test_bad_tuning_at_call_time():
     """A Tuning edited after construction is checked again when the kernels read it."""
     q, k, v, g, S0 = make(1, 2, 1, 4, 16, 16, "channel")
