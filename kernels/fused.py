@@ -90,7 +90,8 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
 _REUSE_DEFAULT = (True, False, "mixed")
 if os.environ.get("LINCOMPILE_GLA_TUNING") and triton_installed():
     # a configuration asked for by environment (triton_gla.TUNING_ENV) holds from the first call on: `_reuse`
-    # reads it from the module, so the module is loaded now, not by that call (which may be traced)
+    # reads it from the module, so the module is loaded now, not by that call (which may be traced). Triton
+    # reads TRITON_INTERPRET when a kernel module loads, so with the variable set it is read here
     importlib.import_module("lincompile.kernels.triton_gla")
 
 

@@ -24,13 +24,13 @@ def register(cls):
 def _load_builtins():
     global _loaded
     if not _loaded:
-        _loaded = True
         from lincompile import kernels
 
         for info in pkgutil.iter_modules(kernels.__path__):
             if info.name.startswith("triton_"):
                 continue  # Triton kernels hold no operators (and triton is an optional dependency)
             importlib.import_module(f"lincompile.kernels.{info.name}")
+        _loaded = True  # only now: a module that failed to import (a bad LINCOMPILE_GLA_TUNING) fails again
 
 
 def names() -> list[str]:

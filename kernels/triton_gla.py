@@ -124,6 +124,7 @@ so that an element a kernel fails to write shows up in tests.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -266,14 +267,16 @@ class TuningEnvError(UsageError, ValueError):
 def parse_tuning(text: str) -> Tuning:
     """A Tuning from "name=value,name=value" (the form of LINCOMPILE_GLA_TUNING): booleans as 1/0/true/false/
     yes/no, num_warps / num_stages as an int or none, the rest as written. ValueError naming the bad item."""
-    types = {f.name: f.type for f in fields(Tuning)}
+    types = {f.name: str(f.type) for f in fields(Tuning)}  # "bool", "int", "int | None", "str" (the annotations)
     kw = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
         name, eq, value = (x.strip() for x in item.partition("="))
         if not eq or name not in types:
             what = f"unknown knob {name!r}{did_you_mean(name, types)}" if eq else f"{item!r} is not name=value"
             raise ValueError(f"{what}; knobs: {', '.join(types)}")
-        kind, low = str(types[name]), value.lower()
+        if name in kw:
+            raise ValueError(f"{name} is given twice")
+        kind, low = types[name], value.lower()
         if kind == "bool":
             if low not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(f"{name} must be 1/0/true/false/yes/no, got {value!r}")
@@ -281,7 +284,7 @@ def parse_tuning(text: str) -> Tuning:
         elif kind.startswith("int"):
             if kind.endswith("None") and low == "none":
                 kw[name] = None
-            elif not value.lstrip("-").isdigit():
+            elif not re.fullmatch(r"-?[0-9]+", value):
                 raise ValueError(f"{name} must be an int{' or none' if kind.endswith('None') else ''}, got {value!r}")
             else:
                 kw[name] = int(value)

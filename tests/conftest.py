@@ -10,6 +10,8 @@ import torch
 
 # Tests run on small CPU machines; one intra-op thread avoids thread wake-up overhead on tiny tensors.
 torch.set_num_threads(int(os.environ.get("LINCOMPILE_TEST_THREADS", "1")))
+# The kernel tests set their own configurations (tests/test_fuse.py sets this variable for its subprocesses)
+os.environ.pop("LINCOMPILE_GLA_TUNING", None)
 
 
 @pytest.fixture(scope="session", autouse=True)

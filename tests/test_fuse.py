@@ -348,7 +348,7 @@ def test_what_the_forward_keeps_follows_tuning_and_grad_mode(monkeypatch):
 
 
 @pytest.mark.skipif(not fused.triton_installed(), reason="triton is not installed")
-def test_tuning_from_the_environment():
+def test_tuning_from_the_environment(tmp_path):
     """LINCOMPILE_GLA_TUNING sets the starting configuration, loaded with the fused ops so that the first call's
     wrapper already reads it (scan_forward: nothing kept for the backward); a bad value fails the import with
     one line that names the variable, the knob and the likely one."""
@@ -367,8 +367,21 @@ def test_tuning_from_the_environment():
     env["LINCOMPILE_GLA_TUNING"] = "precison=low"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode != 0
-    assert run.stderr.strip().splitlines()[-1].startswith("lincompile.kernels.triton_gla.TuningEnvError: "
-        "LINCOMPILE_GLA_TUNING='precison=low': unknown knob 'precison' (did you mean \"precision\"?)")
+    msg = "LINCOMPILE_GLA_TUNING='precison=low': unknown knob 'precison' (did you mean \"precision\"?)"
+    assert run.stderr.strip().splitlines()[-1].startswith(f"lincompile.kernels.triton_gla.TuningEnvError: {msg}")
+    # the operator registry does not count a failed import as loaded: a retry fails the same way, not with "no ops"
+    retry = ("from lincompile.kernels import registry\n"
+             "for _ in range(2):\n"
+             "    try:\n        print(len(registry.names()))\n"
+             "    except ValueError as err:\n        print(type(err).__name__)\n")
+    run = subprocess.run([sys.executable, "-c", retry], capture_output=True, text=True, env=env, timeout=300)
+    assert run.stdout.split() == ["TuningEnvError", "TuningEnvError"], run.stderr[-2000:]
+    # the CLI: that one line, exit code 2, nothing written
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "lincompile", "apply", "liger-attention", str(tmp_path / "none"),
+                          "-o", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith(f"error: {msg}")
+    assert not out.exists()
 
 
 @needs_kernels

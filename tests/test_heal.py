@@ -262,18 +262,20 @@ def subprocess_env():
 def test_resume_after_kill_equals_uninterrupted(world, long_reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(world / "out", out)
+    shutil.rmtree(out / "heal" / "ckpt", ignore_errors=True)  # an earlier heal's: this run's are watched for
+    log = tmp_path / "heal.log"  # a file, not a pipe: nobody reads it until the end
     proc = subprocess.Popen([sys.executable, "-m", "lincompile", "heal", str(out), *LONG], cwd=tmp_path,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=log.open("w"))
     root = out / "heal" / "ckpt"
 
-    def mid_stage_2():  # a LoRA checkpoint of this run before its last step (16); each removes the one before.
-        # (The copied output may hold an earlier heal's checkpoints: a new heal clears them first.)
+    def mid_stage_2():  # a LoRA checkpoint before the last step (16); each removes the one before
         return any(p.name in {f"lora-{s:07d}" for s in range(2, 16, 2)} for p in root.glob("lora-*"))
 
     deadline = time.time() + 240
     while not mid_stage_2() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
+    assert mid_stage_2(), f"no LoRA checkpoint within 240 s: {log.read_text()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)  # mid-stage-2, whatever it is doing now
     proc.wait()
     assert json.loads((out / "heal" / "state.json").read_text())["status"] == "running"

@@ -892,7 +892,8 @@ def test_parse_tuning():
     for text, match in [("precison=low", 'did you mean "precision"'), ("scan_forward=2", "1/0/true"),
                         ("num_warps=x", "an int or none"), ("block_k=none", "an int, got"),
                         ("precision", "is not name=value"), ("block_k=48", "power of two"),
-                        ("intra=rows,fuse_intra=1", "needs intra")]:
+                        ("intra=rows,fuse_intra=1", "needs intra"), ("num_warps=--4", "an int or none"),
+                        ("block_v=32,block_v=64", "given twice")]:
         with pytest.raises(ValueError, match=match):
             tg.parse_tuning(text)
 
