@@ -659,12 +659,15 @@ def test_scan_forward(B, H, Hk, T, K, V, gate, h0, dtype, monkeypatch):
     if g is not None:
         g = g * 1.5  # many gates below LOG_GATE_MIN, which the scan must clamp as `_chunk_cumsum` does
     want = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0)
-    log = []
+    log, buffers = [], []
     for name in ("_chunk_cumsum", "_h_fwd", "_attn_intra_mm", "_o_fwd", "_o_fwd_mm", "_fwd_scan"):
         monkeypatch.setattr(tg, name, Spy(name, log))
+    empty = tg._empty
+    monkeypatch.setattr(tg, "_empty", lambda *shape, **kw: buffers.append(shape) or empty(*shape, **kw))
     tg.TUNING = tg.Tuning(scan_forward=True)
     o, S, A, b = tg.chunk_gla_fwd(q, k, v, g, SCALE, S0, keep_a=True, keep_b=True)
     assert log == [("_fwd_scan", (-(-V // 64), B * Hk))]
+    assert buffers == [(B, H, T, V), (B, Hk, K, V)]  # o and the final state: no scratch that grows with T
     assert A is None and b is None and tg.kept_layout(q, k, v, g) == (None, None)
     assert o.dtype == dtype and torch.isfinite(o).all() and S.dtype == torch.float32
     assert rel(S, want[1]) <= SAME
