@@ -54,9 +54,33 @@ def main(debug):
     _DEBUG["on"] = debug
 
 
+class Device(click.ParamType):
+    """A torch device string that this machine has, checked before any model is loaded (a usage error, exit 2)."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        try:
+            dev = torch.device(value)
+        except (RuntimeError, TypeError):
+            self.fail(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)", param, ctx)
+        backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+        if dev.type != "cpu" and not (backend is not None and hasattr(backend, "is_available")
+                                      and backend.is_available()):
+            self.fail(f"{value!r}: this machine has no {dev.type} device", param, ctx)
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            self.fail(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", param, ctx)
+        return "cpu" if dev.type == "cpu" else str(dev)  # "cpu:0" is not a device safetensors takes
+
+
+DEVICE = Device()
+
+
 def _model_options(f):
     f = click.option("--allow-code", is_flag=True, help="Allow specs to load user Python operators/patterns.")(f)
-    f = click.option("--device", default="cpu", show_default=True, help="torch device for the model.")(f)
+    f = click.option("--device", type=DEVICE, default="cpu", show_default=True, help="torch device for the model.")(f)
     f = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
                      show_default=True, help="Weights dtype.")(f)
     return f

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from .cli import main
+from .cli import DEVICE, main
 from .errors import UsageError
 
 # flag -> (section, field) of HealConfig; None values are "not given"
@@ -44,6 +44,14 @@ def load_heal_section(path: Path):
     if not isinstance(data, dict) or data.get("heal") is None:
         return HealConfig()
     return parse_heal(data["heal"], loc)
+
+
+def _one_budget(flags: dict) -> None:
+    """A stage's budget is steps or tokens, not both (a spec may set either; a flag replaces it)."""
+    for steps, tokens in (("steps", "tokens"), ("transfer_steps", "transfer_tokens")):
+        if flags.get(steps) is not None and flags.get(tokens) is not None:
+            raise UsageError(f"--{steps.replace('_', '-')} and --{tokens.replace('_', '-')} are two ways to set "
+                             "one budget: give one")
 
 
 def _apply_flags(cfg, flags: dict, data, eval_data, stage: str):
@@ -99,7 +107,8 @@ def _apply_flags(cfg, flags: dict, data, eval_data, stage: str):
 @click.option("--tokenizer", type=click.Choice(["auto", "bytes"]), help="bytes: UTF-8 bytes as token ids.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted heal in OUT with its saved settings.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished heal in OUT and start over.")
-@click.option("--device", default="cpu", show_default=True, help="torch device (cuda: one GPU per process).")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="torch device (cuda: one GPU per process).")
 @click.option("--allow-code", is_flag=True, help="Allow specs with user Python operators.")
 @click.option("--no-progress", is_flag=True, help="No progress bar or log lines.")
 def heal(out, data, eval_data, config_file, stage, resume, restart, device, allow_code, no_progress, **flags):
@@ -107,6 +116,7 @@ def heal(out, data, eval_data, config_file, stage, resume, restart, device, allo
     from .heal.outdir import OutDir
     from .heal.run import heal as run_heal
 
+    _one_budget(flags)
     outdir = OutDir(out)
     given = [k for k, v in flags.items() if v is not None] + (["data"] if data else []) + \
         (["eval_data"] if eval_data else []) + (["config"] if config_file else []) + \
@@ -165,7 +175,7 @@ class _SpacedContexts(click.Command):
 @click.option("--no-original", is_flag=True, help="OUT: skip the original model.")
 @click.option("--tokenizer", type=click.Choice(["auto", "bytes"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--allow-code", is_flag=True, help="Allow specs with user Python operators.")
 def eval_cmd(model, data, contexts, max_tokens, batch_size, adapter, no_original, tokenizer, as_json, device,
              allow_code):
@@ -226,7 +236,7 @@ def _eval_models(ref: str, adapter: bool, no_original: bool, device: str, allow_
 @click.option("--adapter", is_flag=True, help="Load the LoRA adapters unmerged (heal/adapter).")
 @click.option("--max-length", type=click.IntRange(min=2), help="Context length in tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
 def lm_eval_cmd(out, tasks, include_path, limit, num_fewshot, adapter, max_length, as_json, device):
     """Run lm-evaluation-harness tasks on a converted model (needs: pip install lm-eval)."""
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .cli import main
+from .cli import DEVICE, main
 from .errors import LincompileError, UsageError
 
 
@@ -28,7 +28,7 @@ from .errors import LincompileError, UsageError
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token counts, timings).")
 @click.option("--allow-code", is_flag=True, help="Allow the spec's user Python operators to load.")
-@click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="torch device.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads (CPU).")
 def generate(out, prompt, chat, max_new_tokens, do_sample, temperature, top_k, top_p, seed, as_json, allow_code,
              device, threads):

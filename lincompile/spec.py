@@ -456,6 +456,20 @@ def _check_op(rule: Rule, path: tuple, loc: Located):
         if default is not None and not _compatible(value, default):
             raise loc.error(path + ("params", key), f'param "{key}" of op "{rule.op}" must be '
                                                     f"{_type_name(default)}, got {_type_name(value)}")
+    if rule.params:
+        _check_values(rule, registry.get(rule.op), path, loc)
+
+
+def _check_values(rule: Rule, cls, path: tuple, loc: Located):
+    """The operator's own checks of its param values (ranges, choices), run now on a small stand-in (2 heads of
+    16: none of them depends on the model's sizes), so that a bad value is reported at its line before any
+    model is loaded."""
+    try:
+        cls(num_heads=2, num_kv_heads=2, head_dim=16, **rule.params)
+    except (ValueError, TypeError) as err:
+        named = [k for k in rule.params if re.search(rf"\b{re.escape(k)}\b", str(err))]
+        at = path + ("params",) + ((named[0],) if named else ())
+        raise loc.error(at, f'op "{rule.op}": {err}') from None
 
 
 def _compatible(value, default) -> bool:

@@ -155,3 +155,27 @@ def test_diff_in_three_formats(model_dir, tmp_path):
         assert code == 0, output
         assert needle in target.read_text()
     one_line_error(*run("diff", "liger-attention", model_dir, "--layer", "5"), 2, "no converted site in that layer")
+
+
+@pytest.mark.parametrize("cmd", [["apply", "identity", "MODEL", "-o", "OUT"], ["generate", "OUT", "hi"],
+                                 ["eval", "OUT", "--data", "x.txt"], ["heal", "OUT", "--data", "x.txt"]])
+def test_a_device_the_machine_lacks_is_a_usage_error(cmd, tmp_path):
+    """--device is checked when the flags are parsed, before any model is loaded: a typo, or a device this
+    machine does not have, is exit code 2 with one line naming the flag; cpu:0 is taken as cpu."""
+    cmd = [str(tmp_path / c) if c in ("MODEL", "OUT") else c for c in cmd]
+    for device, needle in (("bogus", "'bogus' is not a torch device"), ("cuda:99", "'cuda:99': this machine has")):
+        code, output = run(*cmd, "--device", device)
+        assert code == 2 and "Invalid value for '--device'" in output and needle in output, output
+        assert "Traceback" not in output
+    assert not (tmp_path / "OUT").exists()
+    from lincompile.cli import DEVICE
+
+    assert DEVICE.convert("cpu:0", None, None) == "cpu"
+
+
+def test_heal_budget_is_steps_or_tokens(tmp_path):
+    """--steps and --tokens (and their --transfer- forms) set one budget two ways: both is a usage error, before
+    anything is read."""
+    for flags, needle in ((["--steps", "1", "--tokens", "100"], "--steps and --tokens"),
+                          (["--transfer-steps", "1", "--transfer-tokens", "9"], "--transfer-steps and --transfer-tokens")):
+        one_line_error(*run("heal", tmp_path / "none", "--data", "x.txt", *flags), 2, needle)

@@ -70,6 +70,17 @@ def test_unknown_param_and_wrong_param_type():
     assert msg.startswith("t.yaml:3:") and "must be an integer, got a string" in msg
 
 
+def test_param_values_are_checked_before_any_model():
+    """Each operator's own range and choice checks run when the spec loads, at the value's line and column."""
+    msg = error("rules:\n  - op: liger_gla\n    params: {feature_map: tanh}\n")
+    assert msg.startswith("t.yaml:3:27:") and 'feature_map must be one of' in msg and '"tanh"' in msg
+    msg = error("rules:\n  - op: liger_attention\n    params:\n      window: -5\n")
+    assert msg.startswith("t.yaml:4:15:") and 'op "liger_attention": window must be at least 1' in msg
+    assert "gate_normalizer must be positive" in error("rules:\n  - op: liger_gla\n    params: {gate_normalizer: 0}\n")
+    assert "num_sinks must be at least 0" in error("rules:\n  - op: lizard\n    params: {num_sinks: -1}\n")
+    parse("rules:\n  - op: liger_attention\n    params: {window: 1}\n")  # the smallest valid value passes
+
+
 def test_wrong_types():
     assert "rules must be a list, got a mapping" in error("rules: {op: softmax}\n")
     assert "capture.attn_implementation" in error("capture: {attn_implementation: flash}\nrules:\n  - op: softmax\n")
