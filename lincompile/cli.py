@@ -70,8 +70,9 @@ class Device(click.ParamType):
         if dev.type != "cpu" and not (backend is not None and hasattr(backend, "is_available")
                                       and backend.is_available()):
             self.fail(f"{value!r}: this machine has no {dev.type} device", param, ctx)
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            self.fail(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", param, ctx)
+        count = getattr(backend, "device_count", None)
+        if dev.index is not None and callable(count) and dev.index >= count():
+            self.fail(f"{value!r}: this machine has {count()} {dev.type} device(s)", param, ctx)
         return "cpu" if dev.type == "cpu" else str(dev)  # "cpu:0" is not a device safetensors takes
 
 

@@ -461,15 +461,20 @@ def _check_op(rule: Rule, path: tuple, loc: Located):
 
 
 def _check_values(rule: Rule, cls, path: tuple, loc: Located):
-    """The operator's own checks of its param values (ranges, choices), run now on a small stand-in (2 heads of
-    16: none of them depends on the model's sizes), so that a bad value is reported at its line before any
-    model is loaded."""
+    """The operator's own checks of its param values (ranges, choices), run now on a stand-in of 2 heads of 16
+    on the meta device (no memory, no random numbers drawn), so that a bad value is reported at its line before
+    any model is loaded. None of the checks depends on the model's sizes, except that simple_decay's
+    decay_range must leave exponents > 0 for 2 heads (a one-head model would accept more)."""
+    import torch
+
     try:
-        cls(num_heads=2, num_kv_heads=2, head_dim=16, **rule.params)
-    except (ValueError, TypeError) as err:
-        named = [k for k in rule.params if re.search(rf"\b{re.escape(k)}\b", str(err))]
+        with torch.device("meta"):
+            cls(num_heads=2, num_kv_heads=2, head_dim=16, **rule.params)
+    except (ValueError, TypeError, RuntimeError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__  # not torch's C++ stack
+        named = [k for k in rule.params if re.search(rf"\b{re.escape(k)}\b", msg)]
         at = path + ("params",) + ((named[0],) if named else ())
-        raise loc.error(at, f'op "{rule.op}": {err}') from None
+        raise loc.error(at, f'op "{rule.op}": {msg}') from None
 
 
 def _compatible(value, default) -> bool:
