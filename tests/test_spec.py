@@ -81,6 +81,19 @@ def test_param_values_are_checked_before_any_model():
     parse("rules:\n  - op: liger_attention\n    params: {window: 1}\n")  # the smallest valid value passes
 
 
+def test_value_checks_allocate_nothing_and_draw_no_random_numbers():
+    """The stand-in operator lives on the meta device: a size no machine could allocate still validates (its own
+    checks pass; a real model would fail later, as before), and the global random state is left as it was."""
+    import torch
+
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    parse("rules:\n  - op: lizard\n    params: {num_sinks: 100000000000}\n")  # 800 GB of sink rows for real
+    parse("rules:\n  - op: lolcats\n    params: {window: 32}\n")
+    assert torch.equal(torch.rand(4), want)
+
+
 def test_wrong_types():
     assert "rules must be a list, got a mapping" in error("rules: {op: softmax}\n")
     assert "capture.attn_implementation" in error("capture: {attn_implementation: flash}\nrules:\n  - op: softmax\n")
