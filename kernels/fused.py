@@ -97,8 +97,8 @@ if os.environ.get("LINCOMPILE_GLA_TUNING") and triton_installed():
 
 def _reuse(q, k, v, g, initial_state=None) -> tuple[bool, bool, str]:
     """(keep A, keep b, precision) for this forward: `Tuning.reuse_forward` / `reuse_gates` (False with
-    fuse_intra or scan_forward) when a backward can follow, and `Tuning.precision` when A is kept (A's dtype follows it; ""
-    otherwise). Read here, in the wrapper, so that torch.compile guards on them and traces again when TUNING
+    fuse_intra or scan_forward) when a backward can follow, and `Tuning.precision` when A is kept (A's dtype
+    follows it; "" otherwise). Read here, in the wrapper, so that torch.compile guards on them and traces again when TUNING
     changes (the op's outputs depend on them); through sys.modules, not an import, because compiled code
     cannot import: before triton_gla is imported, TUNING is still at its defaults."""
     leaves = (q, k, v, g, initial_state)

@@ -731,8 +731,7 @@ def _fwd_scan(q, k, v, g, h0, o, ht, scale, T, H, Hk, G, N,
     output 16-row block by 16-row block, as `_o_fwd_mm` does, for each of the G query heads of the group
     (the intra-chunk row block through the reference r at the block's middle row, whose gates and key
     tile the heads share; the inter-chunk part from S as it was before the chunk, rounded to the input
-    dtype under LOWP as the default forward's h buffer is);
-    then advances S as `_h_fwd` does. No h, A or b buffer, one launch, and the state update is shared by
+    dtype under LOWP as the default forward's h buffer is); then advances S as `_h_fwd` does. No h, A or b buffer, one launch, and the state update is shared by
     the group's query heads; but only B·Hk·NV programs, each N chunks long."""
     iv, ibk = tl.program_id(0), tl.program_id(1).to(tl.int64)
     ET: tl.constexpr = q.dtype.element_ty

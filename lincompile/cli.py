@@ -66,14 +66,15 @@ class Device(click.ParamType):
             dev = torch.device(value)
         except (RuntimeError, TypeError):
             self.fail(f"{value!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)", param, ctx)
-        backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
-        if dev.type != "cpu" and not (backend is not None and hasattr(backend, "is_available")
-                                      and backend.is_available()):
+        if dev.type == "cpu":
+            return "cpu"  # "cpu:0" is not a device safetensors takes
+        backend = getattr(torch, dev.type, None)
+        if not getattr(backend, "is_available", lambda: False)():
             self.fail(f"{value!r}: this machine has no {dev.type} device", param, ctx)
         count = getattr(backend, "device_count", None)
         if dev.index is not None and callable(count) and dev.index >= count():
             self.fail(f"{value!r}: this machine has {count()} {dev.type} device(s)", param, ctx)
-        return "cpu" if dev.type == "cpu" else str(dev)  # "cpu:0" is not a device safetensors takes
+        return str(dev)
 
 
 DEVICE = Device()
