@@ -204,7 +204,7 @@ def eval_cmd(model, data, contexts, max_tokens, batch_size, adapter, no_original
 
 
 def _eval_models(ref: str, adapter: bool, no_original: bool, device: str, allow_code: bool):
-    """{"converted": ..., "original": ...} for an OUT dir; {"original": model} for any other model."""
+    """{"converted": ..., "original": ...} for an OUT dir; {"model": model} for any other model."""
     if (Path(ref) / "lincompile.json").is_file():
         from . import load
         from .heal.lora import load_adapter
@@ -224,7 +224,7 @@ def _eval_models(ref: str, adapter: bool, no_original: bool, device: str, allow_
     from .models import load_model
 
     loaded = load_model(ref, device=device)
-    return {"original": loaded.model}, loaded.tokenizer, loaded.model.config.vocab_size
+    return {"model": loaded.model}, loaded.tokenizer, loaded.model.config.vocab_size
 
 
 @main.command("lm-eval")

@@ -71,6 +71,8 @@ def load_model(ref: str, dtype="float32", device: str = "cpu", attn_implementati
 
     kind, where, gguf = locate(ref)
     torch_dtype = resolve_dtype(dtype)
+    if kind == "hub":
+        _check_hub(where)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
@@ -101,6 +103,32 @@ def load_model(ref: str, dtype="float32", device: str = "cpu", attn_implementati
     except (OSError, ValueError, TypeError) as err:
         notes.append(f"no tokenizer: {_first_line(err)}")
     return LoadedModel(model, tokenizer, ref, kind, notes)
+
+
+def _check_hub(repo: str, timeout: float = 5.0) -> None:
+    """Fail at once, in one line, for a hub id that is neither cached nor downloadable.
+
+    Offline, huggingface_hub retries each request five times over about 25 s and logs every try before the
+    error. A model already in the cache, HF_HUB_OFFLINE, or a proxy (the endpoint may only be reachable through
+    it) skip the probe and leave it to transformers.
+    """
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as err:
+        raise ModelError(f"{repo} is not in the Hugging Face cache and {url.hostname} cannot be reached "
+                         f"({_first_line(err)}): give a local model directory or .gguf file, or connect and "
+                         "retry") from None
 
 
 def _drop_gguf_quantization(model, dtype, attn_implementation):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -253,12 +255,18 @@ class Runtime(nn.Module):
             raise UsageError(f"{path}: the exported file must end in .pt2")
         programs, meta = export_programs(self, batch, length)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.pt2")  # package_pt2 wants the .pt2 suffix
+        # Written in a scratch folder next to PATH and renamed into place: nothing half-written. The archive's
+        # inner folder is named after the file, so the scratch files keep PATH's name.
+        scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
         try:
-            package_pt2(str(tmp), exported_programs=programs, extra_files={"lincompile.json": json.dumps(meta)})
-            tmp.replace(path)
+            (scratch / "programs").mkdir()
+            packed = scratch / "programs" / path.name
+            package_pt2(str(packed), exported_programs=programs, extra_files={"lincompile.json": json.dumps(meta)})
+            shared = scratch / path.name
+            share_weights(packed, shared)
+            shared.replace(path)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(scratch, ignore_errors=True)
         return path
 
 
@@ -442,6 +450,60 @@ def export_programs(rt: Runtime, batch: int = 2, length: int = 5):
                       for n, t in list(init.items())[1:]],
             "vocab_size": rt.config.vocab_size, "eos_token_id": rt.eos_token_ids()}
     return programs, meta
+
+
+def share_weights(src: Path, dest: Path) -> dict[str, dict[str, str]]:
+    """Copy the .pt2 archive SRC to DEST with the programs sharing their weight payloads; returns, per program,
+    {its payload dropped: the earlier program's payload used instead}.
+
+    `package_pt2` writes every program's weights on their own, so the prefill and decode programs (the same
+    parameters) doubled the file. A later program's payload is dropped when an earlier program stores the same
+    parameter (same name) with the same bytes; its weight config (data/weights/<program>_weights_config.json:
+    name -> payload, with each tensor's own sizes, strides and offset) then names the earlier payload. Only
+    names are matched, never bare contents, so two parameters that merely hold equal values (fresh norms)
+    stay apart, and each program loads its own tensors as before.
+    """
+    import hashlib
+
+    from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
+
+    weights = "data/weights/"
+    reader = PT2ArchiveReader(str(src))
+    names = reader.get_file_names()
+    configs = {n: json.loads(reader.read_bytes(n)) for n in names
+               if n.startswith(weights) and n.endswith("_weights_config.json")}
+    digests = {}
+
+    def digest(payload):
+        if payload not in digests:
+            digests[payload] = hashlib.sha256(reader.read_bytes(weights + payload)).hexdigest()
+        return digests[payload]
+
+    earlier, dropped = {}, {}  # parameter name -> payload of the first program storing it
+    for config_name, config in configs.items():
+        entries = config["config"]
+        remap = {}
+        for fqn, entry in entries.items():
+            own, other = entry["path_name"], earlier.get(fqn)
+            # A payload is a whole storage (each entry keeps its own view of it), so equal bytes make any entry
+            # on it valid on the other payload; two payloads never fold into one (no new aliasing).
+            if (other is not None and own not in remap and other not in remap.values()
+                    and digest(own) == digest(other)):
+                remap[own] = other
+        for fqn, entry in entries.items():
+            entry["path_name"] = remap.get(entry["path_name"], entry["path_name"])
+            earlier.setdefault(fqn, entry["path_name"])
+        dropped[config_name[len(weights):-len("_weights_config.json")]] = remap
+    gone = {weights + p for remap in dropped.values() for p in remap}
+    # The writer adds its own bookkeeping records (.data/*, byteorder, archive_format/version).
+    own = {".data/version", ".data/serialization_id", "byteorder", "archive_format", "archive_version"}
+    with PT2ArchiveWriter(str(dest)) as writer:
+        for name in names:
+            if name in own or name in gone:
+                continue
+            data = json.dumps(configs[name]).encode() if name in configs else reader.read_bytes(name)
+            writer.write_bytes(name, data)
+    return dropped
 
 
 class Exported:

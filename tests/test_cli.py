@@ -123,6 +123,28 @@ def test_model_errors(tmp_path):
     one_line_error(*run("apply", "identity", vit, "-o", tmp_path / "o"), 2, "is not a causal LM")
 
 
+def test_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
+    """A hub id that is not cached, with the hub unreachable: one line at once, not five logged retries."""
+    import socket
+
+    import huggingface_hub.constants
+
+    tried = []
+
+    def refuse(address, timeout=None):
+        tried.append(address)
+        raise OSError("Name or service not known")
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    one_line_error(*run("apply", "identity", "someone/no-such-model", "-o", tmp_path / "o"), 2,
+                   "someone/no-such-model is not in the Hugging Face cache and huggingface.co cannot be reached")
+    assert tried and tried[0][0] == "huggingface.co" and not (tmp_path / "o").exists()
+
+
 def test_no_attention_found(tmp_path, model_dir):
     spec = tmp_path / "s.yaml"
     spec.write_text("capture: {attn_implementation: eager}\nrules:\n  - pattern: sdpa\n    op: softmax\n")

@@ -203,6 +203,15 @@ def test_eval_is_reproducible_and_side_by_side(world, merged):
     header, row = table.strip().splitlines()[-2:]
     assert code == 0 and header.split()[:3] == ["context", "PPL", "acc"] and "recovery" in header
     assert row.split()[0] == "32" and row.split()[-2].endswith("%") and row.split()[-1] == "310"
+    # A plain model (not an OUT dir) is the one scored: its own PPL and accuracy, no comparison columns.
+    code, output = run("eval", world / "model", "--data", text, "--context", "32", "--max-tokens", "640", "--json")
+    assert code == 0, output
+    plain = json.loads(output[output.index("{"):])["context"]["32"]
+    assert "original" not in plain and plain["ppl"] == pytest.approx(result["context"]["32"]["original"]["ppl"])
+    code, table = run("eval", world / "model", "--data", text, "--context", "32", "--max-tokens", "640")
+    header, row = table.strip().splitlines()[-2:]
+    assert code == 0 and header.split() == ["context", "PPL", "acc", "tokens"], table
+    assert row.split()[1] == f"{plain['ppl']:.2f}" and row.split()[-1] == "620"
 
 
 def test_heal_and_eval_errors(world, tmp_path):

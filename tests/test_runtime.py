@@ -10,12 +10,15 @@ import copy
 import json
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 import lincompile
+from lincompile import runtime
 from lincompile.cli import main
 from lincompile.errors import UsageError
 from lincompile.kernels import registry
@@ -289,6 +292,11 @@ def test_cli_generate_export_and_reload_in_a_fresh_process(tmp_path, monkeypatch
     pt2 = tmp_path / "model.pt2"
     code, stdout, output = run("export", out, "-o", pt2)
     assert code == 0 and "logits identical" in stdout, output
+    # Both programs' weights are stored once: the payloads hold about the converted model's tensors, not twice.
+    with zipfile.ZipFile(pt2) as archive:
+        payload = sum(i.file_size for i in archive.infolist() if "/data/weights/weight_" in i.filename)
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in rt.graph_module.state_dict().values()}
+    assert payload < 1.1 * sum(unique.values()), (payload, sum(unique.values()))
     code, _, output = run("export", out, "-o", pt2)
     assert code == 2 and "already exists" in output
     # The reloaded programs equal the runtime (checked by `export` above); a fresh process gets the same.
@@ -311,6 +319,46 @@ def test_cli_generate_export_and_reload_in_a_fresh_process(tmp_path, monkeypatch
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and "identical" in done.stdout, done.stderr[-2000:]
+
+
+def test_share_weights_stores_each_parameter_once_and_keeps_aliasing(tmp_path):
+    """Two programs over the same parameters: one payload each in the shared archive, tied weights still tied,
+    equal-valued but distinct parameters still apart, and both programs compute what they did."""
+    from torch.export.pt2_archive._package import load_pt2, package_pt2
+
+    class Prefill(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(64, 32), nn.Linear(32, 64, bias=False)
+            self.head.weight = self.emb.weight  # tied, as in SmolLM2
+            self.n1, self.n2 = nn.Parameter(torch.ones(32)), nn.Parameter(torch.ones(32))  # equal values
+
+        def forward(self, x):
+            return self.head(self.emb(x) * self.n1 * self.n2)
+
+    class Decode(Prefill):
+        def forward(self, x):
+            return self.head(self.emb(x) * self.n1 + self.n2)
+
+    prefill = Prefill()
+    decode = Decode()
+    decode.load_state_dict(prefill.state_dict())
+    x = torch.tensor([[1, 2, 3]])
+    programs = {"model": torch.export.export(prefill, (x,)), "decode": torch.export.export(decode, (x,))}
+    separate, shared = tmp_path / "separate.pt2", tmp_path / "shared.pt2"
+    package_pt2(str(separate), exported_programs=programs)
+    dropped = runtime.share_weights(separate, shared)
+    assert dropped["model"] == {} and len(dropped["decode"]) == 3  # emb/head (one storage), n1, n2
+    table = 64 * 32 * 4
+    assert separate.stat().st_size - shared.stat().st_size > 0.9 * table
+    loaded = load_pt2(str(shared)).exported_programs
+    for name, program in loaded.items():
+        state = program.state_dict
+        assert state["emb.weight"].data_ptr() == state["head.weight"].data_ptr()
+        assert state["n1"].data_ptr() != state["n2"].data_ptr()
+        assert torch.equal(program.module()(x), programs[name].module()(x))
+    # Each program still loads its own tensors (nothing shared between the two at run time).
+    assert loaded["model"].state_dict["n1"].data_ptr() != loaded["decode"].state_dict["n1"].data_ptr()
 
 
 def test_load_exported_rejects_other_files(tmp_path):
