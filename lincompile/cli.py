@@ -134,12 +134,11 @@ def apply(spec, model, out, overwrite, as_json, dtype, device, allow_code):
     """Convert MODEL with SPEC and write the converted model to OUT."""
     from pathlib import Path
 
-    from .errors import UsageError
+    from .emit import check_destination
     from .pipeline import convert
     from .report import summary_lines
 
-    if Path(out).exists() and not overwrite:
-        raise UsageError(f"{out} already exists: pass --overwrite to replace it")
+    check_destination(out, overwrite)  # before the slow part
     timings: dict = {}
     stages = _Stages(["load", "capture", "match", "substitute", "fuse", "verify", "save"], enabled=not as_json)
     try:
@@ -232,11 +231,17 @@ def diff(spec, model, fmt, layer, out, dtype, device, allow_code):
     spec_obj, loaded = _load(spec, model, dtype, device, timings)
     converted = convert(loaded.model, spec_obj, allow_code=allow_code, source=model, timings=timings, verify=False)
     d = converted.diff()
-    if layer is not None and layer not in {s.layer for s in converted.sites}:
+    if layer is not None:
         from .errors import UsageError
 
-        have = sorted({s.layer for s in converted.sites if s.layer is not None})
-        raise UsageError(f"--layer {layer}: no converted site in that layer (converted layers: {have})")
+        # The same list whatever the layer: the layers whose attention an operator replaced (not `op: keep`).
+        have = d.converted_layers()
+        kept = sorted({s.layer for s in converted.sites if s.op == "keep"})
+        if layer in kept:
+            raise UsageError(f"--layer {layer}: that layer is kept as softmax (op: keep), so no pass changed it "
+                             f"(converted layers: {have})")
+        if layer not in have:
+            raise UsageError(f"--layer {layer}: no converted site in that layer (converted layers: {have})")
     text = {"text": d.to_text, "html": d.to_html, "dot": d.to_dot}[fmt](layer=layer)
     if out:
         from pathlib import Path
@@ -252,11 +257,24 @@ def diff(spec, model, fmt, layer, out, dtype, device, allow_code):
 @main.command()
 @click.argument("spec")
 def validate(spec):
-    """Check SPEC (file or built-in name) without loading a model."""
+    """Check SPEC (file or built-in name) without loading a model (heal data paths must exist)."""
+    from pathlib import Path
+
+    from .errors import UsageError
     from .spec import Spec
 
     s = Spec.resolve(spec)
-    ops = ", ".join(f"{r.op} (layers {r.layers.raw})" for r in s.rules)
+    def scope(r):
+        parts = [f"layers {r.layers.raw}"] + ([f"modules {r.modules}"] if r.modules else [])
+        return ", ".join(parts + ([f"mask {'/'.join(r.mask)}"] if "any" not in r.mask else []))
+
+    heal = getattr(s, "heal", None)
+    missing = [p for p in (heal.data.train + heal.data.eval if heal else [])
+               if not p.startswith("hf:") and not Path(p).exists()]
+    if missing:
+        raise UsageError(f"{s.source}: heal data not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                              if len(missing) > 1 else ""))
+    ops = ", ".join(f"{r.op} ({scope(r)})" for r in s.rules)
     click.echo(f"ok: {s.source}: spec {s.name}, {len(s.rules)} rule(s): {ops}")
 
 

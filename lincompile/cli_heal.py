@@ -99,7 +99,7 @@ def _apply_flags(cfg, flags: dict, data, eval_data, stage: str):
 @click.option("--holdout", type=click.FloatRange(0, 0.5), help="Fraction of --data held out for evaluation.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-batch per process.")
 @click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per optimizer step.")
-@click.option("--warmup", type=click.IntRange(min=0), help="Warm-up steps (both stages).")
+@click.option("--warmup", type=click.IntRange(min=0), help="Warm-up steps (both stages) [default: 10, at most a tenth of the stage].")
 @click.option("--clip", type=click.FloatRange(min=0, min_open=True), help="Max gradient norm (both stages).")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate on held-out blocks every N steps.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), help="Checkpoint every N steps.")
@@ -189,6 +189,16 @@ def eval_cmd(model, data, contexts, max_tokens, batch_size, adapter, no_original
 
     contexts = list(contexts) or [512]
     docs = read_documents(list(data))
+    if (Path(model) / "lincompile.json").is_file():
+        from .heal.outdir import OutDir
+        from .passes.capture import length_limit
+
+        # The converted graph guards its input length: refuse up front rather than fail inside it.
+        outdir = OutDir(model)
+        limit = length_limit(outdir.config, outdir.spec.capture)
+        if max(contexts) > limit:
+            raise UsageError(f"--context {max(contexts)} is longer than {model} takes ({limit} tokens: the smaller "
+                             "of the spec's capture.max_seq_len and the model's position limit)")
     models, tok, vocab = _eval_models(model, adapter, no_original, device, allow_code)
     stream = tokenize(docs, get_tokenizer(tok, tokenizer, vocab))
     fwd = {k: (m.train(False) if k == "converted" else hf_forward(m)) for k, m in models.items()}
@@ -292,10 +302,9 @@ def _apply_then_heal(no_heal=False, **kwargs):
         return result
     from .heal.run import heal as run_heal
 
+    # heal logs its own "healed OUT: …" line, as `lincompile heal` does.
     run_heal(kwargs["out"], cfg, restart=True, device=kwargs.get("device", "cpu"),
              allow_code=kwargs.get("allow_code", False), progress=not kwargs.get("as_json"), log=_log)
-    if not kwargs.get("as_json"):
-        click.echo(f"healed {kwargs['out']}")
     return result
 
 

@@ -75,12 +75,32 @@ def _unique_tensors(state: dict) -> dict:
     return out, aliases
 
 
+def check_destination(path, overwrite: bool = False) -> Path:
+    """OUT as an absolute path, if it may be written: new, or (with overwrite) an earlier output or empty folder.
+
+    `--overwrite` replaces a whole directory, so it is only allowed on what lincompile wrote (or an empty
+    folder): a mistyped -o must not delete someone's files.
+    """
+    out = Path(path).expanduser().absolute()
+    if out.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise UsageError(f"{path}: give a new directory for the output, not the current directory or one above it")
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not overwrite:
+        raise UsageError(f"{path} already exists: pass --overwrite to replace it")
+    if not out.is_dir() or out.is_symlink():
+        raise UsageError(f"{path} exists and is not a directory: --overwrite only replaces a lincompile output "
+                         "directory")
+    if not (out / "lincompile.json").is_file() and any(out.iterdir()):
+        raise UsageError(f"{path} is not a lincompile output directory (no lincompile.json): --overwrite will not "
+                         "replace it; choose another output directory")
+    return out
+
+
 def save(converted, path, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists: pass --overwrite to replace it")
+    out = check_destination(path, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

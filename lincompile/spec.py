@@ -372,6 +372,10 @@ def _parse_capture(raw, loc: Located) -> CaptureConfig:
         _check_keys(probe, ("batch", "seq_len"), ("capture", "probe"), loc, "capture.probe")
         cfg.probe_batch = _positive(probe.get("batch", cfg.probe_batch), ("capture", "probe", "batch"), loc)
         cfg.probe_len = _positive(probe.get("seq_len", cfg.probe_len), ("capture", "probe", "seq_len"), loc)
+        # torch.export makes a size of 1 a constant of the program: batch and length must stay dynamic.
+        if cfg.probe_batch < 2:
+            raise loc.error(("capture", "probe", "batch"), "capture.probe.batch must be at least 2 (a batch of 1 "
+                            "would be captured as a constant)")
         if cfg.probe_len < 2:
             raise loc.error(("capture", "probe", "seq_len"), "capture.probe.seq_len must be at least 2")
     for key in ("mask_probe_len", "max_seq_len"):

@@ -151,6 +151,16 @@ def logit_tolerance(tolerance: float, reference: torch.Tensor) -> float:
     return tolerance
 
 
+def length_limit(config, cfg) -> int:
+    """The longest sequence a captured graph takes: the spec's capture.max_seq_len, or the model's own position
+    limit when smaller (the graph keeps it as a guard on the length)."""
+    max_len = cfg.max_seq_len
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and limit > 0:
+        max_len = min(max_len, limit)
+    return max_len
+
+
 def capture(model: nn.Module, cfg, device=None, tolerance: float = 1e-5, positions: bool = False) -> Captured:
     """Export `model` and verify the captured graph reproduces its logits on a probe batch.
 
@@ -163,10 +173,7 @@ def capture(model: nn.Module, cfg, device=None, tolerance: float = 1e-5, positio
         device = str(next(model.parameters()).device)
     notes = [n for n in [set_attn_implementation(model, cfg.attn_implementation)] if n]
     config = model.config
-    max_len = cfg.max_seq_len
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(limit, int) and limit > 0:
-        max_len = min(max_len, limit)
+    max_len = length_limit(config, cfg)
     probe_len = min(cfg.probe_len, max_len)
     probe = probe_ids(config.vocab_size, cfg.probe_batch, probe_len, device)
     wrapper = (PositionsWrapper if positions else CausalLMWrapper)(model).eval()

@@ -509,6 +509,18 @@ def find_sites(gm: fx.GraphModule, patterns, user_patterns: dict | None = None) 
     return MatchResult(sites, misses, tuple(patterns))
 
 
+def _capture_hint(gm: fx.GraphModule, patterns, spec) -> str:
+    """Patterns of one capture mode tried on a graph captured in the other: say which mode finds attention."""
+    fused = sum(is_op(n, "scaled_dot_product_attention") for n in gm.graph.nodes)
+    impl = spec.capture.attn_implementation
+    if fused and any(p not in BUILTIN_MATCHERS for p in patterns):
+        return (f"; the graph was captured with {impl} and has {fused} scaled_dot_product_attention node(s): a "
+                "pattern of matmul/softmax ops needs `capture: {attn_implementation: eager}`")
+    if not fused and impl == "eager" and "sdpa" in patterns:
+        return "; the sdpa pattern needs `capture: {attn_implementation: sdpa}` (this graph was captured eager)"
+    return ""
+
+
 def match(captured, spec) -> MatchResult:
     """Run the match pass for a spec: find sites for every pattern its rules use, classify their masks."""
     patterns = []
@@ -519,7 +531,7 @@ def match(captured, spec) -> MatchResult:
     if not result.sites:
         tried = ", ".join(patterns)
         hint = f"; near misses: {result.near_misses[0].reason} at {result.near_misses[0].node}" if result.near_misses else ""
-        raise MatchError(f"0 sites matched; patterns tried: {tried}{hint}")
+        raise MatchError(f"0 sites matched; patterns tried: {tried}{hint}{_capture_hint(captured.gm, patterns, spec)}")
     evaluate_facts(captured.gm, result.sites, captured.model.config.vocab_size,
                    min(spec.capture.mask_probe_len, captured.max_seq_len))
     return result
@@ -549,6 +561,13 @@ def select(result: MatchResult, spec) -> list[tuple[Site, object]]:
             raise rule.error(f"rule {rule.index} selects no site (pattern {rule.pattern}, layers "
                              f"{rule.layers.raw}, modules {rule.modules or 'any'}, mask {'/'.join(rule.mask)}); "
                              f"sites found: {shown or 'none'}; mask kinds: {', '.join(kinds) or 'none'}")
+        taken = [claimed[id(s)] for s in picked if id(s) in claimed]
+        if len(taken) == len(picked):
+            # Every site it selects went to earlier rules: it would silently do nothing.
+            earlier = sorted({r.index for r in taken})
+            raise rule.error(f"rule {rule.index} selects only sites that earlier rule(s) {', '.join(map(str, earlier))} "
+                             f"already took ({len(picked)} site(s); the first rule that selects a site converts it): "
+                             "narrow the earlier rule or move this one before it")
         for s in picked:
             claimed.setdefault(id(s), rule)
     return [(s, claimed[id(s)]) for s in result.sites if id(s) in claimed]

@@ -58,8 +58,26 @@ def test_existing_output_needs_overwrite(model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     one_line_error(*run("apply", "identity", model_dir, "-o", out), 2, "already exists: pass --overwrite")
-    code, output = run("apply", "identity", model_dir, "-o", out, "--overwrite")
+    code, output = run("apply", "identity", model_dir, "-o", out, "--overwrite")  # an empty folder
     assert code == 0, output
+    code, output = run("apply", "identity", model_dir, "-o", out, "--overwrite")  # an earlier output
+    assert code == 0 and (out / "lincompile.json").is_file(), output
+
+
+def test_overwrite_never_replaces_what_lincompile_did_not_write(model_dir, tmp_path, monkeypatch):
+    victim = tmp_path / "notes"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("keep me")
+    one_line_error(*run("apply", "identity", model_dir, "-o", victim, "--overwrite"), 2,
+                   "is not a lincompile output directory (no lincompile.json)")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me too")
+    one_line_error(*run("apply", "identity", model_dir, "-o", afile, "--overwrite"), 2, "is not a directory")
+    monkeypatch.chdir(victim / "sub")
+    for here in (".", "..", str(victim)):
+        one_line_error(*run("apply", "identity", model_dir, "-o", here, "--overwrite"), 2, "not the current directory")
+    assert (victim / "notes.txt").read_text() == "keep me" and (victim / "sub").is_dir()
+    assert afile.read_text() == "keep me too" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "notes"]
 
 
 def test_load_in_fresh_process_reproduces_logits(model_dir, tmp_path):
@@ -94,6 +112,18 @@ def test_match_dry_run_table(model_dir):
 def test_validate_and_specs():
     code, output = run("validate", "liger-attention")
     assert code == 0 and output.startswith("ok:")
+
+
+def test_validate_shows_each_rules_scope_and_checks_heal_data(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("rules:\n  - {modules: 'model\\.layers\\.[01]\\..*', op: keep}\n  - {mask: sliding, op: keep}\n"
+                    "  - {op: liger_attention}\nheal:\n  data: {train: [corpus.txt]}\n")
+    one_line_error(*run("validate", spec), 2, f"{spec}: heal data not found: {tmp_path / 'corpus.txt'}")
+    (tmp_path / "corpus.txt").write_text("text " * 100)
+    code, output = run("validate", spec)
+    assert code == 0 and output.strip().endswith(
+        "keep (layers all, modules model\\.layers\\.[01]\\..*), keep (layers all, mask sliding), "
+        "liger_attention (layers all)"), output
     code, output = run("specs")
     assert code == 0 and "liger-attention" in output and "identity" in output
     code, output = run("specs", "show", "identity")
@@ -148,7 +178,16 @@ def test_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
 def test_no_attention_found(tmp_path, model_dir):
     spec = tmp_path / "s.yaml"
     spec.write_text("capture: {attn_implementation: eager}\nrules:\n  - pattern: sdpa\n    op: softmax\n")
-    one_line_error(*run("apply", spec, model_dir, "-o", tmp_path / "o"), 2, "0 sites matched; patterns tried: sdpa")
+    one_line_error(*run("apply", spec, model_dir, "-o", tmp_path / "o"), 2,
+                   "0 sites matched; patterns tried: sdpa; the sdpa pattern needs `capture: {attn_implementation: sdpa}`")
+    # A user pattern of eager ops on an sdpa capture: the error says which capture would find it.
+    text = (ROOT / "specs" / "custom-pattern.yaml").read_text().replace("attn_implementation: eager",
+                                                                         "attn_implementation: sdpa")
+    spec.write_text(text)
+    one_line_error(*run("apply", spec, model_dir, "-o", tmp_path / "o"), 2,
+                   "0 sites matched; patterns tried: eager_attention; the graph was captured with sdpa and has 2 "
+                   "scaled_dot_product_attention node(s): a pattern of matmul/softmax ops needs `capture: "
+                   "{attn_implementation: eager}`")
 
 
 def test_custom_op_needs_allow_code(tmp_path, model_dir, monkeypatch):
@@ -176,7 +215,14 @@ def test_diff_in_three_formats(model_dir, tmp_path):
         code, output = run("diff", "liger-attention", model_dir, "--format", fmt, "--layer", "1", "-o", target)
         assert code == 0, output
         assert needle in target.read_text()
-    one_line_error(*run("diff", "liger-attention", model_dir, "--layer", "5"), 2, "no converted site in that layer")
+    one_line_error(*run("diff", "liger-attention", model_dir, "--layer", "5"), 2,
+                   "no converted site in that layer (converted layers: [0, 1])")
+    hybrid = tmp_path / "hybrid.yaml"
+    hybrid.write_text("rules:\n  - {layers: [0], op: keep}\n  - {op: liger_attention}\n")
+    one_line_error(*run("diff", hybrid, model_dir, "--layer", "0"), 2,
+                   "--layer 0: that layer is kept as softmax (op: keep), so no pass changed it (converted layers: [1])")
+    one_line_error(*run("diff", hybrid, model_dir, "--layer", "5"), 2,
+                   "no converted site in that layer (converted layers: [1])")
 
 
 @pytest.mark.parametrize("cmd", [["apply", "identity", "MODEL", "-o", "OUT"], ["generate", "OUT", "hi"],

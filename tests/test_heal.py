@@ -222,6 +222,11 @@ def test_heal_and_eval_errors(world, tmp_path):
     one_line_error(*run("heal", out, "--data", tmp_path / "blob.txt"), 2, "binary file")
     one_line_error(*run("eval", out, "--data", tmp_path / "blob.txt"), 2, "binary file")
     one_line_error(*run("heal", out, "--resume", "--steps", "3"), 2, "remove --steps")
+    limit = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    one_line_error(*run("eval", out, "--data", world / "data" / "heldout.txt", "--context", limit + 1), 2,
+                   f"--context {limit + 1} is longer than {out} takes ({limit} tokens")
+    one_line_error(*run("heal", out, "--data", world / "data" / "heldout.txt", "--seq-len", limit + 1), 2,
+                   f"heal.data.seq_len {limit + 1} is longer than {out} takes ({limit} tokens")
     fresh = tmp_path / "fresh"
     shutil.copytree(out, fresh, ignore=shutil.ignore_patterns("heal"))
     one_line_error(*run("heal", fresh, "--resume"), 2, "nothing to resume")
@@ -238,7 +243,8 @@ def _heal_copy(world, tmp_path_factory, args):
     shutil.copytree(world / "out", ref)
     code, output = run("heal", ref, *args)
     assert code == 0, output
-    # A second heal starts again from the pre-heal weights, which stay recorded as they were.
+    # A second heal starts again from the pre-heal weights, which stay recorded as they were, and says so.
+    assert f"note: {ref} was healed before; this heal starts again from the unhealed weights" in output
     first = tensors(world / "out" / "heal" / "original.safetensors")
     again = tensors(ref / "heal" / "original.safetensors")
     assert set(first) == set(again) and all(torch.equal(first[k], again[k]) for k in first)

@@ -155,6 +155,14 @@ def test_warmup_then_cosine():
     assert lr_at(StageConfig(lr=0.5, warmup=0, schedule="constant"), 7, 10) == 0.5
 
 
+def test_default_warmup_is_at_most_a_tenth_of_the_stage():
+    cfg = StageConfig(lr=1.0, schedule="constant")  # warmup not given
+    assert [lr_at(cfg, s, 4) for s in range(4)] == [1.0] * 4  # a 4-step heal trains at its lr from the start
+    assert [lr_at(cfg, s, 30) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # 3 steps of warm-up
+    assert lr_at(cfg, 9, 500) == pytest.approx(10 / 11) and lr_at(cfg, 10, 500) == 1.0  # capped at 10
+    assert lr_at(StageConfig(lr=1.0, warmup=8, schedule="constant"), 0, 4) == pytest.approx(1 / 9)  # as given
+
+
 def test_clipping_is_applied_per_group():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
     a.grad, b.grad = torch.full((3,), 4.0), torch.full((4,), 0.1)

@@ -100,6 +100,13 @@ def test_wrong_types():
     assert "a spec must be a mapping" in error("- 1\n- 2\n")
 
 
+def test_probe_sizes_that_export_would_freeze():
+    assert "t.yaml:2:26: capture.probe.batch must be at least 2" in error(
+        "rules: [{op: softmax}]\ncapture: {probe: {batch: 1}}\n")
+    assert "capture.probe.seq_len must be at least 2" in error("rules: [{op: softmax}]\ncapture: {probe: {seq_len: 1}}\n")
+    assert parse("rules: [{op: softmax}]\ncapture: {probe: {batch: 2, seq_len: 2}}\n").capture.probe_batch == 2
+
+
 def test_missing_rules_and_empty():
     assert 'no "rules"' in error("name: x\n")
     assert "empty" in error("")
@@ -147,3 +154,18 @@ def test_missing_file(tmp_path):
 def test_unknown_builtin():
     with pytest.raises(SpecError, match='did you mean "liger-attention"'):
         Spec.resolve("liger-atention")
+
+
+def test_specs_readme_lists_every_operator_and_its_defaults():
+    """The operator table in specs/README.md is the spec writer's reference: it must not drift from the code."""
+    from pathlib import Path
+
+    from lincompile.kernels import registry
+
+    text = (Path(__file__).resolve().parents[1] / "specs" / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")}
+    for name in registry.names():
+        assert name in rows, f"specs/README.md has no row for operator {name}"
+        for param, default in registry.get(name).params.items():
+            shown = "null" if default is None else str(default)
+            assert f"`{param}` {shown}" in rows[name], f"{name}: `{param}` {shown} missing from {rows[name]!r}"

@@ -10,7 +10,7 @@
         targets: default                                  # or [q_proj, v_proj] or a regex string
         steps: 150                                        # or tokens: 1000000
         lr: 1.0e-3
-        warmup: 10
+        warmup: 10                                        # default: 10 steps, at most a tenth of the stage
         schedule: cosine
         clip: 1.0
         batch_size: 1
@@ -57,7 +57,7 @@ class StageConfig:
     steps: int | None = None  # exactly one of steps / tokens; steps = ceil(tokens / tokens per step)
     tokens: int | None = None
     lr: float = 1e-3
-    warmup: int = 10  # linear warm-up steps
+    warmup: int | None = None  # linear warm-up steps; None: 10, at most a tenth of the stage (warmup_steps)
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0  # where cosine/linear decay ends, as a fraction of lr
     clip: float | None = 1.0  # max global gradient norm (None: no clipping)
@@ -199,7 +199,7 @@ def _parse_stage(stage: StageConfig, raw, loc, path, keys) -> StageConfig:
         stage.steps, stage.tokens = _int(raw["steps"], loc, path + ("steps",), minimum=1), None
     if "lr" in raw:
         stage.lr = _num(raw["lr"], loc, path + ("lr",), 0.0, low_open=True)
-    if "warmup" in raw:
+    if raw.get("warmup") is not None:  # null (as resolved() writes the default) is the default
         stage.warmup = _int(raw["warmup"], loc, path + ("warmup",), minimum=0)
     if "schedule" in raw:
         stage.schedule = _choice(raw["schedule"], SCHEDULES, path + ("schedule",), loc, f"{name}.schedule")

@@ -41,7 +41,11 @@ class LincompileLM(LM):
         self.tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tok is None:
             raise UsageError("the converted model has no tokenizer: lm-eval needs one")
-        config = getattr(model, "config", None)
+        config, spec = getattr(model, "config", None), getattr(model, "spec", None)
+        if max_length is None and config is not None and spec is not None:
+            from ..passes.capture import length_limit
+
+            max_length = length_limit(config, spec.capture)  # what the converted graph takes
         self.max_length = int(max_length or getattr(config, "max_position_embeddings", None) or 2048)
         self.max_gen_toks = int(max_gen_toks)
         self._device = device

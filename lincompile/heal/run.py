@@ -69,10 +69,22 @@ def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, l
     elif cfg is not None and not cfg.data.train:
         raise UsageError("no healing data: pass --data PATH or set heal.data.train in the spec")
     # Data errors are found before anything is written into OUT.
+    from ..passes.capture import length_limit
+
+    limit = length_limit(outdir.config, outdir.spec.capture)
+    if cfg.data.seq_len > limit:
+        raise UsageError(f"heal.data.seq_len {cfg.data.seq_len} is longer than {outdir.root} takes ({limit} tokens: "
+                         "the smaller of the spec's capture.max_seq_len and the model's position limit)")
     tokenizer = get_tokenizer(outdir.tokenizer(), cfg.data.tokenizer, outdir.config.vocab_size)
     split = load_split(cfg.data.train, cfg.data.eval, tokenizer, cfg.data.seq_len, cfg.data.holdout)
     if not resume:
+        healed_before = status(outdir.root) == "done"
         cfg = _start(outdir, cfg, d, resume, restart)
+        if healed_before:
+            # Every heal starts from the converted model's unhealed weights (heal/original.safetensors), so that
+            # its result depends only on its own config; say so rather than surprise with a worse step 0.
+            log(f"note: {outdir.root} was healed before; this heal starts again from the unhealed weights and "
+                "replaces that result")
     log(f"data: {describe(split, cfg.data.seq_len)}")
     torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at build: the same on every run and rank
     for note in split.notes:

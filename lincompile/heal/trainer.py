@@ -30,13 +30,20 @@ from .distributed import Dist
 METRICS = "metrics.jsonl"
 
 
+def warmup_steps(cfg: StageConfig, total: int) -> int:
+    """The warm-up length: as configured, else 10 steps but never more than a tenth of the stage (a short heal
+    that spent all its steps warming up would never train at its learning rate)."""
+    return cfg.warmup if cfg.warmup is not None else min(10, total // 10)
+
+
 def lr_at(cfg: StageConfig, step: int, total: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine/linear/constant."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / (cfg.warmup + 1)
-    if cfg.schedule == "constant" or total <= cfg.warmup:
+    warmup = warmup_steps(cfg, total)
+    if warmup and step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    if cfg.schedule == "constant" or total <= warmup:
         return cfg.lr
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    progress = (step - warmup) / max(1, total - warmup)
     low = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "linear":
         return low + (cfg.lr - low) * (1 - progress)
