@@ -8,7 +8,8 @@ Every operator has three forms over the same math:
 - `naive(**inputs)`: the plainest correct form (quadratic or token-by-token); the test oracle.
 - `chunked(**inputs, state=None) -> (out, state)`: linear in T, for training and prefill.
 - `step(state, **inputs_at_one_position) -> (out, state)` with `init_state(batch, dtype, device)`: decode.
-`forward` is `chunked` without the state.
+`forward` is `chunked` without the state. `generate` and `export` (lincompile/runtime.py) need `init_state`
+and `step`; conversion, verification and healing need only `chunked`.
 
 Inputs an operator can ask for (names of site bindings; shapes `[B, heads, T, dim]` unless said):
     q, k, v          as fed to softmax attention (after RoPE; k/v may already be repeated for GQA)
@@ -36,6 +37,8 @@ FALLBACKS = {
     "k_kv": ("k", None),
     "v_kv": ("v", None),
 }
+# Why generate and export fail on an operator without the decode forms.
+DECODE_NEEDS = "generate and export decode token by token, with init_state() and step() (see kernels/base.py)"
 
 
 class Operator(nn.Module):
@@ -48,6 +51,13 @@ class Operator(nn.Module):
     summary: ClassVar[str] = ""
     # Kernel ops (kernels/fused.py) this operator calls when the fuse pass selects the Triton backend.
     fused_kernels: ClassVar[tuple[str, ...]] = ()
+
+    def __new__(cls, *args, **kwargs):
+        op = super().__new__(cls)
+        # The arguments it was built with: an exported program rebuilds the operator from them (on the meta
+        # device, passes/lift_state.py), since a module is not serialised into a program.
+        op.__dict__["_init_args"] = (args, kwargs)
+        return op
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, v_head_dim: int | None = None,
                  scale: float | None = None, **params):
@@ -107,16 +117,20 @@ class Operator(nn.Module):
         return self.chunked(**inputs)[0]
 
     def naive(self, **inputs) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(self.missing_form("naive", "the operator tests compare the other forms with it"))
 
     def chunked(self, state=None, **inputs):
-        raise NotImplementedError
+        raise NotImplementedError(self.missing_form("chunked", "the converted model runs it"))
 
     def init_state(self, batch: int, dtype=torch.float32, device=None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(self.missing_form("init_state"))
 
     def step(self, state, **inputs):
-        raise NotImplementedError
+        raise NotImplementedError(self.missing_form("step"))
+
+    def missing_form(self, method: str, why: str = DECODE_NEEDS) -> str:
+        """The one-line message for a form this operator does not implement."""
+        return f'operator {type(self).__name__} (op "{self.name}") does not implement {method}(): {why}'
 
     # ----------------------------------------------------------------------------------------------
     def expand_kv(self, x: torch.Tensor) -> torch.Tensor:

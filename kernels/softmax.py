@@ -24,17 +24,21 @@ class Softmax(Operator):
     inputs = ("q", "k", "v")
     optional_inputs = ("mask",)
 
-    def __init__(self, *args, softcap: float | None = None, is_causal: bool = False, **kwargs):
+    def __init__(self, *args, softcap: float | None = None, is_causal: bool = False, window: int | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.softcap = softcap
         self.is_causal = is_causal
+        self.window = window  # a sliding mask's window, for the masks the cached forms build themselves
 
     @classmethod
     def from_site(cls, site, **params):
         a = site.attrs
+        # The window is read off the site's own mask (match.classify_mask), never from a model config.
+        window = a.get("window") if a.get("mask_kind") == "sliding" else None
         return cls(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
                    v_head_dim=a.get("v_head_dim"), scale=a.get("scale"), softcap=a.get("softcap"),
-                   is_causal=bool(a.get("is_causal", False)), **params)
+                   is_causal=bool(a.get("is_causal", False)), window=window, **params)
 
     def forward(self, q, k, v, mask=None):
         if self.softcap is None:
@@ -65,6 +69,8 @@ class Softmax(Operator):
             if mask is None:
                 T, S = q.shape[2], k.shape[2]
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+                if self.window is not None:  # query t (at S - T + t) sees the `window` keys up to itself
+                    mask = mask & ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T - self.window)
         return self.naive(q, k, v, mask), {"k": k, "v": v}
 
     def _kv_heads(self, x):

@@ -21,10 +21,14 @@ from .errors import LincompileError, UsageError
 @click.argument("prompt")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT in the tokenizer's chat template (when it has one).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True)
-@click.option("--sample", "do_sample", is_flag=True, help="Sample (default: greedy).")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample among the K most likely tokens.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling.")
+@click.option("--sample", "do_sample", is_flag=True,
+              help="Sample (default: greedy). --temperature, --top-k, --top-p and --seed need it.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Sampling temperature (with --sample).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Sample among the K most likely tokens (with --sample).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Nucleus sampling (with --sample).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token counts, timings).")
 @click.option("--allow-code", is_flag=True, help="Allow the spec's user Python operators to load.")
@@ -32,11 +36,23 @@ from .errors import LincompileError, UsageError
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads (CPU).")
 def generate(out, prompt, chat, max_new_tokens, do_sample, temperature, top_k, top_p, seed, as_json, allow_code,
              device, threads):
-    """Generate from the converted model in OUT, streaming tokens to stdout (constant-size state)."""
+    """Generate from the converted model in OUT, streaming tokens to stdout (constant-size state).
+
+    Generation stops at an EOS token, after --max-new-tokens, or where the model runs out of positions (learned
+    position embeddings, as GPT-2's): finish_reason eos, length or position_limit.
+    """
     import torch
 
     from .runtime import load
 
+    # Greedy decoding reads none of the sampling options: refused rather than silently ignored (as --steps with
+    # --tokens in heal), and not taken to mean --sample, which would make greedy runs random by accident.
+    ctx = click.get_current_context()
+    given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p", "seed")
+             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given and not do_sample:
+        raise UsageError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} with --sample "
+                         "(generation is greedy without it)")
     if threads:
         torch.set_num_threads(threads)
 
@@ -66,8 +82,13 @@ def generate(out, prompt, chat, max_new_tokens, do_sample, temperature, top_k, t
     new = result[0, ids.shape[1]:].tolist()
     eos = set(rt.eos_token_ids())
     finish = "eos" if new and new[-1] in eos else "length"
+    if finish == "length" and len(new) < max_new_tokens:  # stopped short of --max-new-tokens, not at an EOS
+        finish = "position_limit"
+        click.echo(f"note: stopped after {len(new)} tokens: the model's limit of {rt.position_limit} positions "
+                   "(learned position embeddings) was reached", err=True)
     state = rt.init_state(1)
     stats = {"prompt_tokens": ids.shape[1], "new_tokens": len(new), "finish_reason": finish,
+             "position_limit": rt.position_limit,
              "seconds": {"load": round(loaded - t0, 3), "generate": round(done - loaded, 3)},
              "tokens_per_s": round(len(new) / max(done - loaded, 1e-9), 2),
              "state_bytes": rt.state_bytes(state, growing=False)}
@@ -99,10 +120,15 @@ def export_cmd(out, path, overwrite, allow_code):
         raise UsageError(f"{path}: the exported file must end in .pt2")
     if Path(path).exists() and not overwrite:
         raise UsageError(f"{path} already exists: pass --overwrite to replace it")
+    if Path(path).is_dir():
+        raise UsageError(f"{path} is a directory: give the path of the .pt2 file to write")
+    click.echo(f"loading {out} …", err=True)  # each step below takes seconds to minutes on a real model
     rt = load(out, allow_code=allow_code)
+    click.echo("exporting the prefill and decode programs (torch.export) …", err=True)
     t0 = time.perf_counter()
     rt.export(path)
     seconds = time.perf_counter() - t0
+    click.echo("checking the written file against the runtime …", err=True)
     # Round trip: the reloaded programs must give the runtime's logits exactly.
     ex = load_exported(path)
     ids = torch.randint(0, rt.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))

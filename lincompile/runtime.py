@@ -27,7 +27,8 @@ from torch import nn
 from .errors import LincompileError, UsageError
 from .passes import lift_state as ls
 
-EXPORT_FORMAT = 1
+# 2: operators are rebuilt from a JSON description (format 1 pickled them).
+EXPORT_FORMAT = 2
 
 
 class Runtime(nn.Module):
@@ -41,6 +42,8 @@ class Runtime(nn.Module):
         self.state_names = [ls.SEEN] + [e.name for s in self.sites for e in s.entries]
         self._per_sequence = [e.name for s in self.sites for e in s.entries if e.kind == "scalar"]
         self._has_caches = any(e.kind == "growing" for s in self.sites for e in s.entries)
+        # Positions this model can take (learned position embeddings), or None: no such limit.
+        self.position_limit = position_limit(graph_module, config)
         # Programs by (mode, ragged, last_only), built on first use. The ragged ones handle left padding and
         # sequences at different points; the others skip those checks (one per operator per call).
         self._programs: dict = {}
@@ -182,6 +185,9 @@ class Runtime(nn.Module):
             positions = state[ls.SEEN][:, None] + torch.arange(T, device=input_ids.device)
         if tuple(positions.shape) != (B, T):
             raise UsageError(f"positions must have the shape of input_ids {[B, T]}, got {list(positions.shape)}")
+        if self.position_limit is not None and T and int(positions.max()) >= self.position_limit:
+            raise UsageError(f"position {int(positions.max())} is past the model's limit of {self.position_limit} "
+                             "positions (its learned position embeddings): use a shorter sequence")
         program = self._program(mode, self._ragged(positions, state), last_only)
         logits, *flat = program(input_ids, positions, *state.values())
         return logits, dict(zip(self.state_names, flat))
@@ -209,33 +215,42 @@ class Runtime(nn.Module):
         """Prompt (left-padded with `attention_mask` for batches) + up to `max_new_tokens`: [B, T + n].
 
         Greedy unless do_sample. Stops when every sequence has produced an EOS (`eos_token_id`, else the
-        generation config's / tokenizer's); finished sequences are filled with `pad_token_id`. `streamer`
-        follows transformers' protocol: put(prompt ids), put(each new token), end().
+        generation config's / tokenizer's); finished sequences are filled with `pad_token_id`. Also stops, with
+        fewer tokens, where the next token would need a position past `position_limit` (see `new_token_room`).
+        `streamer` follows transformers' protocol: put(prompt ids), put(each new token), end().
         """
         if max_new_tokens < 0:
             raise UsageError("max_new_tokens must be ≥ 0")
+        if input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise UsageError("the prompt is empty (0 tokens): generation needs at least one token to start from")
         eos = self.eos_token_ids(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         positions = None if attention_mask is None else positions_from_mask(attention_mask)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         logits, state = self.prefill(input_ids, positions, last_only=True)
+        n = min(max_new_tokens, self.new_token_room(int(state[ls.SEEN].max())))
         out = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         eos_t = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
-        for step in range(max_new_tokens):
+        for step in range(n):
             token = next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
             token = torch.where(done, torch.full_like(token, pad), token)
             out.append(token[:, None])
             if streamer is not None:
                 streamer.put(token.cpu())
             done |= torch.isin(token, eos_t)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if bool(done.all()) or step == n - 1:
                 break
             logits, state = self.decode(token[:, None], state=state)
         if streamer is not None:
             streamer.end()
         return torch.cat(out, dim=1)
+
+    def new_token_room(self, seen: int) -> int | float:
+        """How many tokens can be generated after `seen` tokens: every token fed to the model needs a position
+        below `position_limit` (the last generated token is never fed, so it may be the limit + 1st)."""
+        return float("inf") if self.position_limit is None else max(self.position_limit - seen + 1, 0)
 
     def eos_token_ids(self, eos_token_id=None) -> list[int]:
         """The ids that end a sequence: the argument, else the generation config's, tokenizer's or config's."""
@@ -291,9 +306,13 @@ def _substitute(captured, spec, allow_code):
     assignments = [(s, dataclasses.replace(r, op="softmax", params={}) if r.op == "keep" else r) for s, r in assignments]
     for site, rule in assignments:
         cls = op_class(rule.op, allow_code)
-        if "mask" in cls.inputs + cls.optional_inputs and "mask" in site.bindings and site.mask_kind != "causal":
+        # The softmax operator builds a sliding mask itself from the window read off the site's mask.
+        sliding = rule.op == "softmax" and site.mask_kind == "sliding" and site.attrs.get("window")
+        if ("mask" in cls.inputs + cls.optional_inputs and "mask" in site.bindings and site.mask_kind != "causal"
+                and not sliding):
             raise UsageError(f"{site.module}: its attention mask is {site.mask_kind}, and the runtime's step forms "
-                             "assume a causal mask (convert this layer with a sliding-window operator instead)")
+                             "assume a causal or sliding mask (convert this layer with a sliding-window operator "
+                             "instead)")
     substitute(captured.gm, assignments, allow_code=allow_code)
     fuse(captured.gm, resolve_backend(spec.fuse_backend)[0])
     for node in list(captured.gm.graph.nodes):
@@ -312,6 +331,9 @@ def _sites(gm, device) -> list[ls.OpSite]:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Operator):
             continue
         op, val = gm.get_submodule(node.target), node.meta.get("val")
+        for method in ("init_state", "step"):  # the decode forms (optional for conversion and healing)
+            if getattr(type(op), method) is getattr(Operator, method):
+                raise UsageError(op.missing_form(method))
         if val is None or val.dim() != 4:
             raise LincompileError(f"{node.target}: no recorded output shape [batch, heads, seq, dim]")
         module = node.target.split(".", 1)[1]
@@ -343,6 +365,37 @@ def _share_tensors(gm, source) -> None:
         module = gm.get_submodule(owner)
         table = module._parameters if leaf in module._parameters else module._buffers
         table[leaf] = t
+
+
+def position_limit(gm, config) -> int | None:
+    """The positions a model can take, where something in it really stops there: learned position embeddings
+    (GPT-2's wpe), a table indexed by position. State is no limit (constant for linear operators, a growing
+    cache for softmax), and neither are rotary embeddings, computed for any position (a RoPE model only gets
+    worse past its training length), so their config's max_position_embeddings is not applied; nor is the
+    spec's capture.max_seq_len, the longest length traced (the runtime's programs drop the shape guards).
+
+    The table is found in the graph: an embedding lookup whose indices come from the position_ids input. Its
+    limit is the config's max_position_embeddings (OPT's table has 2 extra rows for an offset), else its rows.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "position_ids"]
+    if not placeholders:
+        return None
+    from_positions, rows = set(placeholders), []
+    for node in gm.graph.nodes:  # topological order: a node's inputs come before it
+        if node in from_positions:
+            continue
+        if any(a in from_positions for a in node.all_input_nodes):
+            from_positions.add(node)
+            if node.op != "call_function" or str(node.target) != "aten.embedding.default":
+                continue
+            weight, indices = node.args[:2]
+            if indices in from_positions and isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                owner, _, leaf = weight.target.rpartition(".")
+                rows.append(int(getattr(gm.get_submodule(owner), leaf).shape[0]))
+    if not rows:
+        return None
+    configured = getattr(config, "max_position_embeddings", None)
+    return min(rows + ([configured] if isinstance(configured, int) and configured > 0 else []))
 
 
 def next_token(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -516,6 +569,9 @@ class Exported:
         if "decode" not in contents.exported_programs or "lincompile.json" not in contents.extra_files:
             raise UsageError(f"{path} was not written by `lincompile export` (no decode program or metadata)")
         self.meta = json.loads(contents.extra_files["lincompile.json"])
+        if self.meta.get("format") != EXPORT_FORMAT:
+            raise UsageError(f"{path} was written by another version of lincompile (export format "
+                             f"{self.meta.get('format')}, this one reads {EXPORT_FORMAT}): export the model again")
         self.prefill_program = contents.exported_programs["model"]
         self.decode_program = contents.exported_programs["decode"]
         self.prefill = self.prefill_program.module()

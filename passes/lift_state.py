@@ -26,10 +26,9 @@ MLPs, norms) stays batched. The model sees pads at position 0; their outputs are
 
 from __future__ import annotations
 
-import base64
-import copy
+import json
 import operator
-import pickle
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -195,31 +194,135 @@ class OpaqueLiftedOp(nn.Module):
 
     torch.export cannot keep the length dynamic through an operator's chunked form (it loops over a
     length-dependent number of chunks), so the exported graph calls one opaque op per site. Its string
-    argument is the pickled `LiftedOp` with its tensors on the meta device (so it is rebuilt in any process
-    that imports lincompile.runtime); the real weights are passed as tensor arguments, so they stay
-    parameters of the program.
+    argument (`key`) is a JSON description of the `LiftedOp`: the operator's class, the arguments it was built
+    with, its plain attributes and the names and shapes of its tensors. Any process that imports
+    lincompile.runtime rebuilds the operator from it on the meta device; nothing is pickled (a program could
+    otherwise run code on load). The real weights are passed as tensor arguments, so they stay parameters of
+    the program.
     """
 
     def __init__(self, op: nn.Module, entries: list[Entry], mode: str, out_spec: tuple, ragged: bool = False):
         super().__init__()  # `ragged` is accepted for LiftedOp's signature; exported programs are uniform
         self.op = op
-        skeleton = LiftedOp(copy.deepcopy(op).to("meta"), entries, mode, out_spec, ragged=False).requires_grad_(False)
-        object.__setattr__(self, "skeleton", skeleton)  # not a submodule: no meta tensors in the program
-        self.tensor_names = [n for n, _ in skeleton.named_parameters(remove_duplicate=False)] + \
-                            [n for n, _ in skeleton.named_buffers(remove_duplicate=False)]
+        # The operator's tensors as the LiftedOp names them (it holds the operator as `op`, as this module does).
+        self.tensor_names = [f"op.{n}" for n, _ in op.named_parameters(remove_duplicate=False)] + \
+                            [f"op.{n}" for n, _ in op.named_buffers(remove_duplicate=False)]
+        # Described and rebuilt here, not in forward: rebuilding makes tensors, which torch.export would trace.
+        self._description = describe(op, entries, mode, out_spec, self.tensor_names)
+        object.__setattr__(self, "_lifted", _rebuilt_like(op, self._description))  # not a submodule: meta tensors
         self._keys: dict[tuple, str] = {}
 
     def key(self, input_names: tuple) -> str:
         if input_names not in self._keys:
-            blob = pickle.dumps((self.skeleton, self.tensor_names, input_names), protocol=4)
-            self._keys[input_names] = base64.b64encode(blob).decode("ascii")
+            key = json.dumps({**self._description, "inputs": list(input_names)}, sort_keys=True)
+            _SKELETONS[key] = (self._lifted, self.tensor_names, input_names)
+            self._keys[input_names] = key
         return self._keys[input_names]
 
     def forward(self, positions, seen, *state, **inputs):
-        tensors = [_fetch(self, n) for n in self.tensor_names]  # same names: both hold the operator as `op`
+        tensors = [_fetch(self, n) for n in self.tensor_names]
         out = torch.ops.lincompile.lifted_op(self.key(tuple(inputs)), tensors, list(inputs.values()),
                                              [positions, seen, *state])
         return tuple(out)
+
+
+KEY_FORMAT = 1
+
+
+def describe(op, entries, mode, out_spec, tensor_names) -> dict:
+    """What `rebuild` needs of one operator call, JSON-ready (the input names are added per call)."""
+    from lincompile.kernels import registry
+    from lincompile.kernels.base import Operator
+
+    cls = type(op)
+    if not isinstance(op, Operator) or "_init_args" not in vars(op):
+        raise LincompileError(f"cannot export {cls.__name__}: it is not a lincompile Operator")
+    if "<locals>" in cls.__qualname__:
+        raise LincompileError(f"cannot export operator {cls.__name__}: it is defined inside a function, where a "
+                              "program cannot find it (define it at the top level of a module)")
+    builtin = cls.name in registry.names() and registry.get(cls.name) is cls
+    args, kwargs = vars(op)["_init_args"]
+    # Plain attributes set after construction (the fuse pass's `backend`, a hook's choices) go with the
+    # arguments; anything else is what the constructor makes of them. Only values JSON keeps as they are.
+    attrs = {}
+    for path, module in op.named_modules():
+        plain = {k: v for k, v in vars(module).items() if not k.startswith("_") and _json_exact(v)}
+        if plain:
+            attrs[path] = plain
+    tensors = dict(op.named_parameters(remove_duplicate=False)) | dict(op.named_buffers(remove_duplicate=False))
+    desc = {"format": KEY_FORMAT, "op": cls.name if builtin else f"{cls.__module__}:{cls.__qualname__}",
+            "args": list(args), "kwargs": kwargs, "attrs": attrs,
+            "tensors": [[n, list(tensors[n[len("op."):]].shape)] for n in tensor_names],
+            "entries": [[e.name, list(e.path), e.kind, _dtype_name(e.dtype), e.grow_dim] for e in entries],
+            "mode": mode, "out_spec": [out_spec[0], out_spec[1], _dtype_name(out_spec[2])]}
+    try:
+        json.dumps(desc, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise LincompileError(f"cannot export operator {cls.__name__}: it was built with arguments that JSON cannot "
+                              f"describe ({err})") from None
+    return desc
+
+
+def rebuild(key: str) -> tuple:
+    """(LiftedOp over the operator rebuilt on the meta device, tensor names, input names) from a key."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from lincompile.kernels import registry
+
+    try:
+        desc = json.loads(key)
+    except ValueError:
+        desc = None
+    if not isinstance(desc, dict) or desc.get("format") != KEY_FORMAT:
+        raise LincompileError("this program's operator calls were written by another version of lincompile: "
+                              "export the model again")
+    ref = desc["op"]
+    if ":" in ref:
+        # User code is never imported because a program names it: the process running it imports it first.
+        module_name, _, qualname = ref.partition(":")
+        cls = sys.modules.get(module_name)
+        for part in qualname.split(".") if cls is not None else ():
+            cls = getattr(cls, part, None)
+        if cls is None:
+            raise UsageError(f'this program calls the user operator "{ref}": import {module_name} before running it')
+    else:
+        cls = registry.get(ref)
+    # Not traced by a mode that may be active (a fake-tensor pass over the program): only shapes matter here.
+    with _disable_current_modes(), torch.device("meta"):
+        op = cls(*desc["args"], **desc["kwargs"])
+    for path, attrs in desc["attrs"].items():
+        module = op.get_submodule(path)
+        for name, value in attrs.items():
+            setattr(module, name, value)
+    entries = [Entry(n, tuple(p), kind, getattr(torch, dt), grow) for n, p, kind, dt, grow in desc["entries"]]
+    heads, dim, dtype = desc["out_spec"]
+    lifted = LiftedOp(op, entries, desc["mode"], (heads, dim, getattr(torch, dtype)), ragged=False)
+    return lifted.requires_grad_(False), [n for n, _ in desc["tensors"]], tuple(desc.get("inputs", ()))
+
+
+def _rebuilt_like(op, description: dict) -> LiftedOp:
+    """Rebuilt from `description` now, at export rather than at load: it must hold the same tensors as `op`."""
+    lifted = rebuild(json.dumps(description))[0]
+    want = {n: shape for n, shape in description["tensors"]}
+    got = {f"op.{n}": list(t.shape) for n, t in [*lifted.op.named_parameters(remove_duplicate=False),
+                                                   *lifted.op.named_buffers(remove_duplicate=False)]}
+    if got != want:
+        odd = sorted(n for n in set(got) | set(want) if got.get(n) != want.get(n))[0]
+        raise LincompileError(f"cannot export operator {type(op).__name__}: rebuilt from its arguments it has "
+                              f"{odd[len('op.'):]} of shape {got.get(odd)}, not {want.get(odd)} (were its tensors "
+                              "replaced after it was built?)")
+    return lifted
+
+
+def _json_exact(value) -> bool:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError):
+        return False
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 _SKELETONS: dict[str, tuple] = {}
@@ -227,7 +330,7 @@ _SKELETONS: dict[str, tuple] = {}
 
 def _skeleton(key: str):
     if key not in _SKELETONS:
-        _SKELETONS[key] = pickle.loads(base64.b64decode(key))
+        _SKELETONS[key] = rebuild(key)
     return _SKELETONS[key]
 
 

@@ -10,7 +10,9 @@ import copy
 import json
 import subprocess
 import sys
+import types
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,8 @@ from lincompile import runtime
 from lincompile.cli import main
 from lincompile.errors import UsageError
 from lincompile.kernels import registry
+from lincompile.kernels.base import Operator
+from lincompile.passes import lift_state
 from lincompile.passes.capture import capture
 from lincompile.runtime import Runtime, load_exported, positions_from_mask, runtime_of
 from lincompile.spec import CaptureConfig
@@ -163,10 +167,16 @@ def test_state_after_16_and_4096_generated_tokens(runtimes):
     assert shapes[16] == shapes[4096] and int(state[-1]) == 4096  # the ring buffer's position count
 
 
-def test_learned_positions_follow_the_positions_input():
+@pytest.fixture(scope="module")
+def gpt2():
+    """A tiny GPT-2: learned position embeddings for 512 positions."""
+    return Runtime.from_model(tiny_model("gpt2"), spec_for("liger_attention"))
+
+
+def test_learned_positions_follow_the_positions_input(gpt2):
     """GPT-2 adds a learned embedding per absolute position: left padding is only right if positions are
     per sequence (pads would otherwise shift every real token's position)."""
-    rt = Runtime.from_model(tiny_model("gpt2"), spec_for("liger_attention"))
+    rt = gpt2
     row = ids_of(1, 6, seed=5)
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), row], 1), ids_of(1, 9, seed=6)])
     mask = torch.ones(2, 9, dtype=torch.long)
@@ -175,6 +185,44 @@ def test_learned_positions_follow_the_positions_input():
     assert torch.equal(out[0, 9:], rt.generate(row, 5)[0, 6:])
     shifted, _ = rt.prefill(row, torch.arange(6)[None] + 3)  # same tokens at other positions: other logits
     assert (shifted - rt.prefill(row)[0]).abs().max() > 1e-3
+
+
+def test_generation_stops_at_the_position_limit(gpt2, runtimes):
+    """Learned position embeddings end at 512: generation stops there (each fed token needs a position < 512),
+    a prompt past it is refused in one line. RoPE models have no such limit."""
+    prompt = ids_of(2, 505)
+    out = gpt2.generate(prompt, 600, eos_token_id=1000)  # an EOS it never produces
+    assert out.shape == (2, 512 + 1)  # positions 0 … 511 fed, the last token predicted at 511
+    assert torch.equal(out[:, :508], gpt2.generate(prompt, 3, eos_token_id=1000))
+    assert gpt2.position_limit == 512 and runtimes("liger_attention").position_limit is None
+    with pytest.raises(UsageError, match="past the model's limit of 512 positions"):
+        gpt2.generate(ids_of(1, 513), 4)
+    _, state = gpt2.prefill(ids_of(1, 512))
+    with pytest.raises(UsageError, match="position 512 is past"):
+        gpt2.decode(ids_of(1, 1), state=state)
+
+
+def test_kept_sliding_layers_decode_with_their_window():
+    """Gemma 2's layer 0 slides (window 4), layer 1 is causal. Kept as softmax, the sliding layer decodes with
+    the window read off its mask: every decode step gives the full forward's logits, past the window too."""
+    spec = make_spec("rules:\n  - {mask: sliding, op: keep}\n  - {op: liger_attention, params: {window: 4, chunk: 8}}\n")
+    rt = Runtime.from_model(tiny_model("gemma2"), spec)
+    kept = rt.graph_module.get_submodule("ops.model.layers.0.self_attn")
+    assert kept.name == "softmax" and kept.window == 4
+    ids = ids_of(2, 20)
+    logits, state = rt.prefill(ids[:, :3])
+    steps = [logits]
+    for t in range(3, 20):
+        logits, state = rt.decode(ids[:, t:t + 1], state=state)
+        steps.append(logits)
+    want = full_logits(rt, ids)
+    assert (torch.cat(steps, 1) - want).abs().max() < 1e-4
+    # Without the window the kept layer would attend to all 20 tokens: a different model.
+    kept.window = None
+    logits, state = rt.prefill(ids[:, :3])
+    for t in range(3, 20):
+        logits, state = rt.decode(ids[:, t:t + 1], state=state)
+    assert (logits[:, -1] - want[:, -1]).abs().max() > 1e-3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,6 +273,8 @@ def test_eos_stops_and_pads_and_streams(runtimes):
 
 def test_bad_inputs_are_one_line_errors(runtimes):
     rt = runtimes("liger_attention")
+    with pytest.raises(UsageError, match="the prompt is empty"):
+        rt.generate(torch.zeros(1, 0, dtype=torch.long), 4)
     with pytest.raises(UsageError, match="decode needs a state"):
         rt.decode(ids_of(1, 1))
     with pytest.raises(UsageError, match=r"shape \[batch, 1\]"):
@@ -248,12 +298,34 @@ def test_converted_model_generate_shares_weights():
     assert first.shape == (1, 14)
 
 
+class NoDecode(Operator):
+    """An operator with only the forms conversion needs (no init_state, no step)."""
+
+    name = "no_decode"
+
+    def chunked(self, q, k, v, state=None):
+        return v, None
+
+
+def test_an_operator_without_decode_forms_is_named(captured, monkeypatch):
+    op = NoDecode(num_heads=4, num_kv_heads=4, head_dim=16)
+    with pytest.raises(NotImplementedError, match=r'NoDecode \(op "no_decode"\) does not implement step\(\): '
+                                                  "generate and export"):
+        op.step({}, q=None)
+    # The user-reported case: the example operator, which has none of the decode forms.
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    spec = make_spec("name: custom\nrules:\n  - op: my_ops:TemperedSoftmax\n")
+    with pytest.raises(UsageError, match=r"TemperedSoftmax .* does not implement init_state\(\): generate and "
+                                         r"export decode token by token, with init_state\(\) and step\(\)"):
+        Runtime.from_captured(copy.deepcopy(captured), spec, allow_code=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line and .pt2
 
 
-def tiny_dir(path):
-    """A tiny Llama with a word-level tokenizer (w0 … w127) and a chat template, saved like a hub model."""
+def tiny_tokenizer():
+    """A word-level tokenizer (w0 … w127, EOS w2) with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -262,6 +334,12 @@ def tiny_dir(path):
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", eos_token="w2")
     tok.chat_template = "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}w3"
+    return tok
+
+
+def tiny_dir(path):
+    """A tiny Llama with `tiny_tokenizer`, saved like a hub model."""
+    tok = tiny_tokenizer()
     model = tiny_model("llama")
     model.generation_config.eos_token_id = 2
     model.save_pretrained(path)
@@ -319,6 +397,60 @@ def test_cli_generate_export_and_reload_in_a_fresh_process(tmp_path, monkeypatch
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and "identical" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case", ["lizard", "lolcats"])
+def test_export_operators_with_their_own_parameters(runtimes, tmp_path, case):
+    """Operators with parameters of their own (feature maps, gates, sinks) export, and the reloaded programs,
+    rebuilding the operators from the JSON the programs hold (not from this process's cache), give the
+    runtime's logits."""
+    rt = runtimes(case)
+    pt2 = rt.export(tmp_path / "model.pt2")
+    ex = load_exported(pt2)
+    keys = [n.args[0] for n in ex.prefill_program.graph.nodes if "lifted_op" in str(n.target)]
+    assert len(keys) == 2 and json.loads(keys[0])["op"] == case
+    lift_state._SKELETONS.clear()  # as in a fresh process
+    ids = ids_of(2, 9)
+    with torch.no_grad():
+        want, state = rt.prefill(ids)
+        got, *flat = ex.prefill(ids, torch.arange(9).expand(2, 9), *ex.init_state(2))
+        step_want, _ = rt.decode(ids[:, :1], state=state)
+        step_got = ex.decode(ids[:, :1], flat[0][:, None], *flat)[0]
+    assert torch.equal(want, got) and torch.equal(step_want, step_got)
+
+
+def test_exported_user_operators_are_not_imported_by_the_program():
+    key = json.dumps({"format": lift_state.KEY_FORMAT, "op": "not_imported_module:Op"})
+    with pytest.raises(UsageError, match="import not_imported_module before running it"):
+        lift_state.rebuild(key)
+    with pytest.raises(lincompile.errors.LincompileError, match="another version of lincompile"):
+        lift_state.rebuild("gASVAAAA")  # a format 1 key: a pickle, never loaded
+
+
+def test_cli_generate_refuses_empty_prompts_and_sampling_options_without_sample(runtimes, gpt2, monkeypatch):
+    code, _, output = run("generate", "no-such-dir", "w5", "--top-k", 3, "--temperature", 0.5)
+    assert code == 2 and "--temperature, --top-k only apply with --sample" in output
+    code, _, output = run("generate", "no-such-dir", "w5", "--seed", 1)
+    assert code == 2 and "--seed only applies with --sample" in output
+    rt = runtimes("liger_attention")
+    monkeypatch.setattr(rt, "tokenizer", tiny_tokenizer())
+    monkeypatch.setattr(lincompile.runtime, "load", lambda *a, **k: rt)
+    code, _, output = run("generate", "out", "", "--max-new-tokens", 3)
+    assert code == 2 and "error: the prompt is empty" in output
+    code, stdout, output = run("generate", "out", "w5", "--max-new-tokens", 3, "--sample", "--top-k", 3, "--json")
+    assert code == 0 and json.loads(stdout)["position_limit"] is None, output
+    # Past GPT-2's 512 positions: a clean stop, with the reason.
+    monkeypatch.setattr(gpt2, "tokenizer", tiny_tokenizer())
+    monkeypatch.setattr(gpt2, "generation_config", types.SimpleNamespace(eos_token_id=1000))
+    monkeypatch.setattr(lincompile.runtime, "load", lambda *a, **k: gpt2)
+    prompt = " ".join(f"w{30 + i % 70}" for i in range(505))  # one token each (w20 … w29 are "w2" "0")
+    code, stdout, output = run("generate", "out", prompt, "--max-new-tokens", 600, "--json")
+    assert code == 0, output
+    result = json.loads(stdout)
+    assert result["finish_reason"] == "position_limit" and result["new_tokens"] == 8
+    assert "limit of 512 positions" in output
+    code, _, output = run("generate", "out", prompt + " w1" * 8, "--max-new-tokens", 4)
+    assert code == 2 and "past the model's limit of 512 positions" in output
 
 
 def test_share_weights_stores_each_parameter_once_and_keeps_aliasing(tmp_path):
