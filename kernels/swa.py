@@ -3,8 +3,9 @@
     o_t = Σ_{s = t-w+1..t} softmax_s(scale · q_t·k_s) v_s        (the window includes the current token)
 
 Shapes: q `[B, H, T, D]`, k `[B, Hkv, T, D]`, v `[B, Hkv, T, V]` with H a multiple of Hkv (GQA: query head h
-reads kv head h // (H / Hkv); Hkv = H works too). The chunked form works in blocks of w queries that see their
-own block and the previous one: O(T·w) time and memory; the query heads of a group share one key block.
+reads kv head h // (H / Hkv); Hkv = H works too). The chunked form works in blocks of min(w, T) queries that
+see the keys that can reach them: O(T·min(w, T)) time and memory (a window longer than the input costs what
+causal attention over the input does); the query heads of a group share one key block.
 The decode state is a ring buffer of the last w keys/values per kv head, so it never grows with T.
 Used by liger_attention (Liger Attention's SWA branch) and the hybrid operators of the library.
 """
@@ -39,46 +40,68 @@ def swa_naive(q, k, v, window: int, scale: float):
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
+def window_sums(q, k, v, prev_k, prev_v, seen, scale: float):
+    """The window's unnormalised sums, fp32 (num, den, c): for query t, c_t = max of its window's scores,
+    num_t = Σ exp(s − c_t) v_s, den_t = Σ exp(s − c_t). Keys are the w cached ones `prev_k`, `prev_v` (of which
+    the last `seen` exist) followed by this call's k, v.
+
+    Blocks of b = min(w, T) queries, each against the w + b − 1 keys that can reach it, trimmed to the keys that
+    exist: memory O(T · min(w, T + seen)), not O(w²), so a window far longer than the input costs what plain
+    causal attention over the input does.
+    """
+    B, H, T, D = q.shape
+    Hk, V, W = k.shape[1], v.shape[-1], prev_k.shape[2]
+    G = _group(q, k)
+    if T == 0:
+        empty = q.new_zeros(B, H, 0, dtype=torch.float32)
+        return empty.new_zeros(B, H, 0, V), empty, empty
+    # Cached keys any query can see: the last w − 1, and only positions that were seen (a host sync, once).
+    r = min(int(seen), W - 1)
+    b = min(W, T)
+    N = -(-T // b)
+    S = min(W + b - 1, r + N * b)  # keys per block of queries
+    lead, pad = max(0, S - b - r), N * b - T  # zeros so that every block has S keys / b queries
+    keys = F.pad(torch.cat([prev_k[:, :, W - r:].to(k.dtype), k], dim=2), (0, 0, lead, pad))
+    vals = F.pad(torch.cat([prev_v[:, :, W - r:].to(v.dtype), v], dim=2), (0, 0, lead, pad))
+    # Block n holds queries n·b .. n·b + b − 1 (positions in this call) and keys n·b + b − S .. n·b + b − 1.
+    start = max(0, r + b - S)
+    kb = keys[:, :, start:].unfold(2, S, b).float()  # [B,Hk,N,D,S]
+    vb = vals[:, :, start:].unfold(2, S, b).transpose(-1, -2).float()  # [B,Hk,N,S,V]
+    # The G query heads of a kv head become extra rows of one matmul against the shared key block.
+    qg = F.pad(q, (0, 0, 0, pad)).reshape(B, Hk, G, N, b, D).transpose(2, 3).reshape(B, Hk, N, G * b, D).float()
+    scores = ((qg @ kb) * scale).view(B, Hk, N, G, b, S)
+    a = torch.arange(b, device=q.device)
+    j = torch.arange(S, device=q.device)
+    dist = a[:, None] + S - b - j[None, :]  # query position minus key position
+    key_pos = torch.arange(N, device=q.device)[:, None] * b + b - S + j[None, :]  # relative to this call's start
+    # Padding queries see at least their own (zero) key: no row is all −inf.
+    mask = ((dist >= 0) & (dist < W))[None] & (key_pos >= -r)[:, None, :]  # [N, b, S]
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    c = scores.amax(-1, keepdim=True)
+    p = (scores - c).exp()
+    num = p.view(B, Hk, N, G * b, S) @ vb
+
+    def heads(x):  # [B, Hk, N, G, b, ...] -> [B, H, T, ...]
+        return x.transpose(2, 3).reshape(B, H, N * b, *x.shape[5:])[:, :, :T]
+
+    return heads(num.view(B, Hk, N, G, b, V)), heads(p.sum(-1)), heads(c[..., 0])
+
+
 def swa_chunked(q, k, v, window: int, scale: float, state=None):
-    """Blocked form, linear in T. `state` (from `swa_init_state`/earlier calls) holds the previous keys.
+    """Blocked form, linear in T (`window_sums`). `state` (from `swa_init_state`/earlier calls) holds the
+    previous keys.
 
     Returns (o, state) where state = {"k": [B,H,w,D], "v": [B,H,w,V], "len": [] int64}: the last w keys and
     values (zeros where fewer than w were seen) and how many positions were seen in all.
     """
     B, H, T, D = q.shape
     Hk, V, W = k.shape[1], v.shape[-1], window
-    G = _group(q, k)
     if state is None:
         state = swa_init_state(B, Hk, D, V, W, q.dtype, q.device)
     if T == 0:
         return q.new_zeros(B, H, 0, V), state
-    prev_k, prev_v, seen = state["k"].to(k.dtype), state["v"].to(v.dtype), state["len"]
-    pad = (-T) % W
-    qp, kp, vp = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    N = (T + pad) // W
-    # Keys a block can see: the previous block (for block 0: the cached last w keys) and its own.
-    kb = kp.reshape(B, Hk, N, W, D)
-    vb = vp.reshape(B, Hk, N, W, V)
-    k_prev = torch.cat([prev_k.unsqueeze(2), kb[:, :, :-1]], dim=2)
-    v_prev = torch.cat([prev_v.unsqueeze(2), vb[:, :, :-1]], dim=2)
-    keys = torch.cat([k_prev, kb], dim=3).float()  # [B,Hk,N,2W,D]
-    vals = torch.cat([v_prev, vb], dim=3).float()
-    # The G query heads of a kv head become extra rows of one matmul against the shared key block.
-    qg = qp.reshape(B, Hk, G, N, W, D).transpose(2, 3).reshape(B, Hk, N, G * W, D).float()
-    scores = ((qg @ keys.transpose(-1, -2)) * scale).view(B, Hk, N, G, W, 2 * W)
-    a = torch.arange(W, device=q.device)
-    j = torch.arange(2 * W, device=q.device)
-    dist = a[:, None] + W - j[None, :]  # query offset minus key offset, within a block pair
-    allowed = (dist >= 0) & (dist < W)  # [W, 2W]
-    # Cached keys before the start of the sequence (fewer than w seen) do not exist.
-    key_pos = torch.arange(N, device=q.device)[:, None] * W + j[None, :] - W  # relative to this call's start
-    exists = (key_pos + seen) >= 0  # [N, 2W]
-    mask = (allowed[None] & exists[:, None, :])[:, None]  # [N, 1, W, 2W]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    o = scores.softmax(-1).view(B, Hk, N, G * W, 2 * W) @ vals  # [B,Hk,N,G*W,V]
-    o = o.view(B, Hk, N, G, W, V).transpose(2, 3).reshape(B, H, N * W, V)[:, :, :T].to(q.dtype)
-    new_state = _swa_advance(state, k, v, W)
-    return o, new_state
+    num, den, _ = window_sums(q, k, v, state["k"], state["v"], state["len"], scale)
+    return (num / den[..., None]).to(q.dtype), _swa_advance(state, k, v, W)
 
 
 def swa_init_state(batch, heads, head_dim, v_head_dim, window, dtype=torch.float32, device=None):

@@ -11,20 +11,21 @@ Paper: Xiao et al., "Efficient Streaming Language Models with Attention Sinks", 
 Bindings: q, k_kv, v_kv.
 
 This file also holds the sliding-window machinery the hybrid operators (lolcats, lizard) share: the ring
-buffer and the window's unnormalised sums. kernels/swa.py returns normalised outputs only; the hybrids add
-sink logits or a linear-attention term to the same normaliser.
+buffer and the window's unnormalised sums as one graph node (computed by kernels/swa.py's `window_sums`, whose
+swa_chunked normalises them at once); the hybrids add sink logits or a linear-attention term to the same
+normaliser.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Operator, repeat_heads
 from .opaque import differentiable
 from .registry import register
 from .swa import window_mask
+from .swa import window_sums as _window_sums  # blocked, O(T·min(w, T)): see there
 
 
 # Ring buffer: the last w keys/values as fed (after RoPE), oldest first, and how many positions were seen.
@@ -56,36 +57,7 @@ def ring_exists(state: dict) -> torch.Tensor:
 # s_ts = scale · q_t·k_s:
 #     c_t = max_{s ∈ W(t)} s_ts,   num_t = Σ_W exp(s_ts − c_t) v_s,   den_t = Σ_W exp(s_ts − c_t).
 # Operators add their own terms to these before normalising (lolcats: a linear-attention term, lizard: sink
-# logits, swa_sinks: sink keys), so c_t is returned too.
-
-
-def _window_sums(q, k, v, prev_k, prev_v, seen, scale: float):
-    """Blocked form, O(T·w): queries in blocks of w, each against its own block and the one before (block 0:
-    the ring's w keys `prev_k`, `prev_v`, of which the last `seen` exist). Returns fp32 (num, den, c)."""
-    B, Hq, T, D = q.shape
-    W = prev_k.shape[2]
-    pad = (-T) % W
-    N = (T + pad) // W
-    # All keys in call order: the ring's w, this call's T, padding. Block n of queries sees blocks n, n+1 of this.
-    keys = F.pad(torch.cat([prev_k.to(k.dtype), k], dim=2), (0, 0, 0, pad))
-    vals = F.pad(torch.cat([prev_v.to(v.dtype), v], dim=2), (0, 0, 0, pad))
-    keys, vals = repeat_heads(keys, Hq).float(), repeat_heads(vals, Hq).float()
-    keys = keys.reshape(B, Hq, N + 1, W, D)
-    vals = vals.reshape(B, Hq, N + 1, W, vals.shape[-1])
-    keys = torch.cat([keys[:, :, :-1], keys[:, :, 1:]], dim=3)  # [B,Hq,N,2W,D]
-    vals = torch.cat([vals[:, :, :-1], vals[:, :, 1:]], dim=3)
-    qb = F.pad(q, (0, 0, 0, pad)).float().reshape(B, Hq, N, W, D)
-    scores = (qb @ keys.transpose(-1, -2)) * scale  # [B,Hq,N,W,2W]
-    a = torch.arange(W, device=q.device)
-    j = torch.arange(2 * W, device=q.device)
-    dist = a[:, None] + W - j[None, :]  # query position minus key position
-    key_pos = torch.arange(N, device=q.device)[:, None] * W + j[None, :] - W + seen  # absolute
-    mask = ((dist >= 0) & (dist < W))[None] & (key_pos >= 0)[:, None, :]  # [N, W, 2W]; padding rows see themselves
-    scores = scores.masked_fill(~mask, float("-inf"))
-    c = scores.amax(-1, keepdim=True)
-    p = (scores - c).exp()
-    num, den = (p @ vals).reshape(B, Hq, N * W, -1), p.sum(-1).reshape(B, Hq, N * W)
-    return num[:, :, :T], den[:, :, :T], c.reshape(B, Hq, N * W)[:, :, :T]
+# logits, swa_sinks: sink keys), so c_t is returned too. The sums themselves are kernels/swa.py's.
 
 
 # One opaque graph node (like kernels/opaque.py's primitives): the blocking branches on T, which torch.export

@@ -171,6 +171,7 @@ def convert(model: nn.Module, spec: Spec | str, *, tokenizer=None, allow_code: b
         "capture_max_abs_diff": captured.max_abs_diff,
         "logits_max_abs_diff": checks.get("logits_max_abs_diff"),
         "site_rel_error": checks.get("site_rel_error", {}),
+        "probe_len": checks.get("probe_len"),
         "fuse_backend": backend,
         "site_details": [s.to_json() for s in sites],
         "near_misses": [m.__dict__ for m in result.near_misses],

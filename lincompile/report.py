@@ -28,7 +28,9 @@ def summary_lines(report: dict) -> list[str]:
              + "; ".join(f"{op}: {len(v)} (layers {_layers(v)})" for op, v in by_op.items())]
     lines.append(f"capture max abs diff: {report.get('capture_max_abs_diff')}")
     if report.get("logits_max_abs_diff") is not None:
-        lines.append(f"converted vs original logits, max abs diff on the probe: {report['logits_max_abs_diff']:.4g}")
+        length = f" ({report['probe_len']} tokens)" if report.get("probe_len") else ""
+        lines.append(f"converted vs original logits, max abs diff on the probe{length}: "
+                     f"{report['logits_max_abs_diff']:.4g}")
     errs = report.get("site_rel_error") or {}
     if errs:
         vals = sorted(errs.values())

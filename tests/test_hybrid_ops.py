@@ -93,6 +93,28 @@ def test_forms_agree_across_window_and_sink_boundaries(name):
     assert shapes(state) == shapes(st) == shapes(op.init_state(B))  # the state does not grow with T
 
 
+@pytest.mark.parametrize("T", [3, 5, 7, 10])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_chunked_matches_naive_around_the_window_length(name, T):
+    # Window 5: an input shorter than the window, as long, past it (not a multiple) and twice as long; the
+    # gradients include the sink logits (lizard) and go through the sink tokens (swa_sinks).
+    op = randomise(make_op(name))
+    x = {n: t.requires_grad_() for n, t in make_inputs(op, T).items()}
+    leaves = [*x.values(), *op.parameters()]
+    weight = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(2))
+
+    def run(form):
+        out = form(**x)
+        out = out[0] if isinstance(out, tuple) else out
+        return out, torch.autograd.grad((out * weight).sum(), leaves, allow_unused=True)
+
+    (ref, ref_grads), (out, grads) = run(op.naive), run(op.chunked)
+    assert rel(out, ref) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        assert g is None or torch.allclose(g, r, rtol=1e-4, atol=1e-6)  # γ's is exactly 0 while T ≤ w (lolcats)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(SMALL))
 def test_low_precision_inputs(name, dtype):

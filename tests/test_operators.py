@@ -28,9 +28,12 @@ H, HK, D = 6, 2, 16
 TOL = 1e-5
 
 
-def build(name, heads=H, kv_heads=HK, head_dim=D):
+WINDOW_OPS = [n for n in OPS if "window" in registry.get(n).params]
+
+
+def build(name, heads=H, kv_heads=HK, head_dim=D, window=8):
     cls = registry.get(name)
-    params = {"window": 8} if "window" in cls.params else {}
+    params = {"window": window} if "window" in cls.params else {}
     extra = {"is_causal": True} if "is_causal" in inspect.signature(cls.__init__).parameters else {}
     torch.manual_seed(0)  # operators with parameters initialise them the same way every time
     return cls(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, **params, **extra)
@@ -102,7 +105,7 @@ def assert_states_close(a, b, tol=TOL):
 # Chunked vs naive
 
 
-@pytest.mark.parametrize("T", [1, 7, 64, 65, 300])
+@pytest.mark.parametrize("T", [1, 7, 8, 64, 65, 300])  # the window is 8
 @pytest.mark.parametrize("name", OPS)
 def test_chunked_matches_naive_outputs_and_grads(name, T):
     op = build(name)
@@ -129,6 +132,30 @@ def test_chunked_matches_naive_outputs_and_grads(name, T):
             # Gradients that are ~0 by the math (e.g. the normalised elu_linear at T = 1, where o = v) are fp32
             # noise: below an RMS of 1e-2 they are compared in absolute terms (1e-7 RMS).
             assert rel(g, r, floor=1e-2) <= TOL, f"{name}: gradient of {label}"
+
+
+@pytest.mark.parametrize("name", WINDOW_OPS)
+def test_window_longer_than_the_input(name):
+    # A window of 10⁶ over 9 tokens is causal attention over them. The blocked forms used to build [w, 2w] score
+    # blocks whatever the input (terabytes here: "can't allocate memory"); they now cost what the input does.
+    op, T = build(name, heads=2, kv_heads=1, head_dim=4, window=10**6), 9
+    inputs = make_inputs(op, 1, T)
+    leaves = [x.requires_grad_() for x in inputs.values() if x.is_floating_point()]
+    weight = torch.randn(1, op.num_heads, T, op.v_head_dim, generator=torch.Generator().manual_seed(1))
+
+    def grads(out):
+        return torch.autograd.grad((out.float() * weight).sum(), leaves, allow_unused=True)
+
+    ref = op.naive(**inputs)
+    out = op.chunked(**inputs)[0]
+    assert rel(out, ref) <= TOL
+    for g, r in zip(grads(out), grads(ref)):
+        assert (g is None) == (r is None)
+        assert g is None or rel(g, r, floor=1e-2) <= TOL
+    with torch.no_grad():  # and from a state: the cached keys of a 10⁶-slot ring, of which 4 exist
+        head, state = op.chunked(**span(inputs, 0, 4))
+        tail = op.chunked(**span(inputs, 4, T), state=state)[0]
+    assert rel(torch.cat([head, tail], dim=2), ref) <= TOL
 
 
 # --------------------------------------------------------------------------------------------------
