@@ -549,10 +549,10 @@ def share_weights(src: Path, dest: Path) -> dict[str, dict[str, str]]:
         dropped[config_name[len(weights):-len("_weights_config.json")]] = remap
     gone = {weights + p for remap in dropped.values() for p in remap}
     # The writer adds its own bookkeeping records (.data/*, byteorder, archive_format/version).
-    own = {".data/version", ".data/serialization_id", "byteorder", "archive_format", "archive_version"}
+    bookkeeping = {".data/version", ".data/serialization_id", "byteorder", "archive_format", "archive_version"}
     with PT2ArchiveWriter(str(dest)) as writer:
         for name in names:
-            if name in own or name in gone:
+            if name in bookkeeping or name in gone:
                 continue
             data = json.dumps(configs[name]).encode() if name in configs else reader.read_bytes(name)
             writer.write_bytes(name, data)
