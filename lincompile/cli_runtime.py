@@ -118,10 +118,10 @@ def export_cmd(out, path, overwrite, allow_code):
 
     if not str(path).endswith(".pt2"):
         raise UsageError(f"{path}: the exported file must end in .pt2")
-    if Path(path).exists() and not overwrite:
-        raise UsageError(f"{path} already exists: pass --overwrite to replace it")
     if Path(path).is_dir():
         raise UsageError(f"{path} is a directory: give the path of the .pt2 file to write")
+    if Path(path).exists() and not overwrite:
+        raise UsageError(f"{path} already exists: pass --overwrite to replace it")
     click.echo(f"loading {out} …", err=True)  # each step below takes seconds to minutes on a real model
     rt = load(out, allow_code=allow_code)
     click.echo("exporting the prefill and decode programs (torch.export) …", err=True)

@@ -88,7 +88,10 @@ def check_destination(path, overwrite: bool = False) -> Path:
         return out
     if not overwrite:
         raise UsageError(f"{path} already exists: pass --overwrite to replace it")
-    if not out.is_dir() or out.is_symlink():
+    if out.is_symlink():
+        raise UsageError(f"{path} is a symbolic link: --overwrite replaces only a directory itself (give the "
+                         "directory it points to)")
+    if not out.is_dir():
         raise UsageError(f"{path} exists and is not a directory: --overwrite only replaces a lincompile output "
                          "directory")
     if not (out / "lincompile.json").is_file() and any(out.iterdir()):

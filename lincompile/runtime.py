@@ -310,9 +310,9 @@ def _substitute(captured, spec, allow_code):
         sliding = rule.op == "softmax" and site.mask_kind == "sliding" and site.attrs.get("window")
         if ("mask" in cls.inputs + cls.optional_inputs and "mask" in site.bindings and site.mask_kind != "causal"
                 and not sliding):
-            raise UsageError(f"{site.module}: its attention mask is {site.mask_kind}, and the runtime's step forms "
-                             "assume a causal or sliding mask (convert this layer with a sliding-window operator "
-                             "instead)")
+            raise UsageError(f"{site.module}: its attention mask is {site.mask_kind}; {rule.op}'s step form assumes "
+                             "a causal mask, and only layers kept as softmax (op: keep) decode with another mask "
+                             "(convert this layer with a sliding-window operator, or keep it)")
     substitute(captured.gm, assignments, allow_code=allow_code)
     fuse(captured.gm, resolve_backend(spec.fuse_backend)[0])
     for node in list(captured.gm.graph.nodes):
@@ -501,7 +501,8 @@ def export_programs(rt: Runtime, batch: int = 2, length: int = 5):
                      [{"name": n, "kind": kinds[n].kind, "dtype": str(t.dtype).replace("torch.", ""),
                        "shape": list(t.shape[1:]), "grow_dim": kinds[n].grow_dim}
                       for n, t in list(init.items())[1:]],
-            "vocab_size": rt.config.vocab_size, "eos_token_id": rt.eos_token_ids()}
+            "vocab_size": rt.config.vocab_size, "eos_token_id": rt.eos_token_ids(),
+            "position_limit": rt.position_limit}  # positions must stay below it (None: no limit)
     return programs, meta
 
 
@@ -516,12 +517,18 @@ def share_weights(src: Path, dest: Path) -> dict[str, dict[str, str]]:
     names are matched, never bare contents, so two parameters that merely hold equal values (fresh norms)
     stay apart, and each program loads its own tensors as before.
     """
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+
+    with PT2ArchiveReader(str(src)) as reader:  # closed after: the scratch folder must be removable
+        return _copy_sharing(reader, dest)
+
+
+def _copy_sharing(reader, dest: Path) -> dict[str, dict[str, str]]:
     import hashlib
 
-    from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
+    from torch.export.pt2_archive._package import PT2ArchiveWriter
 
     weights = "data/weights/"
-    reader = PT2ArchiveReader(str(src))
     names = reader.get_file_names()
     configs = {n: json.loads(reader.read_bytes(n)) for n in names
                if n.startswith(weights) and n.endswith("_weights_config.json")}
@@ -577,6 +584,7 @@ class Exported:
         self.prefill = self.prefill_program.module()
         self.decode = self.decode_program.module()
         self.state_names = [s["name"] for s in self.meta["state"]]
+        self.position_limit = self.meta.get("position_limit")  # a learned position table's end, or None
 
     def init_state(self, batch: int, device="cpu") -> list[torch.Tensor]:
         return [torch.zeros(batch, *s["shape"], dtype=getattr(torch, s["dtype"]), device=device)

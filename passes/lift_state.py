@@ -268,6 +268,7 @@ def rebuild(key: str) -> tuple:
     from torch.utils._python_dispatch import _disable_current_modes
 
     from lincompile.kernels import registry
+    from lincompile.kernels.base import Operator
 
     try:
         desc = json.loads(key)
@@ -285,6 +286,11 @@ def rebuild(key: str) -> tuple:
             cls = getattr(cls, part, None)
         if cls is None:
             raise UsageError(f'this program calls the user operator "{ref}": import {module_name} before running it')
+        # The file names what gets called: only an Operator class, never any other callable of a loaded module
+        # (builtins:exec would otherwise run whatever the file supplies).
+        if not (isinstance(cls, type) and issubclass(cls, Operator)):
+            raise LincompileError(f'this program names "{ref}" as an operator, which is not a lincompile Operator '
+                                  "class: refusing to call it")
     else:
         cls = registry.get(ref)
     # Not traced by a mode that may be active (a fake-tensor pass over the program): only shapes matter here.
@@ -293,10 +299,14 @@ def rebuild(key: str) -> tuple:
     for path, attrs in desc["attrs"].items():
         module = op.get_submodule(path)
         for name, value in attrs.items():
+            # Only values the rebuilt module already holds as plain data (the fuse pass's `backend`, …).
+            if name not in vars(module) or not _json_exact(vars(module)[name]):
+                raise LincompileError(f"this program sets {path or 'the operator'}.{name}, which "
+                                      f"{type(module).__name__} does not hold as plain data: refusing it")
             setattr(module, name, value)
-    entries = [Entry(n, tuple(p), kind, getattr(torch, dt), grow) for n, p, kind, dt, grow in desc["entries"]]
+    entries = [Entry(n, tuple(p), kind, _dtype(dt), grow) for n, p, kind, dt, grow in desc["entries"]]
     heads, dim, dtype = desc["out_spec"]
-    lifted = LiftedOp(op, entries, desc["mode"], (heads, dim, getattr(torch, dtype)), ragged=False)
+    lifted = LiftedOp(op, entries, desc["mode"], (heads, dim, _dtype(dtype)), ragged=False)
     return lifted.requires_grad_(False), [n for n, _ in desc["tensors"]], tuple(desc.get("inputs", ()))
 
 
@@ -319,6 +329,13 @@ def _json_exact(value) -> bool:
         return json.loads(json.dumps(value, allow_nan=False)) == value
     except (TypeError, ValueError):
         return False
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise LincompileError(f"this program names {name!r} as a dtype, which is not a torch dtype")
+    return dtype
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

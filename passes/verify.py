@@ -68,6 +68,8 @@ def probe_for(probe, ops_by_site, max_len: int):
     ids the model takes whatever its vocabulary)."""
     T = probe.shape[1]
     windows = [w for w in map(window_of, ops_by_site.values()) if w]
+    if not windows:
+        return probe
     length = max(T, min(2 * max(windows, default=0) + PAST_WINDOW, max_len, LONGEST_PROBE))
     if length == T:
         return probe

@@ -73,6 +73,10 @@ def test_overwrite_never_replaces_what_lincompile_did_not_write(model_dir, tmp_p
     afile = tmp_path / "afile"
     afile.write_text("keep me too")
     one_line_error(*run("apply", "identity", model_dir, "-o", afile, "--overwrite"), 2, "is not a directory")
+    link = tmp_path / "link"
+    link.symlink_to(victim)
+    one_line_error(*run("apply", "identity", model_dir, "-o", link, "--overwrite"), 2, "is a symbolic link")
+    link.unlink()
     monkeypatch.chdir(victim / "sub")
     for here in (".", "..", str(victim)):
         one_line_error(*run("apply", "identity", model_dir, "-o", here, "--overwrite"), 2, "not the current directory")

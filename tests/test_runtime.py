@@ -380,6 +380,7 @@ def test_cli_generate_export_and_reload_in_a_fresh_process(tmp_path, monkeypatch
     # The reloaded programs equal the runtime (checked by `export` above); a fresh process gets the same.
     ids = ids_of(2, 9)
     ex = load_exported(pt2)
+    assert ex.position_limit is None  # RoPE: no position table
     with torch.no_grad():
         want, *state = ex.prefill(ids, torch.arange(9).expand(2, 9), *ex.init_state(2))
         want_step = ex.decode(ids[:, :1], state[0][:, None], *state)[0]
@@ -425,6 +426,22 @@ def test_exported_user_operators_are_not_imported_by_the_program():
         lift_state.rebuild(key)
     with pytest.raises(lincompile.errors.LincompileError, match="another version of lincompile"):
         lift_state.rebuild("gASVAAAA")  # a format 1 key: a pickle, never loaded
+
+
+def test_a_crafted_program_key_calls_nothing_but_operators(runtimes, capsys):
+    """A .pt2's keys are data from the file: they may only name Operator classes, torch dtypes, and attributes the
+    rebuilt operator holds as plain data."""
+    rt = runtimes("lizard")
+    op = rt.graph_module.get_submodule(f"ops.{rt.sites[0].module}")
+    good = lift_state.describe(op, rt.sites[0].entries, "prefill", (4, 16, torch.float32), [])
+    lift_state.rebuild(json.dumps(good))  # the genuine description rebuilds
+    for change, needle in (({"op": "builtins:print", "args": ["CALLED"], "kwargs": {}}, "not a lincompile Operator"),
+                           ({"op": "os:system", "args": ["true"], "kwargs": {}}, "not a lincompile Operator"),
+                           ({"attrs": {"": {"forward": 1}}}, "does not hold as plain data"),
+                           ({"out_spec": [4, 16, "nn"]}, "not a torch dtype")):
+        with pytest.raises(lincompile.errors.LincompileError, match=needle):
+            lift_state.rebuild(json.dumps({**good, **change}))
+    assert "CALLED" not in capsys.readouterr().out
 
 
 def test_cli_generate_refuses_empty_prompts_and_sampling_options_without_sample(runtimes, gpt2, monkeypatch):
