@@ -272,8 +272,8 @@ def validate(spec):
     missing = [p for p in (heal.data.train + heal.data.eval if heal else [])
                if not p.startswith("hf:") and not Path(p).exists()]
     if missing:
-        raise UsageError(f"{s.source}: heal data not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
-                                                                              if len(missing) > 1 else ""))
+        raise UsageError(f"{s.source}: heal.data: not found: {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                               if len(missing) > 1 else ""))
     ops = ", ".join(f"{r.op} ({scope(r)})" for r in s.rules)
     click.echo(f"ok: {s.source}: spec {s.name}, {len(s.rules)} rule(s): {ops}")
 

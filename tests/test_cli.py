@@ -122,7 +122,7 @@ def test_validate_shows_each_rules_scope_and_checks_heal_data(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("rules:\n  - {modules: 'model\\.layers\\.[01]\\..*', op: keep}\n  - {mask: sliding, op: keep}\n"
                     "  - {op: liger_attention}\nheal:\n  data: {train: [corpus.txt]}\n")
-    one_line_error(*run("validate", spec), 2, f"{spec}: heal data not found: {tmp_path / 'corpus.txt'}")
+    one_line_error(*run("validate", spec), 2, f"{spec}: heal.data: not found: {tmp_path / 'corpus.txt'}")
     (tmp_path / "corpus.txt").write_text("text " * 100)
     code, output = run("validate", spec)
     assert code == 0 and output.strip().endswith(
