@@ -264,6 +264,7 @@ def validate(spec):
     from .spec import Spec
 
     s = Spec.resolve(spec)
+
     def scope(r):
         parts = [f"layers {r.layers.raw}"] + ([f"modules {r.modules}"] if r.modules else [])
         return ", ".join(parts + ([f"mask {'/'.join(r.mask)}"] if "any" not in r.mask else []))

@@ -191,14 +191,11 @@ def eval_cmd(model, data, contexts, max_tokens, batch_size, adapter, no_original
     docs = read_documents(list(data))
     if (Path(model) / "lincompile.json").is_file():
         from .heal.outdir import OutDir
-        from .passes.capture import length_limit
+        from .passes.capture import check_length
 
         # The converted graph guards its input length: refuse up front rather than fail inside it.
         outdir = OutDir(model)
-        limit = length_limit(outdir.config, outdir.spec.capture)
-        if max(contexts) > limit:
-            raise UsageError(f"--context {max(contexts)} is longer than {model} takes ({limit} tokens: the smaller "
-                             "of the spec's capture.max_seq_len and the model's position limit)")
+        check_length("--context", max(contexts), model, outdir.config, outdir.spec.capture)
     models, tok, vocab = _eval_models(model, adapter, no_original, device, allow_code)
     stream = tokenize(docs, get_tokenizer(tok, tokenizer, vocab))
     fwd = {k: (m.train(False) if k == "converted" else hf_forward(m)) for k, m in models.items()}

@@ -139,7 +139,7 @@ def convert(model: nn.Module, spec: Spec | str, *, tokenizer=None, allow_code: b
     history.append(PassRecord("match", time.perf_counter() - t0, history[-1].nodes,
                               [f"{len(result.sites)} sites, {len(assignments)} selected"]))
 
-    teacher = record_teacher(captured.gm, [s for s, _ in assignments], captured.probe) if verify else {}
+    teacher = record_teacher(captured.gm, captured.probe) if verify else None
 
     step("substitute")
     t0 = time.perf_counter()

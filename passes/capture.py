@@ -161,6 +161,16 @@ def length_limit(config, cfg) -> int:
     return max_len
 
 
+def check_length(what: str, length: int, where, config, cfg) -> None:
+    """One line, before any work, when `length` tokens are more than the converted graph at `where` takes."""
+    from lincompile.errors import UsageError
+
+    limit = length_limit(config, cfg)
+    if length > limit:
+        raise UsageError(f"{what} {length} is longer than {where} takes ({limit} tokens: the smaller of the "
+                         "spec's capture.max_seq_len and the model's position limit)")
+
+
 def capture(model: nn.Module, cfg, device=None, tolerance: float = 1e-5, positions: bool = False) -> Captured:
     """Export `model` and verify the captured graph reproduces its logits on a probe batch.
 

@@ -38,7 +38,7 @@ class Teacher:
     max_len: int  # the longest input the captured graph takes
 
 
-def record_teacher(gm, sites, probe) -> Teacher:
+def record_teacher(gm, probe) -> Teacher:
     """Keep the original graph (call before substitute); `verify` runs it once it knows the probe's length."""
     graph, nodes = fx.Graph(), {}
     graph.output(graph.graph_copy(gm.graph, nodes))

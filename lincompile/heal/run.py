@@ -69,12 +69,9 @@ def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, l
     elif cfg is not None and not cfg.data.train:
         raise UsageError("no healing data: pass --data PATH or set heal.data.train in the spec")
     # Data errors are found before anything is written into OUT.
-    from ..passes.capture import length_limit
+    from ..passes.capture import check_length
 
-    limit = length_limit(outdir.config, outdir.spec.capture)
-    if cfg.data.seq_len > limit:
-        raise UsageError(f"heal.data.seq_len {cfg.data.seq_len} is longer than {outdir.root} takes ({limit} tokens: "
-                         "the smaller of the spec's capture.max_seq_len and the model's position limit)")
+    check_length("heal.data.seq_len", cfg.data.seq_len, outdir.root, outdir.config, outdir.spec.capture)
     tokenizer = get_tokenizer(outdir.tokenizer(), cfg.data.tokenizer, outdir.config.vocab_size)
     split = load_split(cfg.data.train, cfg.data.eval, tokenizer, cfg.data.seq_len, cfg.data.holdout)
     if not resume:
