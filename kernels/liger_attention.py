@@ -18,7 +18,7 @@ from .fused import gla_chunked, gla_step, liger_attention_chunked, swa_chunked
 from .gla import gla_naive
 from .liger_gla import LigerGLA
 from .registry import register
-from .swa import swa_init_state, swa_naive, swa_step
+from .swa import check_window, swa_init_state, swa_naive, swa_step
 
 
 @register
@@ -30,8 +30,7 @@ class LigerAttention(LigerGLA):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.config["window"] < 1:
-            raise ValueError("window must be at least 1")
+        check_window(self.config["window"])
 
     def _mix(self, swa, gla):
         return (self.config["a"] * swa.float() + self.config["b"] * gla.float()).to(swa.dtype)

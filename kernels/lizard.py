@@ -48,7 +48,7 @@ from .fused import gla_chunked, gla_step, window_attention
 from .gla import gla_naive
 from .hedgehog import HedgehogFeatureMap, resolve_feature_dim
 from .registry import register
-from .swa import window_mask
+from .swa import check_window, window_mask
 from .swa_sinks import normalise_with, ring_init, ring_push, ring_sums, window_sums
 
 GATE_INIT = (0.95, 0.99)  # initial per-token decay, spread over the heads
@@ -65,8 +65,7 @@ class Lizard(Operator):
 
     def __init__(self, *args, hidden_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.config["window"] < 1:
-            raise ValueError("window must be at least 1")
+        check_window(self.config["window"])
         if self.config["num_sinks"] < 0:
             raise ValueError("num_sinks must be at least 0")
         # Without a site (tests, direct use) d_model defaults to num_heads · head_dim, the usual layout.

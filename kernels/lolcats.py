@@ -40,7 +40,7 @@ from .base import Operator
 from .fused import gla_chunked, gla_step
 from .hedgehog import HedgehogFeatureMap, resolve_feature_dim
 from .registry import register
-from .swa import window_mask
+from .swa import check_window, window_mask
 from .swa_sinks import ring_init, ring_push, ring_sums, window_sums
 
 GAMMA_INIT = 0.1  # LoLCATs' window factor starts small: the linear term carries weight from the first step
@@ -57,8 +57,7 @@ class LoLCATs(Operator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.config["window"] < 1:
-            raise ValueError("window must be at least 1")
+        check_window(self.config["window"])
         F = resolve_feature_dim(self.config["feature_dim"], self.head_dim)
         self.phi_q = HedgehogFeatureMap(self.num_heads, self.head_dim, F)
         self.phi_k = HedgehogFeatureMap(self.num_heads, self.head_dim, F)

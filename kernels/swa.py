@@ -16,6 +16,20 @@ import torch
 import torch.nn.functional as F
 
 
+# A sliding window's decode state holds this many tokens per layer and sequence (a ring buffer allocated whole):
+# beyond it a "window" costs gigabytes and is no longer a sliding-window hybrid.
+MAX_WINDOW = 1 << 16
+
+
+def check_window(window: int, minimum: int = 1, note: str = "") -> None:
+    """The operators' `window` param check (ValueError: the spec loader reports it at the value's line)."""
+    if window < minimum:
+        raise ValueError(f"window must be at least {minimum}{note}")
+    if window > MAX_WINDOW:
+        raise ValueError(f"window must be at most {MAX_WINDOW} (its decode state holds that many tokens per "
+                         "layer and sequence); for full softmax attention keep the layer with op: keep")
+
+
 def window_mask(T: int, window: int, device=None, S: int | None = None, offset: int = 0) -> torch.Tensor:
     """bool [T, S]: query t (at absolute position offset + t) may see key s when 0 ≤ t' - s < window."""
     S = T + offset if S is None else S

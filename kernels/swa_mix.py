@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .fused import swa_chunked
-from .swa import swa_init_state, swa_naive, swa_step
+from .swa import check_window, swa_init_state, swa_naive, swa_step
 
 SWA_PARAMS = {"window": 64, "a": 0.5, "b": 0.5}
 
@@ -21,8 +21,7 @@ class SWAMix:
     """Mixin for Operator subclasses whose `config` has window / a / b (see SWA_PARAMS)."""
 
     def check_window(self):
-        if self.config["window"] < 0:
-            raise ValueError("window must be ≥ 0 (0 turns the sliding-window branch off)")
+        check_window(self.config["window"], 0, " (0 turns the sliding-window branch off)")
 
     def mix(self, swa, linear, dtype):
         if swa is None:

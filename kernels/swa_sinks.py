@@ -24,7 +24,7 @@ from torch import Tensor
 from .base import Operator, repeat_heads
 from .opaque import differentiable
 from .registry import register
-from .swa import window_mask
+from .swa import check_window, window_mask
 from .swa import window_sums as _window_sums  # blocked, O(T·min(w, T)): see there
 
 
@@ -122,8 +122,7 @@ class SWASinks(Operator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.config["window"] < 1:
-            raise ValueError("window must be at least 1")
+        check_window(self.config["window"])
         if self.config["num_sinks"] < 0:
             raise ValueError("num_sinks must be at least 0")
 

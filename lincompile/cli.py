@@ -18,10 +18,60 @@ from .errors import LincompileError
 _DEBUG = {"on": False}
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP (timeout, Slurm, docker stop, a closed terminal) raised like Ctrl-C, so that the same
+    clean-up runs: Python's default handling of them kills the process with temp files left behind."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(signum)
+
+
+def _catch_termination() -> dict:
+    """Install the handlers for the command's duration; returns the previous ones, for `_restore`."""
+    import signal
+    import threading
+
+    previous = {}
+    if threading.current_thread() is not threading.main_thread():  # signals can only be set there
+        return previous
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+            previous[sig] = signal.signal(sig, _raise_terminated)
+    return previous
+
+
+def _restore(previous: dict) -> None:
+    """A process that runs commands in-process (tests, notebooks) gets its own handling back afterwards."""
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _say(message: str) -> None:
+    try:
+        click.echo(message, err=True)
+    except OSError:  # stderr is gone (SIGHUP: the terminal closed): the exit code still tells
+        pass
+
+
 class _Group(click.Group):
     """Turns lincompile errors into one line and the right exit code."""
 
     def invoke(self, ctx):
+        previous = _catch_termination()
+        try:
+            return self._invoke(ctx)
+        finally:
+            _restore(previous)
+
+    def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LincompileError as err:
@@ -31,8 +81,13 @@ class _Group(click.Group):
             sys.exit(err.exit_code)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
+        except _Terminated as err:
+            import signal
+
+            _say(f"terminated ({signal.Signals(err.signum).name})")
+            sys.exit(128 + err.signum)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            _say("interrupted")
             sys.exit(130)
         except Exception as err:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if _DEBUG["on"]:
@@ -182,14 +237,20 @@ def match_cmd(spec, model, as_json, dtype, device, allow_code):
     spec_obj, loaded = _load(spec, model, dtype, device, timings)
     captured = capture(loaded.model, spec_obj.capture)
     result = match(captured, spec_obj)
-    chosen = {id(s): r for s, r in select(result, spec_obj)}
+    try:
+        chosen, refused = {id(s): r for s, r in select(result, spec_obj)}, None
+    except LincompileError as err:  # a dry run still shows what was found, then why the spec would fail
+        chosen, refused = {}, err
     rows = []
     for s in result.sites:
         rule = chosen.get(id(s))
-        rows.append({**s.to_json(), "op": rule.op if rule else "(not selected)"})
+        rows.append({**s.to_json(), "op": rule.op if rule else "(spec error)" if refused else "(not selected)"})
     if as_json:
         click.echo(json.dumps({"sites": rows, "near_misses": [m.__dict__ for m in result.near_misses],
-                               "notes": captured.notes}, indent=2, default=str))
+                               "notes": captured.notes, **({"error": str(refused)} if refused else {})},
+                              indent=2, default=str))
+        if refused:
+            raise refused
         return
     click.echo(f"{len(result.sites)} sites in {type(loaded.model).__name__} (patterns: {', '.join(result.patterns_tried)})")
     header = ["layer", "module", "pattern", "mask", "op", "heads", "q", "k_kv", "pre-rope", "hidden", "o_proj"]
@@ -208,6 +269,8 @@ def match_cmd(spec, model, as_json, dtype, device, allow_code):
         click.echo("near misses:")
         for m in result.near_misses:
             click.echo(f"  {m.node} in {m.module}: {m.reason}")
+    if refused:
+        raise refused
 
 
 def _print_table(header, rows):

@@ -33,14 +33,39 @@ _FLAGS = {
 _BOTH_STAGES = ("batch_size", "grad_accum", "warmup", "clip")
 
 
-def load_heal_section(path: Path):
-    """The heal: section of a spec (or any YAML with one) as a HealConfig; defaults when it has none."""
+def _d(flag: str) -> dict:
+    """The default of `flag`'s option, HealConfig's, for `lincompile heal --help` to show. A value left at its
+    default counts as not given (`_given`): the heal: section of the spec replaces it."""
+    from .heal.config import HealConfig
+
+    section, name = _FLAGS.get(flag, ("lora", flag))
+    target = HealConfig() if section is None else getattr(HealConfig(), section)
+    for part in name.split("."):
+        target = getattr(target, part)
+    return {"default": target, "show_default": True}
+
+
+def _given(ctx: click.Context, flags: dict) -> dict:
+    """The flags the user gave; the others None, as when no default is shown."""
+    from click.core import ParameterSource
+
+    return {k: (None if ctx.get_parameter_source(k) in (ParameterSource.DEFAULT, None) else v)
+            for k, v in flags.items()}
+
+
+def load_heal_section(path: Path, required: bool = False):
+    """The heal: section of a spec (or any YAML with one) as a HealConfig; defaults when it has none, unless
+    `required` (a --config file without one is a mistake, not a request for the defaults)."""
     from .heal.config import HealConfig, parse_heal
     from .spec import load_yaml
 
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     data, loc = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    if required and not (isinstance(data, dict) and "heal" in data):
+        keys = f" (its top-level keys: {', '.join(map(str, data))})" if isinstance(data, dict) and data else ""
+        raise UsageError(f"{path}: no top-level heal: key{keys}; --config takes a YAML file whose settings are "
+                         "under heal:, as in a spec (heal: {data: ..., lora: ...})")
     if not isinstance(data, dict) or data.get("heal") is None:
         return HealConfig()
     return parse_heal(data["heal"], loc)
@@ -82,40 +107,63 @@ def _apply_flags(cfg, flags: dict, data, eval_data, stage: str):
 @click.argument("out", type=click.Path())
 @click.option("--data", multiple=True, help="Training text: file, directory, .jsonl or hf:NAME (repeatable).")
 @click.option("--eval-data", multiple=True, help="Held-out text (default: the end of --data is held out).")
-@click.option("--config", "config_file", type=click.Path(), help="YAML whose heal: section replaces OUT/spec.yaml's.")
-@click.option("--stage", type=click.Choice(["all", "transfer", "lora"]), default="all", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), help="LoRA optimizer steps.")
+@click.option("--config", "config_file", type=click.Path(),
+              help="YAML file with a top-level heal: section; it replaces OUT/spec.yaml's.")
+@click.option("--stage", type=click.Choice(["all", "transfer", "lora"]), default="all", show_default=True,
+              help="Run one stage only; the other keeps its result (LoRA builds on the last attention transfer; "
+                   "rerunning attention transfer drops an earlier LoRA).")
+@click.option("--steps", type=click.IntRange(min=1), **_d("steps"), help="LoRA optimizer steps.")
 @click.option("--tokens", type=click.IntRange(min=1), help="LoRA token budget (instead of --steps).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="LoRA learning rate.")
-@click.option("--transfer-steps", type=click.IntRange(min=1), help="Attention-transfer steps.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), **_d("lr"), help="LoRA learning rate.")
+@click.option("--transfer-steps", type=click.IntRange(min=1), **_d("transfer_steps"),
+              help="Attention-transfer steps.")
 @click.option("--transfer-tokens", type=click.IntRange(min=1), help="Attention-transfer token budget.")
-@click.option("--transfer-lr", type=click.FloatRange(min=0, min_open=True), help="Attention-transfer learning rate.")
-@click.option("--r", type=click.IntRange(min=1), help="LoRA rank.")
-@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="LoRA alpha (scaling alpha / r).")
-@click.option("--dropout", type=click.FloatRange(0, 0.99), help="LoRA dropout.")
-@click.option("--distill", type=click.FloatRange(0, 1), help="Weight of KL distillation from the original model.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), help="Distillation temperature.")
-@click.option("--seq-len", type=click.IntRange(min=2), help="Tokens per training block.")
-@click.option("--holdout", type=click.FloatRange(0, 0.5), help="Fraction of --data held out for evaluation.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Sequences per micro-batch per process.")
-@click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per optimizer step.")
-@click.option("--warmup", type=click.IntRange(min=0), help="Warm-up steps (both stages) [default: 10, at most a tenth of the stage].")
-@click.option("--clip", type=click.FloatRange(min=0, min_open=True), help="Max gradient norm (both stages).")
-@click.option("--eval-every", type=click.IntRange(min=1), help="Evaluate on held-out blocks every N steps.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), help="Checkpoint every N steps.")
-@click.option("--seed", type=click.IntRange(min=0), help="Seed of LoRA initialisation and dropout.")
-@click.option("--tokenizer", type=click.Choice(["auto", "bytes"]), help="bytes: UTF-8 bytes as token ids.")
+@click.option("--transfer-lr", type=click.FloatRange(min=0, min_open=True), **_d("transfer_lr"),
+              help="Attention-transfer learning rate.")
+@click.option("--r", type=click.IntRange(min=1), **_d("r"), help="LoRA rank.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), **_d("alpha"),
+              help="LoRA alpha (scaling alpha / r).")
+@click.option("--dropout", type=click.FloatRange(0, 0.99), **_d("dropout"), help="LoRA dropout.")
+@click.option("--distill", type=click.FloatRange(0, 1), **_d("distill"),
+              help="Weight of KL distillation from the original model.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), **_d("temperature"),
+              help="Distillation temperature.")
+@click.option("--seq-len", type=click.IntRange(min=2), **_d("seq_len"), help="Tokens per training block.")
+@click.option("--holdout", type=click.FloatRange(0, 0.5), **_d("holdout"),
+              help="Fraction of --data held out for evaluation.")
+@click.option("--batch-size", type=click.IntRange(min=1), **_d("batch_size"),
+              help="Sequences per micro-batch per process.")
+@click.option("--grad-accum", type=click.IntRange(min=1), **_d("grad_accum"),
+              help="Micro-batches per optimizer step.")
+@click.option("--warmup", type=click.IntRange(min=0), show_default="10, at most a tenth of the stage",
+              help="Warm-up steps (both stages; fewer than the stage's steps).")
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), **_d("clip"),
+              help="Max gradient norm (both stages).")
+@click.option("--eval-every", type=click.IntRange(min=1), **_d("eval_every"),
+              help="Evaluate on held-out blocks every N steps.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), **_d("checkpoint_every"),
+              help="Checkpoint every N steps.")
+@click.option("--seed", type=click.IntRange(min=0), **_d("seed"),
+              help="Seed of LoRA initialisation and dropout.")
+@click.option("--tokenizer", type=click.Choice(["auto", "bytes"]), **_d("tokenizer"),
+              help="bytes: UTF-8 bytes as token ids.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted heal in OUT with its saved settings.")
 @click.option("--restart", is_flag=True, help="Discard an unfinished heal in OUT and start over.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True,
               help="torch device (cuda: one GPU per process).")
 @click.option("--allow-code", is_flag=True, help="Allow specs with user Python operators.")
 @click.option("--no-progress", is_flag=True, help="No progress bar or log lines.")
-def heal(out, data, eval_data, config_file, stage, resume, restart, device, allow_code, no_progress, **flags):
-    """Heal the converted model in OUT: attention transfer, then LoRA; OUT becomes the healed model."""
+@click.pass_context
+def heal(ctx, out, data, eval_data, config_file, stage, resume, restart, device, allow_code, no_progress, **flags):
+    """Heal the converted model in OUT: attention transfer, then LoRA; OUT becomes the healed model.
+
+    The defaults shown are those of a spec without a heal: section; OUT/spec.yaml's heal: section (or
+    --config's) replaces them, and the options replace both.
+    """
     from .heal.outdir import OutDir
     from .heal.run import heal as run_heal
 
+    flags = _given(ctx, flags)
     _one_budget(flags)
     outdir = OutDir(out)
     given = [k for k, v in flags.items() if v is not None] + (["data"] if data else []) + \
@@ -129,7 +177,10 @@ def heal(out, data, eval_data, config_file, stage, resume, restart, device, allo
             raise UsageError(f"--resume continues the saved run with its settings; remove {names}")
         run_heal(out, None, resume=True, device=device, allow_code=allow_code, progress=not no_progress, log=_log)
         return
-    cfg = load_heal_section(Path(config_file) if config_file else outdir.root / "spec.yaml")
+    if config_file:
+        cfg = load_heal_section(Path(config_file), required=True)
+    else:
+        cfg = load_heal_section(outdir.root / "spec.yaml")
     cfg = _apply_flags(cfg, flags, data, eval_data, stage)
     if not cfg.data.train:
         raise UsageError("no healing data: pass --data PATH (or set heal.data.train in the spec)")
@@ -187,7 +238,7 @@ def eval_cmd(model, data, contexts, max_tokens, batch_size, adapter, no_original
     from .heal.data import get_tokenizer, read_documents, tokenize
     from .heal.evaluate import evaluate, hf_forward, table_lines
 
-    contexts = list(contexts) or [512]
+    contexts = list(dict.fromkeys(contexts)) or [512]  # a repeated --context is scored once
     docs = read_documents(list(data))
     if (Path(model) / "lincompile.json").is_file():
         from .heal.outdir import OutDir
@@ -239,9 +290,12 @@ def _eval_models(ref: str, adapter: bool, no_original: bool, device: str, allow_
 @click.option("--tasks", required=True, help="Comma-separated lm-eval task names.")
 @click.option("--include-path", type=click.Path(), help="Directory of extra task YAML files.")
 @click.option("--limit", type=click.IntRange(min=1), help="Documents per task.")
-@click.option("--num-fewshot", type=click.IntRange(min=0), default=None)
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+              help="Examples in each prompt [each task's own default].")
 @click.option("--adapter", is_flag=True, help="Load the LoRA adapters unmerged (heal/adapter).")
-@click.option("--max-length", type=click.IntRange(min=2), help="Context length in tokens.")
+@click.option("--max-length", type=click.IntRange(min=2),
+              help="Context length in tokens [what the converted graph takes: capture.max_seq_len, or the "
+                   "model's position limit if smaller].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 def lm_eval_cmd(out, tasks, include_path, limit, num_fewshot, adapter, max_length, as_json, device):
@@ -286,23 +340,46 @@ _apply.params.append(click.Option(["--no-heal"], is_flag=True, help="Skip the sp
 
 
 def _apply_then_heal(no_heal=False, **kwargs):
-    result = _apply_callback(**kwargs)
     from .spec import Spec
 
     spec = Spec.resolve(kwargs["spec"])
-    cfg = getattr(spec, "heal", None)
-    if cfg is None or no_heal:
+    cfg = None if no_heal else getattr(spec, "heal", None)
+    if cfg is not None and cfg.data.train:
+        _check_heal_data(cfg)  # before the conversion: a typo in a data path should not cost a conversion
+    result = _apply_callback(**kwargs)
+    if cfg is None:
         return result
+    out = kwargs["out"]
     if not cfg.data.train:
         click.echo(f"note: the spec has a heal: section without heal.data.train: run `lincompile heal "
-                   f"{kwargs['out']} --data PATH`", err=True)
+                   f"{out} --data PATH`", err=True)
         return result
+    from .errors import LincompileError
     from .heal.run import heal as run_heal
 
     # heal logs its own "healed OUT: …" line, as `lincompile heal` does.
-    run_heal(kwargs["out"], cfg, restart=True, device=kwargs.get("device", "cpu"),
-             allow_code=kwargs.get("allow_code", False), progress=not kwargs.get("as_json"), log=_log)
+    try:
+        run_heal(out, cfg, restart=True, device=kwargs.get("device", "cpu"),
+                 allow_code=kwargs.get("allow_code", False), progress=not kwargs.get("as_json"), log=_log)
+    except LincompileError as err:
+        again = LincompileError(f"{err} ({out} was written, converted but not healed: fix this and run "
+                                f"`lincompile heal {out}` to heal it, with --resume or --restart if it left "
+                                "checkpoints)")
+        again.exit_code = err.exit_code
+        raise again from err
     return result
+
+
+def _check_heal_data(cfg) -> None:
+    """What healing checks first, done before `apply` converts: the data can be read, LoRA's warm-up fits its
+    stage. (Tokenising and packing need the converted model's tokenizer: heal does them.)"""
+    from .heal.data import read_documents
+    from .heal.run import check_warmup
+
+    read_documents(cfg.data.train)
+    if cfg.data.eval:
+        read_documents(cfg.data.eval)
+    check_warmup(cfg, stages=("lora",))  # transfer's once heal knows it runs (operators with parameters)
 
 
 _apply.callback = _apply_then_heal

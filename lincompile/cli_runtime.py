@@ -7,6 +7,7 @@ heavy imports inside the commands, machine-readable output with --json on stdout
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def generate(out, prompt, chat, max_new_tokens, do_sample, temperature, top_k, t
              device, threads):
     """Generate from the converted model in OUT, streaming tokens to stdout (constant-size state).
 
+    PROMPT `-` reads the prompt from standard input (a file: `< prompt.txt`).
+
     Generation stops at an EOS token, after --max-new-tokens, or where the model runs out of positions (learned
     position embeddings, as GPT-2's): finish_reason eos, length or position_limit.
     """
@@ -53,9 +56,19 @@ def generate(out, prompt, chat, max_new_tokens, do_sample, temperature, top_k, t
     if given and not do_sample:
         raise UsageError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} with --sample "
                          "(generation is greedy without it)")
+    if prompt == "-":
+        if sys.stdin.isatty():
+            click.echo("reading the prompt from standard input (end it with Ctrl-D)", err=True)
+        prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # `echo text |` adds one: not part of the prompt
     if threads:
         torch.set_num_threads(threads)
 
+    from .emit import has_tokenizer
+
+    if Path(out, "lincompile.json").is_file() and not has_tokenizer(out):  # said before minutes of loading
+        raise UsageError(f"{out} has no tokenizer files: generate needs one (copy the original model's tokenizer "
+                         "files into it, or from Python pass token ids to lincompile.runtime.load(OUT).generate)")
     t0 = time.perf_counter()
     rt = load(out, allow_code=allow_code, device=device)
     tok = rt.tokenizer

@@ -16,9 +16,11 @@ no original weights and no network needed, and nothing is unpickled.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -48,13 +50,36 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def scratch_dir(parent: Path, name: str) -> Path:
+    """A new hidden folder `.NAME.tmp-PID@HOST-…` in PARENT to write NAME in, after removing those that runs of
+    this machine which no longer exist left (killed with SIGKILL, or the machine went down). A live run's scratch
+    is never touched, nor another machine's (a shared filesystem: its pids mean nothing here)."""
+    host = socket.gethostname()
+    for old in Path(parent).glob(f".{glob.escape(name)}.tmp-*@*"):
+        pid, _, rest = old.name[len(name) + 6:].partition("@")
+        if (old.is_dir() and pid.isdigit() and rest.rpartition("-")[0] == host and int(pid) != os.getpid()
+                and not _alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-{os.getpid()}@{host}-"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
 def publish_dir(tmp: Path, dest: Path) -> None:
     """Make a fully written temporary directory `dest` in one rename (replacing an old one)."""
     for f in tmp.iterdir():
         os.chmod(f, 0o666 & ~_umask())
     os.chmod(tmp, 0o777 & ~_umask())
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        old = dest.with_name(f".{dest.name}.tmp-{os.getpid()}@{socket.gethostname()}-old")  # swept like scratch
         os.replace(dest, old)
         os.replace(tmp, dest)
         shutil.rmtree(old, ignore_errors=True)
@@ -97,6 +122,11 @@ def check_destination(path, overwrite: bool = False) -> Path:
     if not (out / "lincompile.json").is_file() and any(out.iterdir()):
         raise UsageError(f"{path} is not a lincompile output directory (no lincompile.json): --overwrite will not "
                          "replace it; choose another output directory")
+    if (out / "lincompile.json").is_file():
+        from .heal.outdir import lock
+
+        with lock(out):  # a heal running on it holds the lock: refused rather than deleted under it
+            pass
     return out
 
 
@@ -105,7 +135,7 @@ def save(converted, path, overwrite: bool = False) -> Path:
 
     out = check_destination(path, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = scratch_dir(out.parent, out.name)
     try:
         tensors, aliases = _unique_tensors(converted.graph_module.state_dict())
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lincompile": str(FORMAT_VERSION)})
@@ -135,6 +165,27 @@ def save(converted, path, overwrite: bool = False) -> Path:
     return out
 
 
+def read_json(path: Path, fix: str):
+    """A JSON file, or one line naming it and `fix` (what to do) when it is damaged."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise LincompileError(f"{path} is damaged ({reason}): {fix}") from None
+
+
+def load_tensors(path: Path, fix: str, device: str = "cpu") -> dict:
+    """A safetensors file, or one line naming it and `fix` when it is truncated or not safetensors at all."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LincompileError(f"{path} is damaged ({first}): {fix}") from None
+
+
 def read_outdir(path):
     """(root, meta, spec, config) of an output directory, with clear errors for anything else."""
     from transformers import AutoConfig
@@ -145,7 +196,13 @@ def read_outdir(path):
     meta_file = root / "lincompile.json"
     if not meta_file.exists():
         raise UsageError(f"{root} is not a lincompile output directory (no lincompile.json)")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    meta = read_json(meta_file, "convert the model again with `lincompile apply`")
+    if not isinstance(meta, dict):
+        raise LincompileError(f"{meta_file} is damaged (not a JSON object): convert the model again with `lincompile apply`")
+    for needed in ("model.safetensors", "spec.yaml", "config.json"):
+        if not (root / needed).is_file():
+            raise LincompileError(f"{root} has no {needed}: it is not a complete lincompile output (convert the model "
+                                  "again with `lincompile apply`)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise LincompileError(f"{root}: output format {meta.get('format_version')} is not supported by this version")
     spec = Spec.from_yaml(root / "spec.yaml")
@@ -155,9 +212,7 @@ def read_outdir(path):
 
 def load_weights(gm, root: Path, meta: dict, device: str = "cpu") -> None:
     """Load OUT/model.safetensors into a rebuilt graph module (aliases restored, every tensor must fit)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(root / "model.safetensors"), device=device)
+    state = load_tensors(root / "model.safetensors", "convert (and heal) the model again, or restore the file", device)
     for alias, name in meta.get("aliases", {}).items():
         state[alias] = state[name]
     missing, unexpected = gm.load_state_dict(state, strict=False)
@@ -167,8 +222,12 @@ def load_weights(gm, root: Path, meta: dict, device: str = "cpu") -> None:
     gm.to(device)
 
 
+def has_tokenizer(root: Path) -> bool:
+    return any((Path(root) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 def load_tokenizer(root: Path):
-    if any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if has_tokenizer(root):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(root))

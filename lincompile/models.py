@@ -54,6 +54,9 @@ def locate(ref: str) -> tuple[str, str, str | None]:
             raise ModelError(f"model file not found: {ref}")
         return "gguf", str(path.parent), path.name
     if path.is_dir():
+        if (path / "lincompile.json").is_file():
+            raise ModelError(f"{ref} is a lincompile output directory, not an original model: give the model it was "
+                             "converted from (its lincompile.json names it), or use generate/eval/heal/export on it")
         if not (path / "config.json").exists():
             raise ModelError(f"{ref} is a directory without config.json: not a Hugging Face model directory")
         return "dir", str(path), None
@@ -81,8 +84,8 @@ def load_model(ref: str, dtype="float32", device: str = "cpu", attn_implementati
     except ValueError as err:
         raise ModelError(f"cannot load {ref}: {_first_line(err)}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation=attn_implementation,
-                                                     **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, output_loading_info=True,
+                                                           attn_implementation=attn_implementation, **kwargs)
     except ValueError as err:
         msg = _first_line(err)
         if attn_implementation != "eager" and "does not support an attention implementation" in msg:
@@ -92,6 +95,7 @@ def load_model(ref: str, dtype="float32", device: str = "cpu", attn_implementati
         raise ModelError(f"cannot load {ref}: {msg}") from None
     except OSError as err:
         raise ModelError(f"cannot load {ref}: {_first_line(err)}") from None
+    _check_loaded(ref, model, info)
     notes = []
     if gguf:
         model = _drop_gguf_quantization(model, torch_dtype, attn_implementation)
@@ -103,6 +107,20 @@ def load_model(ref: str, dtype="float32", device: str = "cpu", attn_implementati
     except (OSError, ValueError, TypeError) as err:
         notes.append(f"no tokenizer: {_first_line(err)}")
     return LoadedModel(model, tokenizer, ref, kind, notes)
+
+
+def _check_loaded(ref: str, model, info: dict) -> None:
+    """Refuse a model whose checkpoint left weights at their random initialisation.
+
+    transformers only logs missing weights and goes on with freshly initialised ones: converting that model
+    would silently linearise noise. Tied weights (the output embedding) are not reported as missing.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelError(f"{ref}: {len(missing)} weight(s) of {type(model).__name__} are not in the checkpoint "
+                         f"({', '.join(missing[:3])}{more}): it is not this architecture's checkpoint, or it is "
+                         "incomplete")
 
 
 def _check_hub(repo: str, timeout: float = 5.0) -> None:

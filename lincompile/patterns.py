@@ -24,11 +24,10 @@ import torch
 from networkx.algorithms.isomorphism import DiGraphMatcher
 from torch import fx
 
-from lincompile.passes.match import NearMiss, const_value
-
 from .errors import did_you_mean
 from .graph import layer_index, module_path, shape, short_op
-from .site import Site
+from .site import NearMiss, Site
+from .walk import const_value
 
 if TYPE_CHECKING:
     from .spec import Located

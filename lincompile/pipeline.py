@@ -112,7 +112,7 @@ def convert(model: nn.Module, spec: Spec | str, *, tokenizer=None, allow_code: b
     from .passes.capture import capture
     from .passes.match import match, select
     from .passes.fuse import fuse, resolve_backend
-    from .passes.substitute import substitute
+    from .passes.substitute import site_key, substitute
     from .passes.verify import record_teacher
     from .passes.verify import verify as run_verify
 
@@ -166,7 +166,10 @@ def convert(model: nn.Module, spec: Spec | str, *, tokenizer=None, allow_code: b
         "model": source or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "architecture": type(model).__name__,
         "spec": spec.name,
-        "sites": [{"module": s.module, "layer": s.layer, "pattern": s.pattern, "op": s.op} for s in sites],
+        # "key" (a module's later attention sites: its operator's name, as site_rel_error names it) only where
+        # it is not the module path
+        "sites": [{"module": s.module, "layer": s.layer, "pattern": s.pattern, "op": s.op,
+                   **({"key": site_key(s)} if site_key(s) != s.module else {})} for s in sites],
         "sites_found": len(result.sites),
         "capture_max_abs_diff": captured.max_abs_diff,
         "logits_max_abs_diff": checks.get("logits_max_abs_diff"),

@@ -56,7 +56,7 @@ def render_markdown(report: dict) -> str:
         mask = d.get("mask_kind", "")
         if d.get("window"):
             mask += f" ({d['window']})"
-        err = errs.get(s["module"])
+        err = errs.get(s.get("key", s["module"]))
         out.append(f"| {s['layer']} | {s['module']} | {s['pattern']} | {s['op']} | {mask} | "
                    f"{'' if err is None else f'{err:.3g}'} |")
     versions = report.get("versions", {})

@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .emit import scratch_dir
 from .errors import LincompileError, UsageError
 from .passes import lift_state as ls
 
@@ -179,7 +179,8 @@ class Runtime(nn.Module):
         B, T = input_ids.shape
         state = self.init_state(B) if state is None else state
         if list(state) != self.state_names:
-            missing = sorted(set(self.state_names) - set(state)) or sorted(set(state) - set(self.state_names))
+            missing = (sorted(set(self.state_names) - set(state)) or sorted(set(state) - set(self.state_names))
+                       or ["(the same names in another order)"])
             raise UsageError(f"state does not fit this model (first mismatching name: {missing[0]})")
         if positions is None:  # continue each sequence where it stopped
             positions = state[ls.SEEN][:, None] + torch.arange(T, device=input_ids.device)
@@ -272,7 +273,7 @@ class Runtime(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         # Written in a scratch folder next to PATH and renamed into place: nothing half-written. The archive's
         # inner folder is named after the file, so the scratch files keep PATH's name.
-        scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        scratch = scratch_dir(path.parent, path.name)
         try:
             (scratch / "programs").mkdir()
             packed = scratch / "programs" / path.name
@@ -310,6 +311,11 @@ def _substitute(captured, spec, allow_code):
         sliding = rule.op == "softmax" and site.mask_kind == "sliding" and site.attrs.get("window")
         if ("mask" in cls.inputs + cls.optional_inputs and "mask" in site.bindings and site.mask_kind != "causal"
                 and not sliding):
+            if rule.op == "softmax":  # a kept layer (or the identity spec)
+                raise UsageError(f"{site.module}: its attention mask is {site.mask_kind} (an additive bias such as "
+                                 "ALiBi, or a pattern other than causal / sliding window): the decode step rebuilds "
+                                 "only causal and sliding-window masks, so this model cannot be generated from or "
+                                 "exported yet")
             raise UsageError(f"{site.module}: its attention mask is {site.mask_kind}; {rule.op}'s step form assumes "
                              "a causal mask, and only layers kept as softmax (op: keep) decode with another mask "
                              "(convert this layer with a sliding-window operator, or keep it)")

@@ -55,3 +55,10 @@ class Site:
         return {"module": self.module, "layer": self.layer, "pattern": self.pattern, "op": self.op,
                 **{k: self.attrs[k] for k in keep if k in self.attrs},
                 "bindings": self.describe_bindings(), "notes": list(self.notes)}
+
+
+@dataclass
+class NearMiss:
+    node: str
+    module: str | None
+    reason: str

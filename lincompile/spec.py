@@ -16,6 +16,7 @@ error points at `file:line:col`. See `specs/README.md` for the reference.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -56,7 +57,16 @@ class Located:
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
-def _walk(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, loc: Located):
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads an unquoted 1e-3 as a number: YAML 1.1 (PyYAML) floats need a dot, YAML 1.2's
+    and every user's do not. A quoted or `!!str` 1e-3 stays text."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def _walk(loader: _Loader, node: yaml.Node, path: tuple, loc: Located):
     loc.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _PLAIN_TAGS:
         # Only plain data: tags that would build Python objects (or anything else) are refused.
@@ -77,13 +87,17 @@ def _walk(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, loc: Located):
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_walk(loader, item, path + (i,), loc) for i, item in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+    value = loader.construct_object(node, deep=True)
+    if isinstance(value, float) and math.isinf(value) and _EXPONENT_FLOAT.match(node.value):
+        raise SpecError(f"{node.value} is out of range for a number", loc.file, node.start_mark.line + 1,
+                        node.start_mark.column + 1)
+    return value
 
 
 def load_yaml(text: str, file: str) -> tuple[Any, Located]:
     """Parse YAML safely (no tags that build Python objects), keeping positions for error messages."""
     loc = Located(file)
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:

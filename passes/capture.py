@@ -112,19 +112,35 @@ def _check_dynamic(program, positions: bool, seq_max: int) -> None:
     if not shapes:
         return
     batch, seq = shapes[0][0], shapes[0][1]
-    for what, dim, low, high in (("batch", batch, 1, 4096), ("length", seq, 2, seq_max)):
+    bounds = (("batch", 1, 4096), ("length", 2, seq_max))
+
+    def check(what, dim, low, high, where=""):
         if not isinstance(dim, torch.SymInt):
-            raise CaptureError(f"torch.export fixed the {what} at {dim}: the model's code does not allow another")
+            raise CaptureError(f"torch.export fixed the {what}{where} at {dim}: the model's code does not allow another")
         r = program.range_constraints.get(dim.node.expr)
         # export reports sizes as ≥ 2 (its 0/1 rule) yet runs size 1: only a bound past that is a narrowing
         if r is not None and (int(r.lower) > max(low, 2) or (r.upper.is_finite and int(r.upper) < high)):
-            raise CaptureError(f"torch.export narrowed the {what} to [{r.lower}, {r.upper}] (expected [{low}, {high}])")
+            raise CaptureError(f"torch.export narrowed the {what}{where} to [{r.lower}, {r.upper}] "
+                               f"(expected [{low}, {high}])")
 
-    def symbols(shape):
-        return tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else d for d in shape)
-
-    if positions and len(shapes) > 1 and symbols(shapes[1]) != symbols(shapes[0]):
+    for (what, low, high), dim in zip(bounds, (batch, seq)):
+        check(what, dim, low, high)
+    if not positions or len(placeholders) < 2 or len(shapes) < 2:
+        return
+    pos = placeholders[1]
+    if not pos.users:
+        return  # the model never reads position_ids (e.g. ALiBi): any shape will do
+    if len(shapes[1]) != len(shapes[0]):
         raise CaptureError(f"position_ids were captured with shape {shapes[1]}, not input_ids' {shapes[0]}")
+    # Export may give position_ids symbols of their own when nothing ties them to input_ids' (a model that reads
+    # them only where the two need not agree): that is fine as long as each is free, i.e. takes every size
+    # input_ids' dim takes. A dim fixed or narrowed by the model's code is not.
+    for (what, low, high), dim, ids_dim in zip(bounds, shapes[1], shapes[0]):
+        if isinstance(dim, torch.SymInt) and isinstance(ids_dim, torch.SymInt) and dim.node.expr == ids_dim.node.expr:
+            continue
+        if isinstance(dim, torch.SymInt) and not dim.node.expr.is_Symbol:
+            raise CaptureError(f"position_ids were captured with shape {shapes[1]}, not input_ids' {shapes[0]}")
+        check(what, dim, low, high, where=" of position_ids")
 
 
 @contextlib.contextmanager
@@ -155,10 +171,16 @@ def length_limit(config, cfg) -> int:
     """The longest sequence a captured graph takes: the spec's capture.max_seq_len, or the model's own position
     limit when smaller (the graph keeps it as a guard on the length)."""
     max_len = cfg.max_seq_len
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if isinstance(limit, int) and limit > 0:
-        max_len = min(max_len, limit)
+    for name in POSITION_LIMIT_FIELDS:  # the first one the config has
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return min(max_len, limit)
     return max_len
+
+
+# What configs call the longest sequence the model was built for (MPT builds its ALiBi bias that long).
+POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length",
+                         "seq_length", "n_ctx")
 
 
 def check_length(what: str, length: int, where, config, cfg) -> None:

@@ -3,14 +3,25 @@
 Built-in patterns (data about op names, not about architectures):
 - `sdpa`: one `aten.scaled_dot_product_attention` node.
 - `eager_softmax_attention`: scores = matmul/bmm/baddbmm(q, kᵀ) → [scale: mul/div] → [softcap: div → tanh → mul]
-  → [+ mask or bias] → softmax → [cast] → [dropout] → matmul(·, v).
+  → [mask applications: + mask or bias, masked_fill(·, m, c) / where(m, ·, c) with a blocking c, max(·, c)]
+  → softmax → [cast] → [dropout] → matmul(·, v). Views that only split or merge the batch·heads axis may sit
+  anywhere in the chain (attention on [B·H, T, D] tensors with bmm / baddbmm): q, k, v and the output are then
+  bound as the [B, H, T, D] values those views come from (or new unflatten nodes). baddbmm's alpha is a scale,
+  its bias (beta · input) a mask term (not under a softcap). The mask applications are combined into one site
+  mask, so that softmax(scale · q kᵀ + mask) is the original: a single `+ mask` on 4-D scores is bound as it is,
+  anything else (several terms, masked_fill / where, 3-D scores) gets new nodes before the softmax. Scores concatenated with other logits before softmax and sliced after (attention sinks) are a near
+  miss that says so.
 - `softmax_attention`: either.
-A spec may declare its own patterns (see lincompile/patterns.py).
+A spec may declare its own patterns (see lincompile/patterns.py). The eager pattern lives in
+lincompile/eager_pattern.py, the walks below in lincompile/walk.py.
 
-For each site, values are bound by walking back from q/k/v: through the GQA repeat (k_kv, v_kv), through the
-rotary embedding (q_pre_rope, k_pre_rope), to the projections (their module paths, and `hidden`, the input of
-the q projection), and forward to the output projection. What can't be found stays absent, with a note.
-Masks are evaluated on a long probe and classified (causal, sliding window w, chunked, bidirectional).
+For each site, values are bound by walking back from q/k/v: through the GQA repeat (k_kv, v_kv; also a repeat
+before RoPE: expand of a size-1 axis merged into the heads through layout ops, then k_kv is one head per group of
+the roped keys), through the rotary embedding (q_pre_rope, k_pre_rope), to the projections (their module paths,
+and `hidden`, the input of the q projection), and forward to the output projection. A constant factor on q
+before layout ops (queries scaled in the projection) moves into the scale. What can't be found stays absent,
+with a note. Masks are evaluated on a long probe and classified (causal, sliding window w, chunked,
+bidirectional, custom).
 """
 
 from __future__ import annotations
@@ -22,26 +33,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from lincompile.eager_pattern import match_eager
 from lincompile.errors import MatchError
-from lincompile.graph import ancestors, layer_index, module_path, record, same_int, shape, short_op, users, val
-from lincompile.site import Site
-
-SOFTMAX = ("softmax", "_softmax", "_safe_softmax")
-CASTS = ("to", "_to_copy", "type_as", "contiguous", "clone", "alias", "detach", "lift_fresh_copy")
-MATMULS = ("matmul", "bmm", "baddbmm")
-PROJECTIONS = ("linear", "addmm", "mm", "matmul")
-RESHAPES = ("view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "unflatten",
-            "flatten", "expand", "squeeze", "unsqueeze", "split", "split_with_sizes", "getitem", "chunk",
-            "unbind", "select", "slice", "narrow") + CASTS
-ROTATE = ("slice", "neg", "cat", "stack", "view", "reshape", "flatten", "unflatten", "select", "unsqueeze",
-          "squeeze", "mul", "unbind", "getitem", "chunk", "split", "split_with_sizes", "narrow") + CASTS
-
-
-@dataclass
-class NearMiss:
-    node: str
-    module: str | None
-    reason: str
+from lincompile.graph import module_path, record, shape, short_op
+from lincompile.site import NearMiss, Site
+from lincompile.walk import (BLOCKED, find_output_projection, find_pre_rope_through_layout, find_projection,
+                             fold_q_scale, heads, is_op, kv_heads_slice, kv_repeat, new_site, through_repeat)
 
 
 @dataclass
@@ -51,168 +48,6 @@ class MatchResult:
     patterns_tried: tuple[str, ...] = ()
 
 
-# --------------------------------------------------------------------------------------------------
-# Walking helpers
-
-
-def strip(node):
-    """Skip casts/copies that don't change the value's meaning."""
-    while isinstance(node, fx.Node) and short_op(node) in CASTS and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
-def is_op(node, *names) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and short_op(node) in names
-
-
-def const_value(x):
-    """A Python number for literals and simple constant nodes (full / scalar_tensor / tensor), else None."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return float(x)
-    if is_op(x, "full") and len(x.args) >= 2 and isinstance(x.args[1], (int, float)):
-        return float(x.args[1])
-    if is_op(x, "scalar_tensor") and isinstance(x.args[0], (int, float)):
-        return float(x.args[0])
-    if is_op(x, "sqrt") and const_value(x.args[0]) is not None:
-        return math.sqrt(const_value(x.args[0]))
-    return None
-
-
-def heads(node) -> int | None:
-    s = shape(node)
-    if s is None or len(s) != 4:
-        return None
-    try:
-        return int(s[1])
-    except (TypeError, ValueError):
-        return None
-
-
-def through_repeat(node) -> fx.Node:
-    """k/v before a GQA repeat: reshape(expand(unsqueeze(x))) or repeat_interleave(x), else the node itself."""
-    n = strip(node)
-    if is_op(n, "repeat_interleave"):
-        return n.args[0]
-    if is_op(n, "reshape", "view", "_unsafe_view", "flatten"):
-        e = strip(n.args[0])
-        if is_op(e, "expand", "repeat"):
-            u = strip(e.args[0])
-            while is_op(u, "unsqueeze", "slice"):
-                u = strip(u.args[0])
-            if heads(u) is not None and heads(u) <= (heads(node) or 0):
-                return u
-    return node
-
-
-def _reachable(start, targets, ops, depth=8) -> bool:
-    """Is any of `targets` an ancestor of `start` through nodes whose op is in `ops` (bounded depth)?"""
-    frontier, seen = [start], set()
-    for _ in range(depth):
-        nxt = []
-        for n in frontier:
-            if n in targets:
-                return True
-            if n in seen or not isinstance(n, fx.Node):
-                continue
-            seen.add(n)
-            if n is start or is_op(n, *ops):
-                nxt.extend(n.all_input_nodes)
-        frontier = nxt
-    return any(n in targets for n in frontier)
-
-
-def _rope_full(n):
-    """x for n = x·cos + rotate(x)·sin (rotate built from slices/neg/cat of x, either order), else None."""
-    n = strip(n)
-    if not is_op(n, "add") or len(n.args) < 2:
-        return None
-    m1, m2 = strip(n.args[0]), strip(n.args[1])
-    if not (is_op(m1, "mul") and is_op(m2, "mul")):
-        return None
-    c1 = [strip(a) for a in m1.args if isinstance(a, fx.Node)]
-    c2 = [strip(a) for a in m2.args if isinstance(a, fx.Node)]
-    for x in c1:
-        for y in c2:
-            if x is not y and _reachable(y, {x}, ROTATE, depth=6):
-                return x
-            if x is not y and _reachable(x, {y}, ROTATE, depth=6):
-                return y
-    return None
-
-
-def _slice_source(n):
-    n = strip(n)
-    while is_op(n, "slice", "narrow"):
-        n = strip(n.args[0])
-    return n
-
-
-def find_pre_rope(node):
-    """The tensor before the rotary embedding that produced `node`, or None when there is none."""
-    n = strip(node)
-    x = _rope_full(n)
-    if x is not None:
-        # Partial rotary applied to a slice: the source is what the slice came from (handled below).
-        return x
-    if is_op(n, "cat") and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 2:
-        rot, passthrough = n.args[0]
-        x = _rope_full(rot)
-        if x is not None:
-            src, src2 = _slice_source(x), _slice_source(passthrough)
-            if src is src2:
-                return src
-    return None
-
-
-def find_projection(node, max_depth: int = 12):
-    """The nearest linear/addmm/mm above `node` through reshapes/norms; (proj_node, input) or (None, None)."""
-    frontier = [node]
-    for _ in range(max_depth):
-        nxt = []
-        for n in frontier:
-            if not isinstance(n, fx.Node):
-                continue
-            if is_op(n, *PROJECTIONS) and _has_weight(n):
-                return n, _proj_input(n)
-            if n.op == "call_function":
-                # Tuple-valued nodes (split / chunk of a fused qkv projection) are walked through as well.
-                nxt.extend(a for a in n.all_input_nodes if a.op == "call_function")
-        frontier = nxt
-    return None, None
-
-
-def _has_weight(n) -> bool:
-    return any(isinstance(a, fx.Node) and a.op == "get_attr" for a in n.all_input_nodes)
-
-
-def _proj_input(n):
-    args = [a for a in n.args if isinstance(a, fx.Node) and a.op != "get_attr"]
-    if short_op(n) == "addmm":
-        args = [a for a in n.args[1:] if isinstance(a, fx.Node) and a.op != "get_attr"]
-    x = args[0] if args else None
-    # 2-D projections (addmm on a flattened [B*T, d] view): report the [B, T, d] tensor it came from.
-    while is_op(x, "view", "reshape", "_unsafe_view", "flatten") and len(shape(x) or ()) == 2:
-        x = x.args[0]
-    return x
-
-
-def find_output_projection(node, max_depth: int = 8):
-    frontier = [node]
-    for _ in range(max_depth):
-        nxt = []
-        for n in frontier:
-            for u in users(n):
-                if is_op(u, *PROJECTIONS) and _has_weight(u):
-                    return u
-                if is_op(u, *RESHAPES):
-                    nxt.append(u)
-        frontier = nxt
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Built-in patterns
 
 
 def match_sdpa(gm: fx.GraphModule) -> tuple[list[Site], list[NearMiss]]:
@@ -223,7 +58,7 @@ def match_sdpa(gm: fx.GraphModule) -> tuple[list[Site], list[NearMiss]]:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         args = dict(zip(names, n.args))
         args.update(n.kwargs)
-        site = _new_site(n, "sdpa", [n])
+        site = new_site(n, "sdpa", [n])
         site.bindings.update(q=args["query"], k=args["key"], v=args["value"])
         if isinstance(args.get("attn_mask"), fx.Node):
             site.bindings["mask"] = args["attn_mask"]
@@ -234,151 +69,10 @@ def match_sdpa(gm: fx.GraphModule) -> tuple[list[Site], list[NearMiss]]:
     return sites, []
 
 
-def match_eager(gm: fx.GraphModule) -> tuple[list[Site], list[NearMiss]]:
-    sites, misses = [], []
-    for n in gm.graph.nodes:
-        if not is_op(n, *SOFTMAX):
-            continue
-        try:
-            sites.append(_match_eager_at(n))
-        except _Miss as miss:
-            misses.append(NearMiss(n.name, module_path(n), str(miss)))
-    return sites, misses
-
-
-class _Miss(Exception):
-    pass
-
-
-def _match_eager_at(softmax: fx.Node) -> Site:
-    nodes = [softmax]
-    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
-    if dim not in (-1, 3):
-        raise _Miss(f"softmax over dim {dim}, not the key dimension")
-    # Forward: [cast] → [dropout] → matmul with v.
-    out = softmax
-    while True:
-        nxt = users(out)
-        if len(nxt) != 1:
-            raise _Miss(f"softmax output has {len(nxt)} users, expected one chain to matmul(·, v)")
-        u = nxt[0]
-        if is_op(u, *CASTS, "dropout", "native_dropout", "getitem"):
-            nodes.append(u)
-            out = u
-            continue
-        break
-    if not (is_op(u, "matmul", "bmm") and u.args[0] is out):
-        raise _Miss(f"softmax output feeds {short_op(u)}, not matmul(·, v)")
-    output = u
-    nodes.append(output)
-    v = output.args[1]
-    # Backward from the softmax input: [cast] ← [+ mask] ← [softcap] ← [scale] ← matmul(q, kᵀ).
-    x = softmax.args[0]
-    while is_op(x, *CASTS):
-        nodes.append(x)
-        x = x.args[0]
-    scale, softcap, mask, scale_node = 1.0, None, None, None
-    if is_op(x, "add"):
-        nodes.append(x)
-        a, b = x.args[0], x.args[1]
-        side = _scores_side(a), _scores_side(b)
-        if side[0] and not side[1]:
-            x, mask = a, b
-        elif side[1] and not side[0]:
-            x, mask = b, a
-        else:
-            raise _Miss("softmax input is a sum, but neither side leads to matmul(q, kᵀ)")
-    x, scale, softcap, scale_node, more = _scores_chain(x)
-    nodes.extend(more)
-    if not is_op(x, *MATMULS):
-        raise _Miss(f"no matmul(q, kᵀ) before softmax (found {short_op(x) if isinstance(x, fx.Node) else x})")
-    nodes.append(x)
-    if short_op(x) == "baddbmm":
-        q, kt = x.args[1], x.args[2]
-    else:
-        q, kt = x.args[0], x.args[1]
-    k = _untranspose(kt)
-    if k is None:
-        raise _Miss("scores matmul's second operand is not a transposed key")
-    nodes.append(kt)
-    site = _new_site(softmax, "eager_softmax_attention", nodes)
-    site.output = output
-    site.bindings.update(q=q, k=k, v=v)
-    if mask is not None:
-        site.bindings["mask"] = mask
-    site.attrs["scale"] = scale
-    if scale_node is not None:
-        site.attrs["scale_node"] = scale_node
-    if softcap is not None:
-        site.attrs["softcap"] = softcap
-    # Side nodes that only check metadata of matched values go with them.
-    for node in list(nodes):
-        site.nodes.extend(u for u in node.users if short_op(u) == "_assert_tensor_metadata")
-    return site
-
-
-def _scores_side(x) -> bool:
-    try:
-        node, *_ = _scores_chain(x)
-    except _Miss:
-        return False
-    return is_op(node, *MATMULS)
-
-
-def _scores_chain(x):
-    """Walk back through [scale] and [softcap]: returns (matmul?, scale, softcap, scale_node, nodes)."""
-    scale, softcap, scale_node, nodes = 1.0, None, None, []
-    for _ in range(6):
-        x = strip(x)
-        if is_op(x, "mul") and is_op(strip(x.args[0]), "tanh") and const_value(x.args[1]) is not None:
-            t = strip(x.args[0])  # softcap: tanh(s / cap) * cap
-            d = strip(t.args[0])
-            if is_op(d, "div") and const_value(d.args[1]) is not None:
-                softcap = const_value(x.args[1])
-                nodes += [x, t, d]
-                x = d.args[0]
-                continue
-        if is_op(x, "mul", "div") and len(x.args) == 2:
-            a, b = x.args
-            c = const_value(b)
-            if c is None and isinstance(b, fx.Node) and shape(b) == ():
-                scale_node = b  # a 0-d tensor computed in the graph: evaluated on the probe later
-                c = 1.0
-            if c is not None:
-                scale *= c if short_op(x) == "mul" else 1.0 / c
-                nodes.append(x)
-                x = a
-                continue
-        break
-    return strip(x), scale, softcap, scale_node, nodes
-
-
-def _untranspose(kt):
-    kt = strip(kt)
-    if is_op(kt, "transpose"):
-        d = sorted(int(d) % 4 for d in kt.args[1:3])
-        if d == [2, 3]:
-            return kt.args[0]
-    if is_op(kt, "permute"):
-        perm = list(kt.args[1])
-        if perm[-2:] in ([3, 2], [-1, -2]) or perm == [0, 1, 3, 2]:
-            return kt.args[0]
-    if is_op(kt, "t"):
-        return kt.args[0]
-    return None
-
-
-def _new_site(anchor: fx.Node, pattern: str, nodes) -> Site:
-    path = module_path(anchor) or ""
-    return Site(module=path, layer=layer_index(path), pattern=pattern, output=anchor, nodes=list(nodes))
-
-
 BUILTIN_MATCHERS = {"sdpa": (match_sdpa,), "eager_softmax_attention": (match_eager,),
                     "softmax_attention": (match_sdpa, match_eager)}
 
 
-# --------------------------------------------------------------------------------------------------
-# Bindings and facts
 
 
 def complete_site(site: Site) -> None:
@@ -386,6 +80,19 @@ def complete_site(site: Site) -> None:
     b, a = site.bindings, site.attrs
     q, k, v = b["q"], b["k"], b["v"]
     b["k_kv"], b["v_kv"] = through_repeat(k), through_repeat(v)
+    kr = None
+    if b["k_kv"] is k:
+        # Heads repeated before the rotary embedding (RoPE acts on every head alike): k_kv is one head per group
+        # of the roped keys, k_pre_rope the same heads before it.
+        pre = find_pre_rope_through_layout(k)
+        rep = kv_repeat(pre if pre is not None else k)
+        if rep is not None:
+            b["k_kv"] = kv_heads_slice(k, *rep)
+            kr = kv_heads_slice(pre, *rep) if pre is not None else None
+        else:
+            kr = pre  # k_kv is k: found once (finding it adds its layout nodes to the graph)
+    if b["v_kv"] is v and (rep := kv_repeat(v)) is not None:
+        b["v_kv"] = kv_heads_slice(v, *rep)
     a["num_heads"] = heads(q)
     a["num_kv_heads"] = heads(b["k_kv"]) or heads(k)
     qs, vs = shape(q), shape(v)
@@ -393,7 +100,14 @@ def complete_site(site: Site) -> None:
     a["v_head_dim"] = int(vs[-1]) if vs else None
     if a.get("scale") is None and a["head_dim"]:
         a["scale"] = 1.0 / math.sqrt(a["head_dim"])
-    qr, kr = find_pre_rope(q), find_pre_rope(b["k_kv"])
+    folded = fold_q_scale(q) if a.get("scale") is not None else None
+    if folded is not None:
+        q, factor = folded
+        b["q"] = q
+        a["scale"] *= factor
+    qr = find_pre_rope_through_layout(q)
+    if kr is None:
+        kr = find_pre_rope_through_layout(b["k_kv"])
     a["rope"] = qr is not None and kr is not None
     if qr is not None:
         b["q_pre_rope"] = qr
@@ -420,13 +134,33 @@ def complete_site(site: Site) -> None:
 
 
 def classify_mask(mask: torch.Tensor | None, is_causal: bool) -> tuple[str, int | None]:
-    """(kind, window) from a mask evaluated at probe length: bool (True = attend) or additive (0 = attend)."""
+    """(kind, window) from a mask evaluated at probe length: bool (True = attend) or additive (0 = attend).
+
+    A mask is causal / sliding / chunked / bidirectional only when it is exactly that pattern of attend / block,
+    the same for every batch row and head. An additive mask whose attended values differ within a query's row
+    carries a bias (e.g. ALiBi's per-head distance penalty), and one whose pattern differs across heads is no
+    single pattern: both are `custom`, as is any other pattern. (A constant added to a whole row changes
+    nothing after softmax, so it is no bias.)
+    """
     if mask is None:
         return ("causal", None) if is_causal else ("none", None)
-    m = mask
-    while m.dim() > 2:
-        m = m[0]
-    allowed = m if m.dtype == torch.bool else (m == 0)
+    if mask.dim() < 2:
+        return "custom", None
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        m = mask.float()
+        top = m.amax(-1, keepdim=True)
+        # (a row blocked everywhere: its largest value is the dtype's minimum or -inf, and nothing is attended)
+        allowed = (m > top + BLOCKED) & (m > torch.finfo(mask.dtype).min / 2)
+        lowest = torch.where(allowed, m, float("inf")).amin(-1)
+        seen = allowed.any(-1)
+        if bool(((top.squeeze(-1) - lowest)[seen] > 1e-6).any()):
+            return "custom", None
+    allowed = allowed.reshape(-1, *allowed.shape[-2:])
+    if not bool((allowed == allowed[:1]).all()):
+        return "custom", None  # heads (or batch rows) see different keys
+    allowed = allowed[0]
     T, S = allowed.shape[-2:]
     if T != S:
         return "custom", None
@@ -462,9 +196,16 @@ def evaluate_facts(gm: fx.GraphModule, sites: list[Site], vocab_size: int, mask_
     else:
         ids = probe_ids(vocab_size, 1, mask_probe_len)
         values = record(gm, wanted, ids, only_needed=True)
+    kinds: dict = {}  # per distinct mask node: the layers of a model usually share one
     for s in sites:
-        m = values.get(s.bindings.get("mask"))
-        kind, window = classify_mask(m if isinstance(m, torch.Tensor) else None, s.attrs.get("is_causal", False))
+        node = s.bindings.get("mask")
+        m = values.get(node)
+        key = (node, s.attrs.get("is_causal", False))
+        if key not in kinds:
+            kinds[key] = classify_mask(m if isinstance(m, torch.Tensor) else None, key[1])
+        kind, window = kinds[key]
+        if kind == "none" and s.pattern in ("sdpa", "eager_softmax_attention"):
+            kind = "bidirectional"  # the built-in patterns see every mask: none, and not causal, attends to all
         if kind == "causal" and m is not None:
             s.attrs["mask_probe_len"] = mask_probe_len
         s.attrs["mask_kind"] = kind
@@ -478,7 +219,6 @@ def evaluate_facts(gm: fx.GraphModule, sites: list[Site], vocab_size: int, mask_
             s.attrs["scale"] *= float(c) if short_op(user) == "mul" else 1.0 / float(c)
 
 
-# --------------------------------------------------------------------------------------------------
 
 
 def find_sites(gm: fx.GraphModule, patterns, user_patterns: dict | None = None) -> MatchResult:
@@ -570,4 +310,58 @@ def select(result: MatchResult, spec) -> list[tuple[Site, object]]:
                              "narrow the earlier rule or move this one before it")
         for s in picked:
             claimed.setdefault(id(s), rule)
-    return [(s, claimed[id(s)]) for s in result.sites if id(s) in claimed]
+    assignments = [(s, claimed[id(s)]) for s in result.sites if id(s) in claimed]
+    check_masks(assignments)
+    return assignments
+
+
+# Mask kinds an operator that takes no mask still computes faithfully: causal attention, and a sliding window
+# it replaces by its own (linear or windowed) attention. `none` is a user pattern's site that captures no mask (the
+# pattern's author vouches for it); a built-in pattern's unmasked, non-causal site is `bidirectional`.
+MASKLESS_KINDS = ("causal", "sliding", "none")
+
+
+def takes_mask(op: str) -> bool | None:
+    """Whether operator `op` receives the site's mask (one of its `inputs`); None when that is unknown without
+    running user code (`module:Class` not imported yet)."""
+    import sys
+
+    if op == "keep":
+        return True
+    if ":" in op:
+        module, _, attr = op.partition(":")
+        cls = getattr(sys.modules.get(module), attr, None)
+        if cls is None:
+            return None
+    else:
+        from lincompile.kernels import registry
+
+        cls = registry.get(op)
+    return "mask" in tuple(getattr(cls, "inputs", ())) + tuple(getattr(cls, "optional_inputs", ()))
+
+
+def check_masks(assignments) -> None:
+    """Refuse to convert, with an operator that never sees the mask, a site whose mask is more than a causal or
+    sliding pattern (an additive bias such as ALiBi, a chunked or bidirectional pattern, anything custom): the
+    operator would silently drop it. A rule that names that mask kind (`mask: custom`) asks for it: the site is
+    converted, with a note."""
+    dropped: dict[int, tuple[object, list]] = {}
+    for site, rule in assignments:
+        kind = site.mask_kind
+        if kind in MASKLESS_KINDS or takes_mask(rule.op) is not False:
+            continue
+        if kind in rule.mask:
+            note = f"the site's {kind} attention mask is dropped: {rule.op} takes no mask"
+            if note not in site.notes:
+                site.notes.append(note)
+            continue
+        dropped.setdefault(id(rule), (rule, []))[1].append(site)
+    for rule, sites in dropped.values():
+        kinds = sorted({s.mask_kind for s in sites})
+        layers = ", ".join(str(s.layer) if s.layer is not None else s.module for s in sites)
+        kind = kinds[0] if len(kinds) == 1 else "[" + ", ".join(kinds) + "]"
+        raise rule.error(
+            f"rule {rule.index}: op {rule.op} takes no attention mask, but layer(s) {layers} ({sites[0].module}"
+            f"{', …' if len(sites) > 1 else ''}) have a {'/'.join(kinds)} mask (an additive bias such as ALiBi, or a "
+            f"pattern other than causal / sliding window) that it would silently drop; keep them with a rule "
+            f"`{{mask: {kind}, op: keep}}` before this one, or convert them anyway with `mask: {kind}` in this rule")

@@ -23,8 +23,23 @@ def op_class(op_name: str, allow_code: bool = False):
     return registry.get(op_name)
 
 
-def submodule_name(site) -> str:
-    return f"{OPS_ROOT}.{site.module}" if site.module else f"{OPS_ROOT}.site_{site.output.name}"
+def submodule_name(site, taken=()) -> str:
+    """`ops.<module path>`; a module with several attention sites (differential attention computes two softmaxes
+    per layer) numbers the later ones `ops.<module path>_1`, … in graph order, so that each site has its own
+    operator and its own decode state."""
+    base = f"{OPS_ROOT}.{site.module}" if site.module else f"{OPS_ROOT}.site_{site.output.name}"
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def site_key(site) -> str:
+    """A converted site's name in reports, verify and healing: its operator's path below `ops.` (the module
+    path, numbered for a module's later sites); a site that was not converted goes by its module path."""
+    target = getattr(getattr(site, "replacement", None), "target", None)
+    return target[len(OPS_ROOT) + 1:] if isinstance(target, str) and target.startswith(OPS_ROOT + ".") else site.module
 
 
 def substitute(gm: fx.GraphModule, assignments, allow_code: bool = False) -> dict[str, object]:
@@ -40,7 +55,7 @@ def substitute(gm: fx.GraphModule, assignments, allow_code: bool = False) -> dic
         op = cls.from_site(site, **rule.params)
         op.notes.extend(notes)
         site.notes.extend(n for n in notes if n not in site.notes)
-        name = submodule_name(site)
+        name = submodule_name(site, added)
         gm.add_submodule(name, op)
         with graph.inserting_before(site.output):
             node = graph.call_module(name, kwargs={arg: site.bindings[src] for arg, src in mapping.items()})

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from lincompile.passes.substitute import clean_graph, submodule_name
+from lincompile.passes.substitute import OPS_ROOT, clean_graph, site_key
 
 
 def attention_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ class TeacherPlan:
         for site, rule in self.assignments:
             if rule.op == "keep":
                 continue
-            name = submodule_name(site)
+            name = f"{OPS_ROOT}.{site_key(site)}"  # what substitute named it (a module's later sites are numbered)
             op = added.get(name)
             if not isinstance(op, Operator):
                 raise ValueError(f"no operator {name} in the converted graph")

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from lincompile.errors import VerifyError
 from lincompile.passes.capture import exact_matmul, logit_tolerance
+from lincompile.passes.substitute import site_key
 
 PAST_WINDOW = 8  # probe tokens beyond twice the largest window
 # The lengthened probe's ceiling: its logits are batch · T · vocab (2 GB in fp32 at 2 × 2048 × 128k). Longer
@@ -105,7 +106,7 @@ class _SiteScorer(fx.Interpreter):
         if n in self.uses:
             self.values[n] = result
         for site, op, args, out, needed in self.due.pop(n, ()):
-            self.errors[site.module] = site_error(site, op, {a: self.values[x] for a, x in args.items()},
+            self.errors[site_key(site)] = site_error(site, op, {a: self.values[x] for a, x in args.items()},
                                                   self.values[out])
             self.uses.subtract(needed)
             for x in needed:

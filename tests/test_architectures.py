@@ -56,3 +56,161 @@ def test_liger_attention_converts_and_trains(arch, impl):
         assert any("no rotary embedding" in n for d in details for n in d["notes"])
     else:
         assert rope == {True}
+
+
+def test_positions_capture_of_a_model_that_never_reads_positions():
+    """ALiBi Falcon takes no position_ids: export gives them symbols of their own, which is no narrowing (the
+    runtime's (input_ids, position_ids) capture used to be refused for it)."""
+    import transformers as tf
+
+    from lincompile.passes.capture import capture
+    from lincompile.spec import CaptureConfig
+
+    torch.manual_seed(0)
+    cfg = tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                          multi_query=True, parallel_attn=True, new_decoder_architecture=False)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    cap = capture(model, CaptureConfig(), positions=True)
+    ids = torch.randint(0, 128, (3, 21))
+    with torch.no_grad():
+        got = cap.gm(ids, torch.arange(21).expand_as(ids))
+        assert (got - model(ids).logits).abs().max() <= 1e-5
+
+
+class _Positions(torch.nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, input_ids, position_ids):
+        x = input_ids.float()
+        if self.how == "same":
+            return x + position_ids
+        if self.how == "free":  # read, but nothing ties their shape to input_ids'
+            return x + position_ids.float().mean()
+        torch._check(position_ids.shape[1] <= 64)  # "narrowed": a guard the model's code puts on their length
+        return x + position_ids.float().mean()
+
+
+@pytest.mark.parametrize("how", ["same", "free", "narrowed"])
+def test_position_ids_dims_must_be_free_or_input_ids(how):
+    from lincompile.errors import CaptureError
+    from lincompile.passes.capture import _check_dynamic
+
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    dims = {0: torch.export.Dim.DYNAMIC(min=1, max=4096), 1: torch.export.Dim.DYNAMIC(min=2, max=512)}
+    program = torch.export.export(_Positions(how), (ids, ids.clone()), strict=False,
+                                  dynamic_shapes={"input_ids": dims, "position_ids": dims})
+    if how == "narrowed":
+        with pytest.raises(CaptureError, match="narrowed the length of position_ids"):
+            _check_dynamic(program, True, 512)
+    else:
+        _check_dynamic(program, True, 512)
+
+
+# --------------------------------------------------------------------------------------------------
+# Eager-only architectures whose attention code differs from the modern chain: 3-D [B·H, T, D] bmm / baddbmm
+# with views around the softmax (BLOOM, XGLM), masked_fill (MPT) and where (GPT-Neo) as mask application,
+# ALiBi added to the scores (BLOOM through baddbmm's bias, MPT through an add), queries scaled in the
+# projection (XGLM). Tiny configs; the capture length is capped at 256 (MPT's ALiBi buffer, GPT-Neo's bias).
+
+CAPTURE = "capture: {max_seq_len: 256}\n"
+
+
+def _eager_only(arch: str):
+    import transformers as tf
+
+    configs = {
+        "bloom": lambda: tf.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4),
+        "xglm": lambda: tf.XGLMConfig(vocab_size=128, d_model=64, ffn_dim=128, num_layers=2, attention_heads=4,
+                                      max_position_embeddings=256),
+        "gpt_neo": lambda: tf.GPTNeoConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, window_size=8,
+                                           attention_types=[[["global", "local"], 1]], max_position_embeddings=256),
+        "mpt": lambda: tf.MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=256,
+                                    expansion_ratio=2),
+    }
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(configs[arch]()).eval()
+
+
+# arch: (mask kind and window per layer, scale)
+EAGER_ONLY = {
+    "bloom": ([("custom", None)] * 2, 0.25),  # ALiBi in baddbmm's bias, scale in its alpha
+    "mpt": ([("custom", None)] * 2, 0.25),  # ALiBi added, then masked_fill
+    "xglm": ([("causal", None)] * 2, 0.25),  # q scaled in the projection
+    "gpt_neo": ([("causal", None), ("sliding", 8)], 1.0),  # where(causal, scores, min) + mask; GPT-Neo has no scale
+}
+
+
+@pytest.mark.parametrize("arch", list(EAGER_ONLY))
+def test_eager_only_architectures_match_and_identity_reproduces(arch):
+    from lincompile.passes.capture import capture
+    from lincompile.passes.match import match
+    from lincompile.spec import CaptureConfig
+
+    model = _eager_only(arch)
+    kinds, scale = EAGER_ONLY[arch]
+    cap = capture(model, CaptureConfig(max_seq_len=256))
+    result = match(cap, make_spec(CAPTURE + "rules:\n  - op: softmax\n"))
+    assert [(s.mask_kind, s.attrs.get("window")) for s in result.sites] == kinds
+    for site in result.sites:
+        a = site.attrs
+        assert site.pattern == "eager_softmax_attention" and a["scale"] == pytest.approx(scale)
+        assert (a["num_heads"], a["num_kv_heads"], a["head_dim"]) == (4, 4, 16)
+        # [B, H, T, D] bindings, also where the model computes attention on [B·H, T, D] views.
+        assert all(len(site.bindings[b].meta["val"].shape) == 4 for b in ("q", "k", "v", "k_kv", "v_kv"))
+        assert len(site.output.meta["val"].shape) == 4
+        assert a["o_proj"] and "hidden" in site.bindings
+    converted = lincompile.convert(model, make_spec(CAPTURE + "rules:\n  - op: softmax\n"))
+    assert len(converted.report["sites"]) == 2
+    for T in (23, 70):
+        ids = torch.randint(0, 128, (2, T))
+        with torch.no_grad():
+            assert (converted(ids) - model(ids).logits).abs().max() <= 1e-5
+    counts = op_counts(converted.graph_module.graph)
+    assert counts["aten.softmax"] == 0 and counts["call_module"] >= 2
+
+
+@pytest.mark.parametrize("arch", ["xglm", "gpt_neo"])
+def test_eager_only_architectures_convert_with_liger_attention(arch):
+    model = _eager_only(arch)
+    converted = lincompile.convert(model, make_spec(CAPTURE + "rules:\n  - op: liger_attention\n"
+                                                               "    params: {window: 8}\n"))
+    assert [d["op"] for d in converted.report["site_details"]] == ["liger_attention"] * 2
+    logits = converted(torch.randint(0, 128, (2, 40)))
+    assert torch.isfinite(logits).all()
+    logits.float().pow(2).mean().backward()
+    grads = [p.grad for p in converted.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("arch", ["bloom", "mpt"])
+def test_alibi_of_eager_attention_is_kept(arch):
+    from lincompile.errors import SpecError
+
+    model = _eager_only(arch)
+    with pytest.raises(SpecError, match="liger_attention takes no attention mask.*custom"):
+        lincompile.convert(model, make_spec(CAPTURE + "rules:\n  - op: liger_attention\n"))
+    kept = lincompile.convert(model, make_spec(CAPTURE + "rules:\n  - {mask: custom, op: keep}\n"))
+    assert [s["op"] for s in kept.report["sites"]] == ["keep", "keep"]
+    ids = torch.randint(0, 128, (2, 19))
+    with torch.no_grad():
+        assert (kept(ids) - model(ids).logits).abs().max() <= 1e-5
+
+
+def test_the_capture_length_stops_at_the_models_own_limit():
+    """MPT names its length max_seq_len (and builds its ALiBi bias that long): the default capture must not
+    evaluate masks past it ("size of tensor a (1024) must match … (256)")."""
+    from types import SimpleNamespace
+
+    from lincompile.passes.capture import capture, length_limit
+    from lincompile.passes.match import match
+    from lincompile.spec import CaptureConfig
+
+    cfg = CaptureConfig()
+    assert length_limit(SimpleNamespace(max_seq_len=256), cfg) == 256
+    assert length_limit(SimpleNamespace(n_ctx=300, max_position_embeddings=512), cfg) == 512  # the first field
+    assert length_limit(SimpleNamespace(), cfg) == cfg.max_seq_len
+    cap = capture(_eager_only("mpt"), cfg)
+    assert cap.max_seq_len == 256
+    assert [s.mask_kind for s in match(cap, make_spec("rules:\n  - op: softmax\n")).sites] == ["custom", "custom"]

@@ -113,6 +113,27 @@ def test_match_dry_run_table(model_dir):
     assert data["sites"][0]["bindings"]["k_pre_rope"] != "absent"
 
 
+def test_overwrite_refuses_an_output_that_is_being_healed(model_dir, tmp_path):
+    from lincompile.heal.outdir import lock
+
+    out = tmp_path / "out"
+    assert run("apply", "identity", model_dir, "-o", out)[0] == 0
+    with lock(out):  # what a running heal holds
+        one_line_error(*run("apply", "identity", model_dir, "-o", out, "--overwrite"), 2, "is being healed")
+    assert run("apply", "identity", model_dir, "-o", out, "--overwrite")[0] == 0
+
+
+def test_match_dry_run_shows_the_sites_then_why_the_spec_fails(model_dir, tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("rules:\n  - op: softmax\n    layers: [7]\n")  # a layer the model does not have
+    code, output = run("match", spec, model_dir)
+    assert code == 2 and "2 sites" in output and "(spec error)" in output, output
+    assert output.strip().splitlines()[-1].startswith(f"error: {spec}:3:")
+    code, stdout = run("match", spec, model_dir, "--json", stdout_only=True)
+    data = json.loads(stdout)
+    assert code == 2 and len(data["sites"]) == 2 and data["error"].startswith(f"{spec}:3:")
+
+
 def test_validate_and_specs():
     code, output = run("validate", "liger-attention")
     assert code == 0 and output.startswith("ok:")
@@ -155,6 +176,96 @@ def test_model_errors(tmp_path):
     vit = tmp_path / "vit"
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(vit)
     one_line_error(*run("apply", "identity", vit, "-o", tmp_path / "o"), 2, "is not a causal LM")
+
+
+def test_a_lincompile_output_or_a_checkpoint_missing_weights_is_not_a_model(model_dir, tmp_path):
+    """transformers only logs weights it could not find and initialises them at random: converting that would
+    linearise noise. An earlier lincompile output (its tensors are named lm.*) and a checkpoint of another
+    architecture are refused in one line, before anything is written."""
+    out = tmp_path / "out"
+    assert run("apply", "identity", model_dir, "-o", out)[0] == 0
+    one_line_error(*run("apply", "identity", out, "-o", tmp_path / "again"), 2, "is a lincompile output directory")
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in model_dir.iterdir():
+        (partial / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(partial / "model.safetensors"))
+    dropped = [k for k in tensors if k.endswith("layers.1.self_attn.k_proj.weight")]
+    assert dropped
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, str(partial / "model.safetensors"),
+              metadata={"format": "pt"})
+    one_line_error(*run("apply", "identity", partial, "-o", tmp_path / "o"), 2,
+                   "1 weight(s) of LlamaForCausalLM are not in the checkpoint (model.layers.1.self_attn.k_proj.weight)")
+    assert not (tmp_path / "again").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_damaged_output_is_named_in_one_line(model_dir, tmp_path):
+    """A truncated model.safetensors, a garbled lincompile.json or a missing file: export and load name the
+    file (exit 1), instead of a bare SafetensorError or JSONDecodeError."""
+    import shutil
+
+    import lincompile
+    from lincompile.errors import LincompileError
+
+    out = tmp_path / "out"
+    assert run("apply", "identity", model_dir, "-o", out)[0] == 0
+    # (and generate says at once, before loading anything, that OUT has no tokenizer: the tiny model has none)
+    one_line_error(*run("generate", out, "hi"), 2, "has no tokenizer files")
+    cases = {"truncated": lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+             "garbled": lambda d: (d / "lincompile.json").write_text("{not json"),
+             "missing": lambda d: (d / "model.safetensors").unlink()}
+    needles = {"truncated": "model.safetensors is damaged", "garbled": "lincompile.json is damaged",
+               "missing": "has no model.safetensors"}
+    for case, damage in cases.items():
+        d = tmp_path / case
+        shutil.copytree(out, d)
+        damage(d)
+        one_line_error(*run("export", d, "-o", tmp_path / f"{case}.pt2"), 1, needles[case])
+        assert not (tmp_path / f"{case}.pt2").exists()
+        with pytest.raises(LincompileError, match=needles[case]):
+            lincompile.load(d)
+
+
+def test_sigterm_cleans_up_like_ctrl_c(model_dir, tmp_path, monkeypatch):
+    """SIGTERM (timeout, Slurm, docker stop) mid-write: the half-written output is removed, exit 128 + 15."""
+    import os
+    import signal
+
+    import lincompile.report
+
+    def terminate(report):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return "unreachable"
+
+    monkeypatch.setattr(lincompile.report, "render_markdown", terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    code, output = run("apply", "identity", model_dir, "-o", tmp_path / "o")
+    assert code == 143 and "terminated (SIGTERM)" in output, output
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone after it
+
+
+def test_scratch_left_by_a_killed_run_is_removed_by_the_next(model_dir, tmp_path):
+    """SIGKILL leaves the scratch folder behind; the next run writing the same OUT removes it, but never the
+    scratch of a run that is still alive."""
+    import os
+
+    import socket
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    host = socket.gethostname()
+    stale = tmp_path / f".o.tmp-{dead}@{host}-abc"
+    live = tmp_path / f".o.tmp-{os.getpid()}@{host}-xyz"
+    elsewhere = tmp_path / f".o.tmp-{dead}@{host}x-abc"  # another machine's run (a shared filesystem)
+    other = tmp_path / f".other.tmp-{dead}@{host}-abc"
+    for d in (stale, live, elsewhere, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    assert run("apply", "identity", model_dir, "-o", tmp_path / "o")[0] == 0
+    assert not stale.exists() and live.exists() and elsewhere.exists() and other.exists()
 
 
 def test_unreachable_hub_fails_at_once(tmp_path, monkeypatch):

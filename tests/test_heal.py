@@ -85,9 +85,13 @@ def test_apply_heals_and_writes_everything(world):
     out = world / "out"
     heal = out / "heal"
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
-                 "report.json", "config.json", "original.safetensors"):
+                 "report.json", "config.json", "original.safetensors", "transfer.safetensors"):
         assert (heal / name).is_file(), name
-    assert json.loads((heal / "state.json").read_text()) == {"status": "done"}
+    state = json.loads((heal / "state.json").read_text())
+    assert state["status"] == "done"
+    # the data fingerprint a resume checks: 24,000 characters of training text in 32-token blocks
+    assert set(state["data"]) == {"train", "eval"} and state["data"]["train"]["tokens"] % 32 == 0
+    assert len(state["data"]["train"]["sha256"]) == 64
     report = json.loads((heal / "report.json").read_text())
     assert set(report["stages"]) == {"transfer", "lora"}
     assert report["stages"]["lora"]["steps"] == 20 and report["stages"]["lora"]["tokens"] == 20 * 2 * 32
@@ -214,8 +218,15 @@ def test_eval_is_reproducible_and_side_by_side(world, merged):
     assert row.split()[1] == f"{plain['ppl']:.2f}" and row.split()[-1] == "620"
 
 
+def snapshot(root):
+    """Every file under `root` with its size and modification time: what "left as it was" compares."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
 def test_heal_and_eval_errors(world, tmp_path):
     out = world / "out"
+    before = snapshot(out)
     one_line_error(*run("heal", tmp_path, "--data", "x.txt"), 2, "not a lincompile output directory")
     one_line_error(*run("heal", out, "--data", tmp_path / "missing.txt"), 2, "data not found")
     (tmp_path / "blob.txt").write_bytes(b"\x00\x01" * 200)
@@ -230,8 +241,109 @@ def test_heal_and_eval_errors(world, tmp_path):
     fresh = tmp_path / "fresh"
     shutil.copytree(out, fresh, ignore=shutil.ignore_patterns("heal"))
     one_line_error(*run("heal", fresh, "--resume"), 2, "nothing to resume")
+    # --config FILE must have its settings under heal: (a bare mapping is not taken for the defaults)
+    bare = write_text(tmp_path / "bare.yaml", "data: {train: x.txt}\nlora: {steps: 3}\n")
+    one_line_error(*run("heal", out, "--config", bare), 2, f"{bare}: no top-level heal: key (its top-level keys: "
+                   "data, lora)")
+    # A warm-up as long as the stage is refused before anything runs.
+    one_line_error(*run("heal", out, "--data", world / "data" / "train.txt", "--steps", "3", "--warmup", "5"), 2,
+                   "heal.lora.warmup (5 steps) must be shorter than the lora stage (3 steps)")
     # Nothing was written by the failed runs.
-    assert json.loads((out / "heal" / "state.json").read_text()) == {"status": "done"}
+    assert snapshot(out) == before
+
+
+def test_the_warmup_of_a_stage_that_does_not_run_is_not_checked(world, tmp_path):
+    """liger_gla has no parameters, so attention transfer is skipped: --warmup is checked against LoRA only
+    (checked against transfer's 2 steps too, this heal was refused)."""
+    spec = write_text(tmp_path / "gla.yaml", "rules:\n  - op: liger_gla\n")
+    out = tmp_path / "out"
+    assert run("apply", spec, world / "model", "-o", out)[0] == 0
+    code, output = run("heal", out, "--data", world / "data" / "train.txt", "--seq-len", "32", "--transfer-steps",
+                       "2", "--steps", "3", "--warmup", "2")
+    assert code == 0 and "attention transfer skipped" in output, output
+
+
+def test_heal_help_shows_the_defaults():
+    code, output = run("heal", "--help")
+    assert code == 0, output
+    flat = " ".join(output.split())
+    for option, default in (("--steps", "100"), ("--lr", "0.001"), ("--transfer-steps", "100"), ("--r", "8"),
+                            ("--seq-len", "512"), ("--batch-size", "1"), ("--clip", "1.0"), ("--eval-every", "50"),
+                            ("--checkpoint-every", "25"), ("--tokenizer", "auto"), ("--stage", "all")):
+        assert f"[default: {default}" in flat.split(f"{option} ", 1)[1].split("--", 1)[0], (option, flat)
+
+
+def test_stages_healed_one_at_a_time_build_on_each_other(world, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(world / "out", out)
+    leftovers = plant_temporaries(out)
+    unhealed = tensors(out / "heal" / "original.safetensors")
+    targets = [k for k in unhealed if k.startswith("lm.")]
+    ops = [k for k in unhealed if k.startswith("ops.")]
+    # Attention transfer again: from the unhealed weights, so the LoRA trained for the old operators is dropped.
+    code, output = run("heal", out, "--stage", "transfer", "--transfer-steps", "3", "--no-progress")
+    assert code == 0, output
+    assert not [p for p in leftovers if p.exists()]
+    assert "the LoRA of the earlier heal is dropped" in output and f"lincompile heal {out} --stage lora" in output
+    transferred, model = tensors(out / "heal" / "transfer.safetensors"), tensors(out / "model.safetensors")
+    assert sorted(transferred) == sorted(ops) and all(torch.equal(model[k], transferred[k]) for k in ops)
+    assert not all(torch.equal(model[k], unhealed[k]) for k in ops)
+    assert all(torch.equal(model[k], unhealed[k]) for k in targets) and not (out / "heal" / "adapter").exists()
+    # LoRA alone: on top of that attention transfer, which stays as it was.
+    lora = ["--stage", "lora", "--steps", "3", "--no-progress"]
+    code, output = run("heal", out, *lora)
+    assert code == 0, output
+    assert "keeps the operator parameters of its attention transfer" in output
+    model = tensors(out / "model.safetensors")
+    assert all(torch.equal(model[k], transferred[k]) for k in ops)
+    assert all(not torch.equal(model[k], unhealed[k]) for k in targets)
+    assert (out / "heal" / "adapter" / "adapter_model.safetensors").is_file()
+    report = json.loads((out / "heal" / "report.json").read_text())
+    assert set(report["stages"]) == {"lora"} and report["kept"]["transfer"]["steps"] == 3
+    assert json.loads((out / "report.json").read_text())["heal"]["kept"]["transfer"]["steps"] == 3
+    # The same LoRA heal again gives the same model: it replaces the LoRA, it does not stack on it.
+    code, output = run("heal", out, *lora)
+    assert code == 0, output
+    again = tensors(out / "model.safetensors")
+    assert all(torch.equal(again[k], model[k]) for k in model)
+
+
+LIGER = """\
+name: tiny-liger
+rules:
+  - op: liger_gla
+heal:
+  data: {train: %s, seq_len: 32}
+"""
+
+
+def test_apply_checks_the_heal_data_before_converting(world, tmp_path):
+    spec, out = tmp_path / "spec.yaml", tmp_path / "out"
+    spec.write_text(LIGER % "missing.txt")
+    one_line_error(*run("apply", spec, world / "model", "-o", out), 2, "data not found")
+    assert not out.exists()  # refused before the conversion
+    write_text(tmp_path / "short.txt", "hello world")  # readable, but shorter than one block of 32 tokens
+    spec.write_text(LIGER % "short.txt")
+    code, output = run("apply", spec, world / "model", "-o", out)
+    one_line_error(code, output, 2, "text shorter than one block")
+    assert f"{out} was written, converted but not healed" in output and f"run `lincompile heal {out}`" in output
+    assert (out / "model.safetensors").is_file() and not (out / "heal").exists()
+
+
+def test_a_heal_with_nothing_to_do_leaves_out_as_it_was(world, tmp_path):
+    spec, out = tmp_path / "spec.yaml", tmp_path / "out"
+    spec.write_text(LIGER % (world / "data" / "train.txt"))  # liger_gla: no operator parameters
+    code, output = run("apply", spec, world / "model", "-o", out, "--no-heal")
+    assert code == 0, output
+    code, output = run("heal", out, "--stage", "lora", "--steps", "2", "--no-progress")
+    assert code == 0, output
+    assert (out / "heal" / "adapter" / "adapter_model.safetensors").is_file()
+    before = snapshot(out)
+    code, output = run("heal", out, "--stage", "transfer", "--no-progress")
+    assert code == 0, output
+    assert "attention transfer skipped" in output and "nothing to do" in output
+    assert "matplotlib" not in output
+    assert snapshot(out) == before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,12 +406,88 @@ def test_resume_after_kill_equals_uninterrupted(world, long_reference, tmp_path)
     os.kill(proc.pid, signal.SIGKILL)  # mid-stage-2, whatever it is doing now
     proc.wait()
     assert json.loads((out / "heal" / "state.json").read_text())["status"] == "running"
+    leftovers = plant_temporaries(out)  # as a kill during an atomic write leaves them
     code, output = run("heal", out, "--resume", "--no-progress")
     assert code == 0, output
+    assert not [p for p in leftovers if p.exists()] and "temporary file(s) an interrupted heal left" in output
     assert_same_result(out, long_reference)
     steps = [(r["stage"], r["step"]) for r in map(json.loads, (out / "heal" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
     assert steps == [("transfer", s) for s in (1, 2, 3)] + [("lora", s) for s in range(1, 17)]  # none twice
+
+
+def plant_temporaries(out):
+    """The leftovers of atomic writes a kill interrupted: model, heal files, adapter and checkpoint directories."""
+    made = [out / ".model.safetensors.k3j2.tmp", out / "heal" / ".config.json.x81.tmp",
+            out / "heal" / ".original.safetensors.q.tmp", out / "heal" / ".loss.png.z9.png"]
+    for p in made:
+        p.write_bytes(b"partial")
+    for d in (out / "heal" / ".adapter.tmp-ab", out / "heal" / "ckpt" / ".lora-0000004.tmp-cd"):
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"partial")
+        made.append(d)
+    return made
+
+
+def test_resume_on_other_data_is_refused(world, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(world / "out", out, ignore=shutil.ignore_patterns("ckpt"))
+    config = json.loads((out / "heal" / "config.json").read_text())
+    state = json.loads((out / "heal" / "state.json").read_text())
+    # The same file, edited since the heal started: one word changed.
+    text = (world / "data" / "train.txt").read_text().replace(" the ", " a ", 1)
+    config["data"]["train"] = [str(write_text(tmp_path / "train.txt", text))]
+    (out / "heal" / "config.json").write_text(json.dumps(config))
+    (out / "heal" / "state.json").write_text(json.dumps({**state, "status": "running"}))
+    before = snapshot(out)
+    one_line_error(*run("heal", out, "--resume", "--no-progress"), 2,
+                   "the healing data changed since this heal started")
+    _, output = run("heal", out, "--resume", "--no-progress")
+    assert "start over with --restart" in output and "then train" in output and "now train" in output
+    assert snapshot(out) == before
+
+
+def test_damaged_files_are_named_with_what_to_do(world, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(world / "out", out, ignore=shutil.ignore_patterns("ckpt"))
+    data = ["--data", world / "data" / "train.txt", "--no-progress"]
+    (out / "heal" / "config.json").write_text('{"data": {"train": [')  # cut short
+    one_line_error(*run("heal", out, "--resume"), 1, f"{out}/heal/config.json is damaged")
+    (out / "heal" / "state.json").write_text("\x00garbage")
+    code, output = run("heal", out, *data)
+    one_line_error(code, output, 1, f"{out}/heal/state.json is damaged")
+    assert "--restart" in output
+    model = out / "model.safetensors"
+    whole = model.read_bytes()
+    model.write_bytes(whole[: len(whole) // 2])  # truncated
+    code, output = run("heal", out, *data, "--restart")
+    one_line_error(code, output, 1, f"{model} is damaged")
+    assert "lincompile apply" in output
+    # Loaded before anything is written: the failed runs left the heal files as they were.
+    assert (out / "heal" / "config.json").read_text() == '{"data": {"train": ['
+    model.unlink()
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh, ignore=shutil.ignore_patterns("heal"))
+    one_line_error(*run("heal", fresh, *data), 1, f"{fresh}/model.safetensors is missing")
+    assert not (fresh / "heal").exists()
+
+
+def test_a_second_heal_of_the_same_out_is_refused(world, tmp_path):
+    out = world / "out"
+    before = snapshot(out)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, output = run("heal", out, "--data", world / "data" / "train.txt", "--restart")
+        one_line_error(code, output, 2, f"{out} is being healed by another process (pid {holder.pid})")
+        one_line_error(*run("heal", out, "--resume"), 2, "is being healed by another process")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert snapshot(out) == before
 
 
 def test_two_gloo_processes_equal_one_process(world, reference, tmp_path):

@@ -215,3 +215,143 @@ def test_hf_dataset_input(tmp_path, monkeypatch):
         (tmp_path / "ds2").mkdir()
         (tmp_path / "ds2" / "train.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
         read_documents([f"hf:{tmp_path / 'ds2'}"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged files, the data fingerprint, the warm-up check, the lock, leftovers, the loss plot
+
+
+def test_a_damaged_checkpoint_is_one_line_that_says_restart(tmp_path):
+    from lincompile.errors import LincompileError
+
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    path = checkpoint.save(tmp_path, "lora", 4, {"w": p}, opt, {"0": torch.get_rng_state()}, {"total": 9, "world": 1})
+    for name, damage in (("trainable.safetensors", lambda b: b[: len(b) // 2]),
+                         ("optimizer.safetensors", lambda b: b[:6]), ("state.json", lambda b: b[:-3])):
+        whole = (path / name).read_bytes()
+        (path / name).write_bytes(damage(whole))
+        with pytest.raises(LincompileError) as info:
+            checkpoint.load(checkpoint.latest(tmp_path, "lora"))
+        message = str(info.value)
+        assert message.startswith(f"checkpoint {path / name} is damaged") and message.endswith("--restart"), message
+        assert "\n" not in message
+        (path / name).write_bytes(whole)
+    checkpoint.load(checkpoint.latest(tmp_path, "lora"))  # whole again
+
+
+def test_damaged_out_files_name_the_file(tmp_path):
+    from lincompile.emit import FORMAT_VERSION
+    from lincompile.errors import LincompileError
+    from lincompile.heal.outdir import OutDir
+    from lincompile.heal.run import saved_config, status
+    from safetensors.torch import save_file
+
+    (tmp_path / "lincompile.json").write_text(json.dumps({"format_version": FORMAT_VERSION}))
+    out = OutDir(tmp_path)
+    with pytest.raises(LincompileError, match=f"{tmp_path}/model.safetensors is missing: convert the model again"):
+        out.tensors()
+    save_file({"lm.w": torch.zeros(64)}, str(tmp_path / "model.safetensors"))
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(whole[:-40])
+    with pytest.raises(LincompileError, match=r"model.safetensors is damaged \(.*\): convert the model again"):
+        out.tensors()
+    (tmp_path / "heal").mkdir()
+    (tmp_path / "heal" / "state.json").write_text("{")
+    (tmp_path / "heal" / "config.json").write_text("[1, 2")
+    for read in (status, saved_config):
+        with pytest.raises(LincompileError, match=r"heal/(state|config)\.json is damaged .*--restart$"):
+            read(tmp_path)
+    (tmp_path / "lincompile.json").write_text("{oops")
+    with pytest.raises(LincompileError, match="lincompile.json is damaged"):
+        OutDir(tmp_path)
+
+
+def test_the_data_fingerprint_catches_a_changed_token():
+    from lincompile.heal.data import Split
+    from lincompile.heal.run import _check_same_data, data_fingerprint
+
+    blocks = torch.arange(64).view(4, 16)
+    first = data_fingerprint(Split(blocks[:3], blocks[3:], 64, []))
+    assert first["train"]["tokens"] == 48 and first["eval"]["tokens"] == 16
+    assert data_fingerprint(Split(blocks[:3].clone(), blocks[3:].clone(), 64, [])) == first
+    _check_same_data(first, first)
+    _check_same_data(None, first)  # a heal started before fingerprints were recorded
+    changed = blocks.clone()
+    changed[1, 5] = 0
+    other = data_fingerprint(Split(changed[:3], changed[3:], 64, []))
+    assert other["train"] != first["train"] and other["eval"] == first["eval"]
+    with pytest.raises(UsageError) as info:
+        _check_same_data(first, other)
+    message = str(info.value)
+    assert "the healing data changed" in message and "with --restart" in message and "\n" not in message
+    with pytest.raises(UsageError, match="then unreadable"):
+        _check_same_data({"train": 3}, first)
+
+
+def test_warmup_must_be_shorter_than_its_stage():
+    from lincompile.heal.run import check_warmup
+
+    cfg = HealConfig()
+    cfg.lora.steps, cfg.lora.warmup = 10, 9
+    check_warmup(cfg)
+    cfg.lora.warmup = 10
+    with pytest.raises(UsageError, match=r"heal.lora.warmup \(10 steps\) must be shorter than the lora stage \(10"):
+        check_warmup(cfg)
+    cfg.lora.enabled = False  # a stage that does not run is not checked
+    check_warmup(cfg)
+    cfg.data.seq_len, cfg.transfer.steps, cfg.transfer.tokens, cfg.transfer.warmup = 512, None, 2048, 4
+    with pytest.raises(UsageError, match=r"transfer stage \(4 steps\)"):  # 2048 tokens = 4 steps of 512
+        check_warmup(cfg)
+    cfg.transfer.warmup = 3
+    check_warmup(cfg)
+
+
+def test_a_second_heal_cannot_take_the_lock(tmp_path):
+    import os
+
+    from lincompile.heal.outdir import lock
+
+    with lock(tmp_path):
+        with pytest.raises(UsageError) as info:
+            with lock(tmp_path):
+                pass
+        assert str(info.value) == f"{tmp_path} is being healed by another process (pid {os.getpid()})"
+    with lock(tmp_path):  # released
+        pass
+    assert list(tmp_path.iterdir()) == []  # the lock is on the directory itself: no file is written
+
+
+def test_sweep_removes_only_what_interrupted_writes_leave(tmp_path):
+    from lincompile.heal.outdir import sweep_temporaries
+
+    keep = [tmp_path / "model.safetensors", tmp_path / ".gitignore", tmp_path / "heal" / "config.json",
+            tmp_path / "heal" / "loss.png", tmp_path / "heal" / "ckpt" / "lora-0000004" / "state.json"]
+    gone = [tmp_path / ".model.safetensors.a1.tmp", tmp_path / ".report.json.b2.tmp",
+            tmp_path / "heal" / ".state.json.c3.tmp", tmp_path / "heal" / ".transfer.safetensors.d4.tmp",
+            tmp_path / "heal" / ".loss.png.e5.png", tmp_path / "heal" / ".adapter.tmp-f6" / "x",
+            tmp_path / "heal" / ".adapter.old-77" / "x", tmp_path / "heal" / "ckpt" / ".lora-0000006.tmp-g8" / "x"]
+    for p in keep + gone:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    removed = sweep_temporaries(tmp_path)
+    assert len(removed) == len(gone)
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
+    assert sweep_temporaries(tmp_path / "nothing-here") == []
+
+
+def test_loss_plot_notes_a_missing_matplotlib_only(tmp_path, monkeypatch):
+    import sys
+
+    from lincompile.heal.run import write_plot
+
+    png, logged = tmp_path / "loss.png", []
+    png.write_bytes(b"an earlier heal's curve")
+    assert write_plot([], png, logged.append) is None  # nothing ran: nothing to plot, and no false note
+    assert logged == [] and not png.exists()
+    records = [{"stage": "lora", "step": s, "loss": 3.0 - s / 10} for s in (1, 2, 3)]
+    pytest.importorskip("matplotlib")
+    assert write_plot(records, png, logged.append) == png and png.stat().st_size > 0 and logged == []
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert write_plot(records, png, logged.append) is None
+    assert logged == ["note: matplotlib is not installed: no loss.png (pip install matplotlib)"] and not png.exists()

@@ -156,3 +156,182 @@ def test_bfloat16_models_convert(impl):
                                    make_spec(spec_text("liger_attention", impl)))
     out = converted(torch.randint(0, 128, (1, 70)))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Architectures outside the nine of conftest.ARCHS, each for one graph shape the match pass must read.
+
+
+def _from_config(cfg, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def falcon(alibi: bool):
+    """Falcon: ALiBi (bias folded into the sdpa mask, no position_ids) or RoPE; `x @ weight.T` projections."""
+    import transformers as tf
+
+    if alibi:
+        cfg = tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                              multi_query=True, parallel_attn=True, new_decoder_architecture=False)
+    else:
+        cfg = tf.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_kv_heads=2, new_decoder_architecture=True, alibi=False)
+    return _from_config(cfg)
+
+
+def test_classify_mask_sees_bias_values_and_per_head_patterns():
+    T = 12
+    i = torch.arange(T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    blocked = torch.zeros(T, T).masked_fill(~causal, torch.finfo(torch.float32).min)
+    # ALiBi as Falcon / BLOOM fold it in: slope · key position (per head), on a causal mask.
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    alibi = blocked + slopes[:, None, None] * i[None, None, :].float()
+    assert classify_mask(alibi[None], False) == ("custom", None)
+    # A relative bias that is 0 on the diagonal: its zeros alone would read as a window of 1.
+    relative = blocked - 0.5 * (i[:, None] - i[None, :]).clamp_min(0).float()
+    assert classify_mask(relative[None, None], False) == ("custom", None)
+    # Heads with different windows are no single pattern.
+    w2, w3 = causal & (i[:, None] - i[None, :] < 2), causal & (i[:, None] - i[None, :] < 3)
+    assert classify_mask(torch.stack([w2, w3])[None], False) == ("custom", None)
+    # The same pattern for every head, and a constant per row (no effect after softmax), are still that pattern.
+    assert classify_mask(torch.stack([w2, w2])[None], False) == ("sliding", 2)
+    assert classify_mask((blocked + i[:, None].float())[None, None], False) == ("causal", None)
+    assert classify_mask(blocked.masked_fill(~causal, -1e4)[None, None], False) == ("causal", None)
+    # Blocking values that are not the dtype's minimum: -1e4 in bfloat16 is -9984, and -2000 blocks as well
+    # (exp(-2000) is 0); a row blocked everywhere attends to nothing.
+    for fill in (-1e4, -2000.0):
+        bf16 = torch.zeros(T, T).masked_fill(~causal, fill).to(torch.bfloat16)
+        assert classify_mask(bf16[None, None], False) == ("causal", None), fill
+    padded = blocked.clone()
+    padded[0] = torch.finfo(torch.float32).min
+    assert classify_mask(padded[None, None], False) == ("custom", None)  # row 0 sees nothing: not causal
+
+
+def test_alibi_bias_is_not_dropped_silently():
+    model = falcon(alibi=True)
+    result = match(capture(model, CaptureConfig()), make_spec(spec_text("softmax")))
+    assert [s.mask_kind for s in result.sites] == ["custom", "custom"]
+    # An operator that takes no mask would drop the bias: refused, naming the layers and the way out.
+    with pytest.raises(SpecError) as info:
+        lincompile.convert(model, make_spec(spec_text("liger_attention")))
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("test.yaml:4:5:")
+    assert "liger_attention takes no attention mask" in msg and "layer(s) 0, 1" in msg and "custom" in msg
+    assert "`{mask: custom, op: keep}`" in msg
+    # Kept softmax: the logits are the model's (identity), nothing converted.
+    kept = lincompile.convert(model, make_spec("rules:\n  - {mask: custom, op: keep}\n"))
+    assert [s["op"] for s in kept.report["sites"]] == ["keep", "keep"]
+    ids = torch.randint(0, 128, (2, 19))
+    with torch.no_grad():
+        assert (kept(ids) - model(ids).logits).abs().max() <= 1e-5
+    # The softmax operator takes the mask: an identity conversion is exact.
+    identity = lincompile.convert(model, make_spec(spec_text("softmax")))
+    with torch.no_grad():
+        assert (identity(ids) - model(ids).logits).abs().max() <= 1e-5
+    # Naming the mask kind in the rule asks for the lossy conversion: done, with a note on each site.
+    lossy = lincompile.convert(model, make_spec("rules:\n  - {mask: custom, op: elu_linear}\n"))
+    assert all(any("custom attention mask is dropped" in n for n in d["notes"]) for d in lossy.report["site_details"])
+
+
+def test_projections_through_a_transposed_weight():
+    # Falcon's linear layers compute `x @ self.weight.T`: the weight reaches the matmul through a transpose.
+    model = falcon(alibi=False)
+    site = match(capture(model, CaptureConfig()), make_spec(spec_text("lizard"))).sites[0]
+    a = site.attrs
+    assert a["q_proj"] == a["k_proj"] == a["v_proj"] == "transformer.h.0.self_attention.query_key_value"
+    assert a["o_proj"] == "transformer.h.0.self_attention.dense"
+    assert "hidden" in site.bindings and a["rope"]
+    assert site.weight("q_proj").shape == (128, 64)  # fused q (4 heads), k, v (2 heads each) × 16
+    converted = lincompile.convert(model, make_spec(spec_text("lizard", extra="    params: {window: 8}\n")))
+    assert [s["op"] for s in converted.report["sites"]] == ["lizard", "lizard"]
+    assert torch.isfinite(converted(torch.randint(0, 128, (2, 20)))).all()
+
+
+def test_pre_rope_through_a_transpose():
+    # GPT-J applies RoPE (interleaved, partial) in [B, T, H, D] and transposes to [B, H, T, D] afterwards.
+    import transformers as tf
+    from lincompile.graph import record
+
+    model = _from_config(tf.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256))
+    cap = capture(model, CaptureConfig())
+    site = match(cap, make_spec(spec_text("liger_attention"))).sites[0]
+    assert site.attrs["rope"] and not any("rotary" in n for n in site.notes)
+    b = site.bindings
+    vals = record(cap.gm, [b["q_pre_rope"], b["k_pre_rope"], b["hidden"]], cap.probe)
+    attn = model.transformer.h[0].attn
+    for name, proj in (("q_pre_rope", attn.q_proj), ("k_pre_rope", attn.k_proj)):
+        x = proj(vals[b["hidden"]])
+        assert torch.allclose(vals[b[name]], x.view(*x.shape[:2], 4, 16).transpose(1, 2), atol=1e-6)
+
+
+def test_kv_heads_repeated_before_rope():
+    # Falcon (new decoder architecture) broadcasts k / v to all query heads before RoPE: k_kv is one head per
+    # group of the roped keys, and the operators keep 2 kv heads of state, not 4.
+    from lincompile.graph import record
+
+    model = falcon(alibi=False)
+    cap = capture(model, CaptureConfig())
+    site = match(cap, make_spec(spec_text("liger_attention"))).sites[0]
+    b = site.bindings
+    assert (site.attrs["num_heads"], site.attrs["num_kv_heads"]) == (4, 2)
+    vals = record(cap.gm, [b[n] for n in ("k", "v", "k_kv", "v_kv", "k_pre_rope")], cap.probe)
+    assert torch.equal(vals[b["k_kv"]].repeat_interleave(2, dim=1), vals[b["k"]])
+    assert torch.equal(vals[b["v_kv"]].repeat_interleave(2, dim=1), vals[b["v"]])
+    assert vals[b["k_pre_rope"]].shape[1] == 2
+    identity = lincompile.convert(model, make_spec(spec_text("softmax")))
+    ids = torch.randint(0, 128, (2, 19))
+    with torch.no_grad():
+        assert (identity(ids) - model(ids).logits).abs().max() <= 1e-5
+    converted = lincompile.convert(model, make_spec(spec_text("liger_attention", extra="    params: {window: 8}\n")))
+    assert [d["num_kv_heads"] for d in converted.report["site_details"]] == [2, 2]
+    assert torch.isfinite(converted(torch.randint(0, 128, (2, 20)))).all()
+
+
+def test_attention_sinks_and_routers_are_near_misses():
+    # GPT-OSS concatenates per-head sink logits to the scores before softmax and slices them off after: not
+    # converted, and the near miss says why. Its MoE router softmax is no attention either.
+    import transformers as tf
+    from lincompile.passes.match import find_sites
+
+    cfg = tf.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                          num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    result = find_sites(capture(model, CaptureConfig(attn_implementation="eager", max_seq_len=256)).gm,
+                        ["softmax_attention"])
+    assert not result.sites
+    reasons = [m.reason for m in result.near_misses]
+    assert len(reasons) == 2 and reasons[0].startswith("attention sinks:")
+    assert "not attention scores" in reasons[1] or "not the key dimension" in reasons[1]
+
+
+def test_a_bias_under_a_softcap_is_no_mask():
+    """baddbmm(bias, q, kᵀ) then a tanh softcap: cap·tanh((bias + α·qkᵀ)/cap) is not softcapped scores plus a
+    mask, so the eager pattern must not bind the bias as the site's mask (it would compute something else)."""
+    from lincompile.passes.match import match_eager
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, bias, causal):  # [B, H, T, D], attended on [B·H, T, D] as BLOOM does
+            q, k, v = (x.reshape(8, x.shape[2], 16) for x in (q, k, v))
+            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.25)
+            if self.cap:
+                scores = torch.tanh(scores / 5.0) * 5.0
+            probs = torch.softmax(scores + causal, dim=-1)
+            return torch.bmm(probs, v).view(2, 4, -1, 16)
+
+    T = 6
+    args = (torch.randn(2, 4, T, 16), torch.randn(2, 4, T, 16), torch.randn(2, 4, T, 16), torch.randn(8, 1, T),
+            torch.zeros(T, T).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -1e9))
+    for cap, found in ((False, 1), (True, 0)):
+        module = Attention()
+        module.cap = cap
+        gm = torch.export.export(module, args).module()
+        sites, misses = match_eager(gm)
+        assert len(sites) == found, (cap, misses)
+        if cap:
+            assert "baddbmm bias inside a logit softcap" in misses[0].reason

@@ -18,6 +18,7 @@ import torch
 import lincompile
 from lincompile.graph import op_counts
 from lincompile.kernels import registry
+from lincompile.kernels.swa import MAX_WINDOW
 from lincompile.spec import builtin_specs
 
 from conftest import tiny_config, tiny_model
@@ -136,9 +137,9 @@ def test_chunked_matches_naive_outputs_and_grads(name, T):
 
 @pytest.mark.parametrize("name", WINDOW_OPS)
 def test_window_longer_than_the_input(name):
-    # A window of 10⁶ over 9 tokens is causal attention over them. The blocked forms used to build [w, 2w] score
-    # blocks whatever the input (terabytes here: "can't allocate memory"); they now cost what the input does.
-    op, T = build(name, heads=2, kv_heads=1, head_dim=4, window=10**6), 9
+    # The largest window over 9 tokens is causal attention over them. The blocked forms used to build [w, 2w]
+    # score blocks whatever the input (terabytes for 10⁶); they now cost what the input does.
+    op, T = build(name, heads=2, kv_heads=1, head_dim=4, window=MAX_WINDOW), 9
     inputs = make_inputs(op, 1, T)
     leaves = [x.requires_grad_() for x in inputs.values() if x.is_floating_point()]
     weight = torch.randn(1, op.num_heads, T, op.v_head_dim, generator=torch.Generator().manual_seed(1))
@@ -152,7 +153,7 @@ def test_window_longer_than_the_input(name):
     for g, r in zip(grads(out), grads(ref)):
         assert (g is None) == (r is None)
         assert g is None or rel(g, r, floor=1e-2) <= TOL
-    with torch.no_grad():  # and from a state: the cached keys of a 10⁶-slot ring, of which 4 exist
+    with torch.no_grad():  # and from a state: the cached keys of a 65,536-slot ring, of which 4 exist
         head, state = op.chunked(**span(inputs, 0, 4))
         tail = op.chunked(**span(inputs, 4, T), state=state)[0]
     assert rel(torch.cat([head, tail], dim=2), ref) <= TOL

@@ -74,6 +74,16 @@ def full_logits(rt, ids):
         return rt(ids).logits
 
 
+def decoded_logits(rt, ids, prompt: int):
+    """Prefill ids[:, :prompt], then decode the rest one token at a time: every position's logits."""
+    logits, state = rt.prefill(ids[:, :prompt])
+    steps = [logits]
+    for t in range(prompt, ids.shape[1]):
+        logits, state = rt.decode(ids[:, t:t + 1], state=state)
+        steps.append(logits)
+    return torch.cat(steps, 1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Consistency, for every operator and the hybrid
 
@@ -88,12 +98,7 @@ def test_greedy_decode_equals_recomputing_the_full_forward(runtimes, case):
         ids = torch.cat([ids, full_logits(rt, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(got, ids)
     # Not only the argmax: the decode logits are the full forward's at every position.
-    logits, state = rt.prefill(got[:, :5])
-    steps = [logits]
-    for t in range(5, got.shape[1]):
-        logits, state = rt.decode(got[:, t:t + 1], state=state)
-        steps.append(logits)
-    assert (torch.cat(steps, 1) - full_logits(rt, got)).abs().max() < 1e-4
+    assert (decoded_logits(rt, got, 5) - full_logits(rt, got)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -210,19 +215,63 @@ def test_kept_sliding_layers_decode_with_their_window():
     kept = rt.graph_module.get_submodule("ops.model.layers.0.self_attn")
     assert kept.name == "softmax" and kept.window == 4
     ids = ids_of(2, 20)
-    logits, state = rt.prefill(ids[:, :3])
-    steps = [logits]
-    for t in range(3, 20):
-        logits, state = rt.decode(ids[:, t:t + 1], state=state)
-        steps.append(logits)
     want = full_logits(rt, ids)
-    assert (torch.cat(steps, 1) - want).abs().max() < 1e-4
+    assert (decoded_logits(rt, ids, 3) - want).abs().max() < 1e-4
     # Without the window the kept layer would attend to all 20 tokens: a different model.
     kept.window = None
-    logits, state = rt.prefill(ids[:, :3])
-    for t in range(3, 20):
-        logits, state = rt.decode(ids[:, t:t + 1], state=state)
-    assert (logits[:, -1] - want[:, -1]).abs().max() > 1e-3
+    assert (decoded_logits(rt, ids, 3)[:, -1] - want[:, -1]).abs().max() > 1e-3
+
+
+def test_two_attention_sites_in_one_module_get_an_operator_each():
+    """Differential attention (DiffLlama) computes two softmaxes in each attention module: each site gets its own
+    operator and decode state (they shared one operator and repeated state names: decode failed)."""
+    from transformers import AutoModelForCausalLM, DiffLlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(DiffLlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16)).eval()
+    ids = ids_of(2, 12)
+    with torch.no_grad():
+        original = model(ids).logits
+    for text in ("rules:\n  - op: keep\n", "rules:\n  - {op: liger_attention, params: {window: 4, chunk: 8}}\n"):
+        rt = Runtime.from_model(copy.deepcopy(model), make_spec(text))
+        ops = [n for n, m in rt.graph_module.named_modules() if isinstance(m, Operator)]
+        assert len(ops) == 4 and "ops.model.layers.0.self_attn_1" in ops, ops
+        assert len(set(rt.state_names)) == len(rt.state_names)
+        want = full_logits(rt, ids)
+        assert (decoded_logits(rt, ids, 5) - want).abs().max() < 1e-4
+        if "keep" in text:
+            assert (want - original).abs().max() < 1e-4
+    # Learned operators: each site's own operator is scored by verify and trained against its own teacher site.
+    spec = make_spec(spec_text("lizard", extra="    params: {window: 4, chunk: 8}\n"))
+    converted = lincompile.convert(copy.deepcopy(model), spec)
+    keys = ["model.layers.0.self_attn", "model.layers.0.self_attn_1", "model.layers.1.self_attn",
+            "model.layers.1.self_attn_1"]
+    assert sorted(converted.report["site_rel_error"]) == keys
+    assert [s.get("key", s["module"]) for s in converted.report["sites"]] == keys
+    from lincompile.heal.build import build
+    from lincompile.heal.config import TransferConfig
+    from lincompile.heal.transfer import transfer_stage
+
+    graphs = build(copy.deepcopy(model), spec)
+    stage = transfer_stage(graphs, TransferConfig(steps=1), torch.empty(0, 8, dtype=torch.long))
+    assert stage.module.site_names == keys
+    assert len({id(m) for m in stage.module.op_list}) == 4  # four operators, not the first of each module twice
+    losses = graphs.teacher(ids)
+    assert len(losses) == 4 and all(torch.isfinite(x) and x > 0 for x in losses)
+
+
+def test_a_kept_layer_with_a_bias_mask_is_refused_in_one_line():
+    """ALiBi Falcon kept as softmax converts exactly (tests/test_match.py), but the decode step rebuilds only
+    causal and sliding masks: generation says so instead of decoding without the bias."""
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FalconConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True)).eval()
+    with pytest.raises(UsageError, match="mask is custom .* cannot be generated from or exported yet"):
+        Runtime.from_model(model, make_spec("rules:\n  - {mask: custom, op: keep}\n"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,6 +505,10 @@ def test_cli_generate_refuses_empty_prompts_and_sampling_options_without_sample(
     assert code == 2 and "error: the prompt is empty" in output
     code, stdout, output = run("generate", "out", "w5", "--max-new-tokens", 3, "--sample", "--top-k", 3, "--json")
     assert code == 0 and json.loads(stdout)["position_limit"] is None, output
+    # PROMPT "-" reads standard input: the same tokens as the prompt given as an argument
+    result = CliRunner().invoke(main, ["generate", "out", "-", "--max-new-tokens", "3", "--json"], input="w5\n")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt"] == "w5"
     # Past GPT-2's 512 positions: a clean stop, with the reason.
     monkeypatch.setattr(gpt2, "tokenizer", tiny_tokenizer())
     monkeypatch.setattr(gpt2, "generation_config", types.SimpleNamespace(eos_token_id=1000))

@@ -79,6 +79,20 @@ def test_param_values_are_checked_before_any_model():
     assert "gate_normalizer must be positive" in error("rules:\n  - op: liger_gla\n    params: {gate_normalizer: 0}\n")
     assert "num_sinks must be at least 0" in error("rules:\n  - op: lizard\n    params: {num_sinks: -1}\n")
     parse("rules:\n  - op: liger_attention\n    params: {window: 1}\n")  # the smallest valid value passes
+    # a window's decode state is allocated whole: 10**20 overflowed and 10**9 asked for 256 GB
+    msg = error("rules:\n  - op: lizard\n    params: {window: 100000000000000000000}\n")
+    assert msg.startswith("t.yaml:3:22:") and "window must be at most 65536" in msg
+    parse("rules:\n  - op: swa_sinks\n    params: {window: 65536}\n")
+
+
+def test_exponent_numbers_are_numbers():
+    """PyYAML follows YAML 1.1, where an unquoted 1e-3 is a string; users (and YAML 1.2) mean a number."""
+    spec = parse("rules:\n  - op: liger_gla\n    params: {gate_normalizer: 1e1}\n")
+    assert spec.rules[0].params["gate_normalizer"] == 10.0
+    data, _ = load_yaml("a: 1e-3\nb: '1e-3'\nc: -2.5E+2\nd: 1e\ne: !!str 1e-3\n", "t.yaml")
+    assert data == {"a": 0.001, "b": "1e-3", "c": -250.0, "d": "1e", "e": "1e-3"}  # quoted or tagged: text
+    with pytest.raises(SpecError, match="t.yaml:1:4: 1e400 is out of range"):
+        load_yaml("a: 1e400\n", "t.yaml")
 
 
 def test_value_checks_allocate_nothing_and_draw_no_random_numbers():

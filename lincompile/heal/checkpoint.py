@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..emit import _umask
+from ..errors import LincompileError
 
 CKPT = "ckpt"
 
@@ -85,14 +86,24 @@ def save(heal_dir: Path, stage: str, step: int, params: dict[str, torch.Tensor],
 
 
 def load(ckpt: Checkpoint) -> tuple[dict, dict, dict, dict]:
-    """(params, optimizer state_dict, rng by rank, info)."""
-    from safetensors.torch import load_file
+    """(params, optimizer state_dict, rng by rank, info). A damaged checkpoint (a file truncated or edited
+    outside lincompile: the writes themselves are atomic) is one line that says to start over."""
+    from .outdir import load_tensors, read_json
 
-    info = json.loads((ckpt.path / "state.json").read_text(encoding="utf-8"))
-    params = load_file(str(ckpt.path / "trainable.safetensors"))
-    tensors = load_file(str(ckpt.path / "optimizer.safetensors"))
-    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
-    opt = _join_optimizer({k: v for k, v in tensors.items() if not k.startswith("rng.")}, info.pop("optimizer"))
+    fix = "start the heal over with --restart"
+    try:
+        info = read_json(ckpt.path / "state.json", fix)
+        params = load_tensors(ckpt.path / "trainable.safetensors", fix)
+        tensors = load_tensors(ckpt.path / "optimizer.safetensors", fix)
+    except FileNotFoundError as err:
+        raise LincompileError(f"checkpoint {ckpt.path} is damaged (no {Path(err.filename).name}): {fix}") from None
+    except LincompileError as err:
+        raise LincompileError(f"checkpoint {err}") from None
+    try:
+        rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+        opt = _join_optimizer({k: v for k, v in tensors.items() if not k.startswith("rng.")}, info.pop("optimizer"))
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise LincompileError(f"checkpoint {ckpt.path} is damaged (bad optimizer state: {err!r}): {fix}") from None
     return params, opt, rng, info
 
 

@@ -4,24 +4,32 @@ OUT/model.safetensors holds `lm.<HF name>` (the original weights) and `ops.<site
 parameters). Healing changes some of them (merged LoRA weights, trained operator parameters); before the
 first change it copies their pre-heal values to OUT/heal/original.safetensors, once. So the directory always
 knows two models:
-- the *base* every heal starts from: model.safetensors overlaid with original.safetensors (a second heal
-  replaces the first instead of stacking on it; a resumed heal rebuilds exactly what it started from);
-- the *original* softmax model: the base's `lm.*` tensors loaded into the architecture of config.json.
+- the *unhealed* model: model.safetensors overlaid with original.safetensors (a second heal replaces the
+  first instead of stacking on it; a resumed heal rebuilds exactly what it started from);
+- the *original* softmax model: the unhealed `lm.*` tensors loaded into the architecture of config.json.
+The operator parameters an attention transfer trained are also kept apart, in OUT/heal/transfer.safetensors,
+so that a heal which does not run attention transfer (`--stage lora`) builds on them (heal/run.py).
+
+Every load names the file that is missing or damaged and what to do, in one line. `lock` keeps a second heal
+off an OUT that is being healed; `sweep_temporaries` removes what an interrupted heal's atomic writes left.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..emit import FORMAT_VERSION, _umask
+from ..emit import FORMAT_VERSION, _umask, load_tensors, read_json
 from ..errors import LincompileError, UsageError
 
 ORIGINAL = "original.safetensors"
+TRANSFER = "transfer.safetensors"  # the operator parameters the last attention transfer trained
 LM, OPS = "lm.", "ops."
 
 
@@ -31,7 +39,10 @@ class OutDir:
         meta = self.root / "lincompile.json"
         if not meta.is_file():
             raise UsageError(f"{self.root} is not a lincompile output directory (no lincompile.json)")
-        self.meta = json.loads(meta.read_text(encoding="utf-8"))
+        self.meta = read_json(meta, "convert the model again with `lincompile apply`")
+        if not isinstance(self.meta, dict):
+            raise LincompileError(f"{meta} is damaged (not a JSON object): convert the model again with "
+                                  "`lincompile apply`")
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise LincompileError(f"{self.root}: output format {self.meta.get('format_version')} is not supported")
         self.heal_dir = self.root / "heal"
@@ -52,7 +63,7 @@ class OutDir:
     @property
     def report(self) -> dict:
         path = self.root / "report.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        return read_json(path, "convert the model again with `lincompile apply`") if path.exists() else {}
 
     def tokenizer(self):
         if not any((self.root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -63,22 +74,38 @@ class OutDir:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """model.safetensors as written (aliases of tied weights resolved)."""
-        from safetensors.torch import load_file
-
-        state = load_file(str(self.root / "model.safetensors"))
+        path = self.root / "model.safetensors"
+        if not path.is_file():
+            raise LincompileError(f"{path} is missing: convert the model again with `lincompile apply`")
+        state = load_tensors(path, "convert the model again with `lincompile apply`")
         for alias, name in self.meta.get("aliases", {}).items():
             state[alias] = state[name]
         return state
 
     def originals(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         path = self.heal_dir / ORIGINAL
-        return load_file(str(path)) if path.exists() else {}
+        if not path.exists():
+            return {}
+        return load_tensors(path, "the unhealed weights are lost: convert the model again with `lincompile apply`")
+
+    def transferred(self) -> dict[str, torch.Tensor]:
+        """The operator parameters the last attention transfer trained ({} when none ran)."""
+        path = self.heal_dir / TRANSFER
+        if not path.exists():
+            return {}
+        return load_tensors(path, "heal again with attention transfer (--stage all or --stage transfer)")
 
     def base_tensors(self) -> dict[str, torch.Tensor]:
-        """What every heal starts from (see the module docstring)."""
+        """The unhealed model (a heal that does not run attention transfer overlays `transferred()` on it)."""
         return {**self.tensors(), **self.originals()}
+
+    def save_transferred(self, params: dict[str, torch.Tensor] | None) -> None:
+        """Record (or, with None, forget) the operator parameters an attention transfer trained."""
+        path = self.heal_dir / TRANSFER
+        if params:
+            save_tensors_atomic(path, params)
+        else:
+            path.unlink(missing_ok=True)
 
     def keep_originals(self, keys) -> None:
         """Record the pre-heal value of each of `keys` not recorded yet (atomically, before anything changes)."""
@@ -140,6 +167,65 @@ class OutDir:
         if missing:
             raise LincompileError(f"{self.root}/model.safetensors does not fit config.json: missing lm.{missing[0]}")
         return model.to(device).eval()
+
+
+@contextmanager
+def lock(root: Path):
+    """Hold an exclusive lock on the directory OUT (nothing is written for it) while a heal runs; a second heal
+    of the same OUT fails at once instead of deleting the first one's files (and `apply --overwrite` will not
+    replace it). A flock is seen by processes of this machine only: on a shared filesystem, heal an OUT from
+    one machine at a time."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    root = Path(root)
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = lock_holder(root)
+            raise UsageError(f"{root} is being healed by another process{f' (pid {pid})' if pid else ''}") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def lock_holder(root: Path) -> int | None:
+    """The pid holding the flock on `root`, from /proc/locks (Linux); None when it cannot be told."""
+    try:
+        st = os.stat(root)
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and key in fields:
+                return int(fields[fields.index(key) - 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def sweep_temporaries(root: Path) -> list[Path]:
+    """Remove the temporaries an interrupted heal's atomic writes left in OUT (hold `lock` first: a running
+    heal's temporaries look the same). Returns what was removed."""
+    root = Path(root)
+    heal = root / "heal"
+    found = [*root.glob(".model.safetensors.*.tmp"), *root.glob(".report.json.*.tmp")]
+    if heal.is_dir():
+        found += [p for p in heal.iterdir() if p.name.startswith(".") and
+                  (p.name.endswith(".tmp") or ".tmp-" in p.name or ".old-" in p.name or
+                   (p.name.startswith(".loss.png.") and p.name.endswith(".png")))]
+        ckpt = heal / "ckpt"
+        if ckpt.is_dir():
+            found += [p for p in ckpt.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

@@ -8,19 +8,23 @@ from pathlib import Path
 
 
 def plot_metrics(records: list[dict], path: Path) -> Path | None:
-    """One panel per stage: training loss per step, held-out loss (or MSE) at each evaluation."""
-    try:
-        import matplotlib
+    """One panel per stage: training loss per step, held-out loss (or MSE) at each evaluation.
 
-        matplotlib.use("Agg")  # no display on servers and in CI
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    from ..emit import _umask
-
+    Returns None when no stage has records (an old file at `path` is removed: it would describe another run);
+    raises ImportError when matplotlib is not installed (the caller says so).
+    """
+    path = Path(path)
     stages = [s for s in ("transfer", "lora") if any(r.get("stage") == s for r in records)]
     if not stages:
+        path.unlink(missing_ok=True)
         return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    from ..emit import _umask
+
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         train = [r for r in records if r.get("stage") == stage and "loss" in r]
@@ -36,7 +40,6 @@ def plot_metrics(records: list[dict], path: Path) -> Path | None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..passes.substitute import site_key
 from .build import HealGraphs
 from .trainer import StageRun
 
@@ -58,7 +59,7 @@ def transfer_stage(graphs: HealGraphs, cfg, eval_blocks: torch.Tensor, device: s
     if graphs.teacher is None:
         return None
     ops = graphs.ops
-    names = [s.module for s in graphs.teacher_sites]
+    names = [site_key(s) for s in graphs.teacher_sites]  # ops.<name>: a module's later sites are numbered
     per_op = [ops[f"ops.{n}"] for n in names]
     params = {f"ops.{n}.{pn}": p for n, m in zip(names, per_op) for pn, p in m.named_parameters()}
     if not params:

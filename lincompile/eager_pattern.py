@@ -1,0 +1,408 @@
+"""The built-in `eager_softmax_attention` pattern (what passes/match.py registers under that name).
+
+scores = matmul/bmm/baddbmm(q, kᵀ) → [scale: mul/div] → [softcap: div → tanh → mul] → [mask applications:
++ mask or bias, masked_fill(·, m, c) / where(m, ·, c) with a blocking c, max(·, c)] → softmax → [cast] →
+[dropout] → matmul(·, v). Views that only split or merge the batch·heads axis may sit anywhere in the chain
+(attention on [B·H, T, D] tensors with bmm / baddbmm): q, k, v and the output are then bound as the
+[B, H, T, D] values those views come from (or new unflatten nodes). The mask applications are combined into
+one site mask (see `_build_mask`). Nothing is added to the graph until a site has matched completely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from lincompile.graph import module_path, shape, short_op, users, val
+from lincompile.site import NearMiss, Site
+from lincompile.walk import (BLOCKED, CASTS, const_value, emit, heads, is_op, new_site, strip, sym_eq,
+                             sym_expr)
+
+
+SOFTMAX = ("softmax", "_softmax", "_safe_softmax")
+MATMULS = ("matmul", "bmm", "baddbmm")
+
+
+def match_eager(gm: fx.GraphModule) -> tuple[list[Site], list[NearMiss]]:
+    sites, misses = [], []
+    for n in gm.graph.nodes:
+        if not is_op(n, *SOFTMAX):
+            continue
+        try:
+            sites.append(_match_eager_at(n))
+        except _Miss as miss:
+            misses.append(NearMiss(n.name, module_path(n), str(miss)))
+    return sites, misses
+
+
+class _Miss(Exception):
+    pass
+
+
+def _match_eager_at(softmax: fx.Node) -> Site:
+    nodes = [softmax]
+    rank = len(shape(softmax) or ())
+    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
+    if rank not in (3, 4):
+        raise _Miss(f"softmax over a {rank}-D tensor, not attention scores ([batch, heads, query, key])")
+    if not isinstance(dim, int) or dim % rank != rank - 1:
+        raise _Miss(f"softmax over dim {dim}, not the key dimension")
+    # Forward: [cast] → [dropout] → matmul with v, through views that only split / merge the batch·heads axis.
+    out = softmax
+    while True:
+        nxt = users(out)
+        if len(nxt) != 1:
+            raise _Miss(f"softmax output has {len(nxt)} users, expected one chain to matmul(·, v)")
+        u = nxt[0]
+        if is_op(u, *CASTS, "dropout", "native_dropout", "getitem") or _is_head_view(u):
+            nodes.append(u)
+            out = u
+            continue
+        break
+    if not (is_op(u, "matmul", "bmm") and u.args[0] is out):
+        raise _Miss(_sinks_reason(softmax, u) or f"softmax output feeds {short_op(u)}, not matmul(·, v)")
+    output = u
+    nodes.append(output)
+    v = output.args[1]
+    # Backward from the softmax input: mask applications ← [softcap] ← [scale] ← matmul(q, kᵀ).
+    sc = _walk_scores(softmax.args[0])
+    nodes.extend(sc.nodes)
+    x, scale, terms = sc.mm, sc.scale, list(sc.terms)
+    nodes.append(x)
+    if short_op(x) == "baddbmm":
+        # baddbmm(bias, q, kᵀ, beta, alpha) = beta · bias + alpha · q kᵀ: alpha is a scale, the bias a mask term
+        # applied first (scaled by what scales the scores after it).
+        bias, q, kt = x.args[0], x.args[1], x.args[2]
+        alpha, beta = x.kwargs.get("alpha", 1), x.kwargs.get("beta", 1)
+        if not isinstance(alpha, (int, float)) or not isinstance(beta, (int, float)):
+            raise _Miss("baddbmm with a tensor alpha / beta")
+        if beta != 0 and isinstance(bias, fx.Node):
+            if sc.scale_node is not None:
+                raise _Miss("baddbmm bias scaled by a value computed in the graph")
+            if sc.softcap is not None:  # cap·tanh((bias + α·qkᵀ)/cap) is no mask added to capped scores
+                raise _Miss("baddbmm bias inside a logit softcap")
+            terms.insert(0, _Term("add", bias, float(beta) * scale, x))
+        scale *= float(alpha)
+    else:
+        q, kt = x.args[0], x.args[1]
+    k = _untranspose(kt)
+    if k is None:
+        raise _Miss("scores matmul's second operand is not a transposed key")
+    nodes.append(kt)
+    # Scores over [batch·heads, T, S] (bmm on 3-D views): bind q, k, v and the output as [B, H, T, D].
+    flat = len(shape(x) or ()) == 3
+    num_heads = None
+    if flat:
+        four = [_heads_of(t) for t in (q, k, v)]
+        num_heads = next((heads(t) for t in four if t is not None and _int(heads(t)) is not None), None)
+        if num_heads is None:
+            num_heads = next((_int(shape(n)[1]) for n in nodes if _is_head_view(n) and len(shape(n)) == 4), None)
+        if num_heads is None:
+            raise _Miss("attention on [batch·heads, T, D] tensors, but the number of heads is not in the graph")
+        q, k, v = (t4 if t4 is not None else t for t, t4 in zip((q, k, v), four))
+        view = _heads_view_user(output)
+        if view is not None:
+            nodes.append(view)
+            output = view
+    for t in terms:  # (raises _Miss now, before anything is added to the graph)
+        _heads_plan(t, num_heads)
+        if val(t.value) is None:
+            raise _Miss(f"mask {t.value.name} has no recorded value")
+    # Everything matched: from here on nodes may be added (4-D views, the site's combined mask).
+    graph = softmax.graph
+    if flat:
+        q, k, v = (_unflatten_heads(t, num_heads) if len(shape(t)) == 3 else t for t in (q, k, v))
+        if len(shape(output)) == 3:
+            output = _split_output(output, num_heads)
+    mask = _build_mask(graph, softmax, terms, num_heads)
+    site = new_site(softmax, "eager_softmax_attention", nodes)
+    site.output = output
+    site.bindings.update(q=q, k=k, v=v)
+    if mask is not None:
+        site.bindings["mask"] = mask
+    site.attrs["scale"] = scale
+    if sc.scale_node is not None:
+        site.attrs["scale_node"] = sc.scale_node
+    if sc.softcap is not None:
+        site.attrs["softcap"] = sc.softcap
+    # Side nodes that only check metadata of matched values go with them.
+    for node in list(nodes):
+        site.nodes.extend(u for u in node.users if short_op(u) == "_assert_tensor_metadata")
+    return site
+
+
+# Views that split [B·H, T, S] into [B, H, T, S] or merge them back (eager attention on 3-D bmm tensors).
+HEAD_VIEWS = ("view", "reshape", "_unsafe_view", "unflatten", "flatten")
+
+
+def _int(d) -> int | None:
+    return d if isinstance(d, int) else None
+
+
+def _is_head_view(n) -> bool:
+    """A reshape between [B·H, T, S] and [B, H, T, S] (either way), or one that changes nothing."""
+    if not is_op(n, *HEAD_VIEWS) or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    a, b = shape(n.args[0]), shape(n)
+    if a is None or b is None:
+        return False
+    if len(a) == len(b):
+        return all(sym_eq(x, y) for x, y in zip(a, b))
+    if sorted((len(a), len(b))) != [3, 4]:
+        return False
+    lo, hi = (a, b) if len(a) == 3 else (b, a)
+    return sym_eq(lo[1], hi[2]) and sym_eq(lo[2], hi[3]) and sym_eq(lo[0], sym_expr(hi[0]) * sym_expr(hi[1]))
+
+
+def _heads_of(x):
+    """The [B, H, T, D] value that a [B·H, T, D] operand is a view of, or None."""
+    n = strip(x)
+    if _is_head_view(n) and len(shape(n)) == 3 and len(shape(n.args[0])) == 4:
+        return n.args[0]
+    return None
+
+
+def _heads_view_user(x):
+    """The [B, H, T, D] view that is the only user of a [B·H, T, D] attention output, or None."""
+    us = users(x)
+    if len(us) == 1 and _is_head_view(us[0]) and len(shape(us[0])) == 4:
+        return us[0]
+    return None
+
+
+def _unflatten_heads(x: fx.Node, num_heads: int) -> fx.Node:
+    """[B·H, …] → [B, H, …], right after x."""
+    return emit(x, torch.ops.aten.unflatten.int, (x, 0, [-1, num_heads]), "after")
+
+
+def _split_output(out: fx.Node, num_heads: int) -> fx.Node:
+    """Route a [B·H, T, D] attention output through a [B, H, T, D] node (the site's output) and back."""
+    four = _unflatten_heads(out, num_heads)
+    back = emit(four, torch.ops.aten.flatten.using_ints, (four, 0, 1), "after")
+    out.replace_all_uses_with(back, delete_user_cb=lambda u: u is not four)
+    return four
+
+
+@dataclass
+class _Term:
+    """One mask application on the scores: `add` (scores + value · factor), `block` (where value: blocked, as in
+    masked_fill(scores, value, c)) or `allow` (where value: kept, as in where(value, scores, c)); `at` is the node
+    that applies it (its rank says whether the value broadcasts against [B·H, T, S] or [B, H, T, S])."""
+    kind: str
+    value: fx.Node
+    factor: float | None
+    at: fx.Node
+
+
+@dataclass
+class _Scores:
+    mm: fx.Node
+    scale: float
+    softcap: float | None
+    scale_node: fx.Node | None
+    nodes: list
+    terms: list  # innermost (applied first) first
+
+
+def _blocking(c) -> bool:
+    v = const_value(c)
+    return v is not None and v <= BLOCKED
+
+
+def _noop_clamp(n) -> bool:
+    """max(scores, c) / clamp_min(scores, c) with c at or below the blocking value: changes no softmax output."""
+    if is_op(n, "max", "maximum", "clamp_min") and len(n.args) == 2 and isinstance(n.args[0], fx.Node):
+        return _blocking(n.args[1])
+    if is_op(n, "clamp") and len(n.args) >= 2 and isinstance(n.args[0], fx.Node):
+        hi = n.args[2] if len(n.args) > 2 else n.kwargs.get("max")
+        return hi is None and _blocking(n.args[1])
+    return False
+
+
+def _walk_scores(x, depth: int = 0) -> _Scores:
+    """From the softmax input back to matmul(q, kᵀ): casts, head views, no-op clamps and mask applications
+    (+ mask, masked_fill, where with a blocking constant), then [softcap] and [scale]."""
+    nodes, terms = [], []
+    for _ in range(16):
+        n = x
+        if not isinstance(n, fx.Node):
+            break
+        if (is_op(n, *CASTS) and n.args and isinstance(n.args[0], fx.Node)) or _is_head_view(n) or _noop_clamp(n):
+            nodes.append(n)
+            x = n.args[0]
+            continue
+        if is_op(n, "add") and len(n.args) == 2 and n.kwargs.get("alpha", 1) == 1 \
+                and all(isinstance(a, fx.Node) for a in n.args):
+            a, b = n.args
+            sides = [_try_walk(a, depth + 1), _try_walk(b, depth + 1)] if depth < 4 else [None, None]
+            if (sides[0] is None) == (sides[1] is None):
+                raise _Miss("softmax input is a sum, but neither side leads to matmul(q, kᵀ)" if sides[0] is None
+                            else "softmax input is a sum of two matmul(q, kᵀ) scores")
+            x, m = (a, b) if sides[0] is not None else (b, a)
+            nodes.append(n)
+            terms.append(_Term("add", m, 1.0, n))
+            continue
+        if is_op(n, "masked_fill") and len(n.args) == 3 and isinstance(n.args[0], fx.Node) \
+                and isinstance(n.args[1], fx.Node) and _blocking(n.args[2]):
+            nodes.append(n)
+            terms.append(_Term("block", n.args[1], const_value(n.args[2]), n))
+            x = n.args[0]
+            continue
+        if is_op(n, "where") and len(n.args) == 3 and isinstance(n.args[0], fx.Node):
+            cond, a, b = n.args
+            if isinstance(a, fx.Node) and _blocking(b) and _try_walk(a, depth + 1) is not None:
+                terms.append(_Term("allow", cond, const_value(b), n))
+                x = a
+            elif isinstance(b, fx.Node) and _blocking(a) and _try_walk(b, depth + 1) is not None:
+                terms.append(_Term("block", cond, const_value(a), n))
+                x = b
+            else:
+                break
+            nodes.append(n)
+            continue
+        break
+    x, scale, softcap, scale_node, more = _scores_chain(x)
+    nodes.extend(more)
+    if not is_op(x, *MATMULS):
+        raise _Miss(f"no matmul(q, kᵀ) before softmax (found {short_op(x) if isinstance(x, fx.Node) else x})")
+    return _Scores(x, scale, softcap, scale_node, nodes, terms[::-1])
+
+
+def _try_walk(x, depth: int):
+    try:
+        return _walk_scores(x, depth) if isinstance(x, fx.Node) else None
+    except _Miss:
+        return None
+
+
+def _heads_plan(t: _Term, num_heads: int | None) -> str:
+    """How a mask value applied on [B·H, T, S] scores broadcasts against [B, H, T, S] the same way: as it is
+    (4-D scores, or broadcast over the leading axes anyway), unsqueezed, or unflattened; else a miss."""
+    s, at = shape(t.value), shape(t.at)
+    if at is None or len(at) != 3 or s is None or len(s) < 3:
+        return "same"
+    if len(s) == 3 and sym_eq(s[0], 1):
+        return "unsqueeze"
+    if len(s) == 3 and num_heads is not None:
+        return "unflatten"
+    raise _Miss(f"mask {t.value.name} on [batch·heads, T, S] scores has shape {fmt(t.value)}")
+
+
+def _as_heads(t: _Term, num_heads: int | None, anchor: fx.Node) -> fx.Node:
+    plan = _heads_plan(t, num_heads)
+    if plan == "unsqueeze":
+        return emit(anchor, torch.ops.aten.unsqueeze.default, (t.value, 0))
+    if plan == "unflatten":
+        return emit(anchor, torch.ops.aten.unflatten.int, (t.value, 0, [-1, num_heads]))
+    return t.value
+
+
+def fmt(node) -> str:
+    from lincompile.graph import fmt_shape
+
+    return fmt_shape(node)
+
+
+def _build_mask(graph, softmax, terms, num_heads):
+    """The site's mask from its mask applications (innermost first): one additive or boolean (True = attend)
+    tensor such that softmax(scores + mask) is the original's. A single `+ mask` on [B, H, T, S] scores binds
+    that mask as it is; anything else gets nodes right before the softmax."""
+    if not terms:
+        return None
+    if len(terms) == 1 and terms[0].kind == "add" and terms[0].factor == 1.0 and len(shape(terms[0].at) or ()) == 4:
+        return terms[0].value
+    kind, mask = None, None
+    aten = torch.ops.aten
+    for t in terms:
+        value = _as_heads(t, num_heads, softmax)
+        if t.kind == "add":
+            if t.factor != 1.0:
+                value = emit(softmax, aten.mul.Tensor, (value, t.factor))
+            if kind is None:
+                kind, mask = "add", value
+            elif kind == "add":
+                mask = emit(softmax, aten.add.Tensor, (mask, value))
+            else:  # a boolean pattern, then a bias: blocked positions get the dtype's minimum
+                low = torch.finfo(val(value).dtype).min
+                kind, mask = "add", emit(softmax, aten.where.ScalarOther, (mask, value, low))
+            continue
+        # block / allow: a boolean condition
+        if kind == "add":
+            if t.kind == "block":
+                mask = emit(softmax, aten.where.ScalarSelf, (value, t.factor, mask))
+            else:
+                mask = emit(softmax, aten.where.ScalarOther, (value, mask, t.factor))
+            continue
+        allow = value if t.kind == "allow" else emit(softmax, aten.logical_not.default, (value,))
+        if val(allow) is not None and val(allow).dtype != torch.bool:
+            allow = emit(softmax, aten.ne.Scalar, (allow, 0))
+        kind, mask = "bool", allow if mask is None else emit(softmax, aten.logical_and.default, (mask, allow))
+    return mask
+
+
+def _sinks_reason(softmax: fx.Node, user) -> str | None:
+    """Attention sinks: scores concatenated with extra logits along the key axis before softmax, the extra
+    columns sliced off after it."""
+    if not is_op(user, "slice", "narrow"):
+        return None
+    x = softmax.args[0]
+    for _ in range(6):
+        if is_op(x, *CASTS) or (is_op(x, "sub") and isinstance(x.args[0], fx.Node)):
+            x = x.args[0]  # casts, and the max subtraction of a numerically stable softmax
+            continue
+        break
+    rank = len(shape(x) or ()) or 4
+    if is_op(x, "cat") and len(x.args) > 1 and isinstance(x.args[1], int) and x.args[1] % rank == rank - 1:
+        return ("attention sinks: the scores are concatenated with other logits (cat along the key axis) before "
+                "softmax and those are sliced off after it; no operator keeps sink logits")
+    return None
+
+
+def _scores_chain(x):
+    """Walk back through [scale] and [softcap]: returns (matmul?, scale, softcap, scale_node, nodes)."""
+    scale, softcap, scale_node, nodes = 1.0, None, None, []
+    for _ in range(8):
+        x = strip(x)
+        if _is_head_view(x):
+            nodes.append(x)
+            x = x.args[0]
+            continue
+        if is_op(x, "mul") and is_op(strip(x.args[0]), "tanh") and const_value(x.args[1]) is not None:
+            t = strip(x.args[0])  # softcap: tanh(s / cap) * cap
+            d = strip(t.args[0])
+            if is_op(d, "div") and const_value(d.args[1]) is not None:
+                softcap = const_value(x.args[1])
+                nodes += [x, t, d]
+                x = d.args[0]
+                continue
+        if is_op(x, "mul", "div") and len(x.args) == 2:
+            a, b = x.args
+            c = const_value(b)
+            if c is None and isinstance(b, fx.Node) and shape(b) == ():
+                scale_node = b  # a 0-d tensor computed in the graph: evaluated on the probe later
+                c = 1.0
+            if c is not None:
+                scale *= c if short_op(x) == "mul" else 1.0 / c
+                nodes.append(x)
+                x = a
+                continue
+        break
+    return strip(x), scale, softcap, scale_node, nodes
+
+
+def _untranspose(kt):
+    kt = strip(kt)
+    r = len(shape(kt) or ()) or 4
+    if is_op(kt, "transpose"):
+        d = sorted(int(d) % r for d in kt.args[1:3])
+        if d == [r - 2, r - 1]:
+            return kt.args[0]
+    if is_op(kt, "permute"):
+        perm = [int(p) % r for p in kt.args[1]]
+        if perm[-2:] == [r - 1, r - 2]:
+            return kt.args[0]
+    if is_op(kt, "t"):
+        return kt.args[0]
+    return None

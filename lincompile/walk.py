@@ -1,0 +1,456 @@
+"""Graph walking for the match pass: from an attention site's q / k / v back through GQA repeats (also one
+made before the rotary embedding), the rotary embedding and the projections, and forward from its output to
+the output projection; plus the small pieces the patterns share (constants read off the graph, new nodes
+placed next to an anchor, symbolic sizes compared).
+
+Everything here reasons about op names and dataflow, never about an architecture's module names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+
+from lincompile.graph import layer_index, module_path, shape, short_op, users, val
+from lincompile.site import Site
+
+
+CASTS = ("to", "_to_copy", "type_as", "contiguous", "clone", "alias", "detach", "lift_fresh_copy")
+PROJECTIONS = ("linear", "addmm", "mm", "matmul")
+RESHAPES = ("view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone", "unflatten",
+            "flatten", "expand", "squeeze", "unsqueeze", "split", "split_with_sizes", "getitem", "chunk",
+            "unbind", "select", "slice", "narrow") + CASTS
+ROTATE = ("slice", "neg", "cat", "stack", "view", "reshape", "flatten", "unflatten", "select", "unsqueeze",
+          "squeeze", "mul", "unbind", "getitem", "chunk", "split", "split_with_sizes", "narrow") + CASTS
+
+
+
+
+def strip(node):
+    """Skip casts/copies that don't change the value's meaning."""
+    while isinstance(node, fx.Node) and short_op(node) in CASTS and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def is_op(node, *names) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and short_op(node) in names
+
+
+def const_value(x):
+    """A Python number for literals and simple constant nodes (full / scalar_tensor / tensor), else None."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if is_op(x, "full") and len(x.args) >= 2 and isinstance(x.args[1], (int, float)):
+        return float(x.args[1])
+    if is_op(x, "scalar_tensor") and isinstance(x.args[0], (int, float)):
+        return float(x.args[0])
+    if is_op(x, "sqrt") and const_value(x.args[0]) is not None:
+        return math.sqrt(const_value(x.args[0]))
+    if is_op(x, "lift_fresh_copy", "detach", "detach_", "alias", "clone", "to", "_to_copy") and x.args:
+        return const_value(x.args[0])
+    if isinstance(x, fx.Node) and x.op == "get_attr":
+        # A one-element tensor constant (torch.export lifts `torch.tensor(c)` into the module).
+        obj = x.graph.owning_module
+        try:
+            for part in str(x.target).split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            return None
+        if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter) and obj.numel() == 1 \
+                and obj.dtype.is_floating_point:
+            return float(obj.reshape(()).item())
+    return None
+
+
+def heads(node) -> int | None:
+    s = shape(node)
+    if s is None or len(s) != 4:
+        return None
+    try:
+        return int(s[1])
+    except (TypeError, ValueError):
+        return None
+
+
+def through_repeat(node) -> fx.Node:
+    """k/v before a GQA repeat: reshape(expand(unsqueeze(x))) or repeat_interleave(x), else the node itself."""
+    n = strip(node)
+    if is_op(n, "repeat_interleave"):
+        return n.args[0]
+    if is_op(n, "reshape", "view", "_unsafe_view", "flatten"):
+        e = strip(n.args[0])
+        if is_op(e, "expand", "repeat"):
+            u = strip(e.args[0])
+            while is_op(u, "unsqueeze", "slice"):
+                u = strip(u.args[0])
+            if heads(u) is not None and heads(u) <= (heads(node) or 0):
+                return u
+    return node
+
+
+# Ops that only lay a tensor out (no value changes): what may lie between a GQA expand and the k / v fed to attention.
+LAYOUT = ("view", "reshape", "_unsafe_view", "flatten", "transpose", "permute") + CASTS
+
+
+def _full_slice(n) -> bool:
+    """slice(x, dim, 0, end) that keeps the whole axis (what `x[:, :]` exports to)."""
+    if not is_op(n, "slice"):
+        return False
+    start = n.args[2] if len(n.args) > 2 else 0
+    end = n.args[3] if len(n.args) > 3 else None
+    step = n.args[4] if len(n.args) > 4 else 1
+    return start in (0, None) and (end is None or (isinstance(end, int) and end >= 2 ** 62)) and step == 1
+
+
+def _merge_at(a: tuple, b: tuple) -> int | None:
+    """j when shape b is shape a with axes j, j+1 merged (row-major), else None."""
+    if len(b) != len(a) - 1:
+        return None
+    for j in range(len(b)):
+        if all(sym_eq(x, y) for x, y in zip(a[:j], b[:j])) and sym_eq(sym_expr(a[j]) * sym_expr(a[j + 1]), b[j]) \
+                and all(sym_eq(x, y) for x, y in zip(a[j + 2:], b[j + 1:])):
+            return j
+    return None
+
+
+def _track_heads(ops, first: int, second: int) -> int | None:
+    """Follow two adjacent axes (`first` the major one) through layout ops, innermost first, until they are merged
+    into one; the merged axis' position at the end, or None when they are split apart or merged with others."""
+    merged = None
+    for op in ops:
+        if is_op(op, *CASTS) or _full_slice(op):
+            continue
+        src, dst = shape(op.args[0]), shape(op)
+        if src is None or dst is None:
+            return None
+        r = len(src)
+        if is_op(op, "transpose"):
+            d0, d1 = (int(d) % r for d in op.args[1:3])
+            swap = {d0: d1, d1: d0}
+            if merged is None:
+                first, second = swap.get(first, first), swap.get(second, second)
+            else:
+                merged = swap.get(merged, merged)
+            continue
+        if is_op(op, "permute"):
+            perm = [int(p) % r for p in op.args[1]]
+            if merged is None:
+                first, second = perm.index(first), perm.index(second)
+            else:
+                merged = perm.index(merged)
+            continue
+        if len(src) == len(dst) and all(sym_eq(x, y) for x, y in zip(src, dst)):
+            continue  # a view that changes nothing
+        j = _merge_at(src, dst)
+        if j is None:
+            return None
+        if merged is None:
+            if (j, j + 1) == (first, second):
+                merged = j
+            elif j + 1 < first:
+                first, second = first - 1, second - 1
+            elif j > second:
+                pass
+            else:
+                return None
+        elif j + 1 < merged:
+            merged -= 1
+        elif j == merged or j + 1 == merged:
+            return None
+    return merged
+
+
+def kv_repeat(node) -> tuple[int, str] | None:
+    """(group, layout) when `node` ([B, H, T, D]) is, through layout-only ops, kv heads expanded `group` times
+    (expand / broadcast_to of a size-1 axis next to the kv-head axis, then the two merged into the head axis):
+    layout `interleave` when head h is kv head h // group (the expanded axis after the kv axis), `tile` when it
+    is kv head h % (H / group)."""
+    H = heads(node)
+    if not isinstance(H, int):
+        return None
+    ops, n = [], node
+    for _ in range(12):
+        if not isinstance(n, fx.Node):
+            return None
+        if is_op(n, "expand", "broadcast_to", "expand_copy"):
+            break
+        if not ((is_op(n, *LAYOUT) or _full_slice(n)) and n.args and isinstance(n.args[0], fx.Node)):
+            return None
+        ops.append(n)
+        n = n.args[0]
+    else:
+        return None
+    src, dst = shape(n.args[0]), shape(n)
+    if src is None or dst is None or len(src) != len(dst):
+        return None
+    grown = [i for i, (a, b) in enumerate(zip(src, dst)) if isinstance(a, int) and a == 1 and isinstance(b, int) and b > 1]
+    if len(grown) != 1:
+        return None
+    i, g = grown[0], dst[grown[0]]
+    if H % g or H == g:
+        return None
+    for layout, (first, second), kv in (("interleave", (i - 1, i), i - 1), ("tile", (i, i + 1), i + 1)):
+        if 0 <= kv < len(dst) and sym_eq(dst[kv], H // g) and _track_heads(ops[::-1], first, second) == 1:
+            return g, layout
+    return None
+
+
+def kv_heads_slice(x: fx.Node, group: int, layout: str) -> fx.Node:
+    """One head per kv head of x ([B, H, T, D], heads repeated as kv_repeat found them), right after x."""
+    H = heads(x)
+    args = (x, 1, 0, 2 ** 63 - 1, group) if layout == "interleave" else (x, 1, 0, H // group, 1)
+    return emit(x, torch.ops.aten.slice.Tensor, args, "after")
+
+
+def _reachable(start, targets, ops, depth=8) -> bool:
+    """Is any of `targets` an ancestor of `start` through nodes whose op is in `ops` (bounded depth)?"""
+    frontier, seen = [start], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n in targets:
+                return True
+            if n in seen or not isinstance(n, fx.Node):
+                continue
+            seen.add(n)
+            if n is start or is_op(n, *ops):
+                nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return any(n in targets for n in frontier)
+
+
+def _rope_full(n):
+    """x for n = x·cos + rotate(x)·sin (rotate built from slices/neg/cat of x, either order), else None."""
+    n = strip(n)
+    if not is_op(n, "add") or len(n.args) < 2:
+        return None
+    m1, m2 = strip(n.args[0]), strip(n.args[1])
+    if not (is_op(m1, "mul") and is_op(m2, "mul")):
+        return None
+    c1 = [strip(a) for a in m1.args if isinstance(a, fx.Node)]
+    c2 = [strip(a) for a in m2.args if isinstance(a, fx.Node)]
+    for x in c1:
+        for y in c2:
+            if x is not y and _reachable(y, {x}, ROTATE, depth=6):
+                return x
+            if x is not y and _reachable(x, {y}, ROTATE, depth=6):
+                return y
+    return None
+
+
+def _slice_source(n):
+    n = strip(n)
+    while is_op(n, "slice", "narrow"):
+        n = strip(n.args[0])
+    return n
+
+
+def find_pre_rope(node):
+    """The tensor before the rotary embedding that produced `node`, or None when there is none."""
+    n = strip(node)
+    x = _rope_full(n)
+    if x is not None:
+        # Partial rotary applied to a slice: the source is what the slice came from (handled below).
+        return x
+    if is_op(n, "cat") and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 2:
+        rot, passthrough = n.args[0]
+        x = _rope_full(rot)
+        if x is not None:
+            src, src2 = _slice_source(x), _slice_source(passthrough)
+            if src is src2:
+                return src
+    return None
+
+
+def _keeps_last_dim(n) -> bool:
+    """A transpose / permute that leaves the last (head_dim) axis where it is."""
+    s = shape(n)
+    if s is None:
+        return False
+    last = len(s) - 1
+    if is_op(n, "transpose") and len(n.args) >= 3:
+        return all(isinstance(d, int) and d % len(s) != last for d in n.args[1:3])
+    if is_op(n, "permute") and len(n.args) >= 2 and isinstance(n.args[1], (list, tuple)) and n.args[1]:
+        return isinstance(n.args[1][-1], int) and n.args[1][-1] % len(s) == last
+    return False
+
+
+def find_pre_rope_through_layout(node, max_ops: int = 3):
+    """find_pre_rope, also when RoPE was applied in another layout ([B, T, H, D]) and moved to q/k's afterwards.
+
+    RoPE acts along the last axis, position by position: moving the other axes after it or before it is the
+    same. So when q/k is a transpose / permute (last axis kept) of a RoPE output, the pre-RoPE value is the
+    same transposes of that RoPE's input; they are added to the graph right after it (unused ones are removed
+    with the dead code after substitution)."""
+    x = find_pre_rope(node)
+    if x is not None:
+        return x
+    layout, n = [], strip(node)
+    while len(layout) < max_ops and _keeps_last_dim(n):
+        layout.append(n)
+        n = strip(n.args[0])
+        x = find_pre_rope(n)
+        if x is not None:
+            return _replay(x, layout[::-1])
+    return None
+
+
+def _replay(x: fx.Node, ops: list) -> fx.Node:
+    """`ops` (layout nodes, innermost first) applied to `x`: new nodes right after x."""
+    graph = x.graph
+    for op in ops:
+        with graph.inserting_after(x):
+            new = graph.call_function(op.target, (x, *op.args[1:]), dict(op.kwargs))
+        for key in ("nn_module_stack", "stack_trace", "lincompile_module", "lincompile_layer"):
+            if key in op.meta:
+                new.meta[key] = op.meta[key]
+        xv = val(x)
+        if isinstance(xv, torch.Tensor):
+            new.meta["val"] = op.target(xv, *op.args[1:], **op.kwargs)
+        x = new
+    return x
+
+
+def find_projection(node, max_depth: int = 12):
+    """The nearest linear/addmm/mm above `node` through reshapes/norms; (proj_node, input) or (None, None)."""
+    frontier = [node]
+    for _ in range(max_depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node):
+                continue
+            if is_op(n, *PROJECTIONS) and _has_weight(n):
+                return n, _proj_input(n)
+            if n.op == "call_function":
+                # Tuple-valued nodes (split / chunk of a fused qkv projection) are walked through as well.
+                nxt.extend(a for a in n.all_input_nodes if a.op == "call_function")
+        frontier = nxt
+    return None, None
+
+
+# Ops that only re-lay a parameter out (`x @ self.weight.T`, a transposed or reshaped weight, a dtype cast): a
+# matmul with such a value is a projection by that parameter. Not unsqueeze / expand / slice: a buffer broadcast
+# into a matmul (RoPE's inv_freq ⊗ positions) is no projection.
+WEIGHT_LAYOUT = ("t", "numpy_T", "transpose", "permute", "view", "reshape", "_unsafe_view", "contiguous", "clone",
+                 "alias", "detach", "to", "_to_copy", "lift_fresh_copy")
+
+
+def _weight_source(a, depth: int = 4):
+    """The get_attr (parameter) that `a` is, through layout-only ops; None when `a` is computed from activations."""
+    for _ in range(depth + 1):
+        if not isinstance(a, fx.Node):
+            return None
+        if a.op == "get_attr":
+            return a
+        if not (is_op(a, *WEIGHT_LAYOUT) and a.args and isinstance(a.args[0], fx.Node)):
+            return None
+        if any(isinstance(x, fx.Node) for x in list(a.args[1:]) + list(a.kwargs.values())):
+            return None  # its layout depends on another tensor
+        a = a.args[0]
+    return None
+
+
+def _has_weight(n) -> bool:
+    return any(_weight_source(a) is not None for a in n.all_input_nodes)
+
+
+def _proj_input(n):
+    args = [a for a in n.args if isinstance(a, fx.Node) and _weight_source(a) is None]
+    if short_op(n) == "addmm":
+        args = [a for a in n.args[1:] if isinstance(a, fx.Node) and _weight_source(a) is None]
+    x = args[0] if args else None
+    # 2-D projections (addmm on a flattened [B*T, d] view): report the [B, T, d] tensor it came from.
+    while is_op(x, "view", "reshape", "_unsafe_view", "flatten") and len(shape(x) or ()) == 2:
+        x = x.args[0]
+    return x
+
+
+def find_output_projection(node, max_depth: int = 8):
+    frontier = [node]
+    for _ in range(max_depth):
+        nxt = []
+        for n in frontier:
+            for u in users(n):
+                if is_op(u, *PROJECTIONS) and _has_weight(u):
+                    return u
+                if is_op(u, *RESHAPES):
+                    nxt.append(u)
+        frontier = nxt
+    return None
+
+
+def sym_expr(d):
+    import sympy
+
+    if isinstance(d, torch.SymInt):
+        return d.node.expr
+    if isinstance(d, sympy.Basic):
+        return d
+    return sympy.Integer(int(d))
+
+
+def sym_eq(a, b) -> bool:
+    """Equal sizes, symbolic ones compared as expressions (never by their example values)."""
+    try:
+        import sympy
+
+        return sympy.expand(sym_expr(a) - sym_expr(b)) == 0
+    except Exception:
+        return False
+
+
+def emit(anchor: fx.Node, target, args, where: str = "before", kwargs=None) -> fx.Node:
+    """A new node next to `anchor` (same module metadata), its fake value computed from its inputs'."""
+    graph, kwargs = anchor.graph, dict(kwargs or {})
+    with (graph.inserting_before(anchor) if where == "before" else graph.inserting_after(anchor)):
+        node = graph.call_function(target, tuple(args), kwargs)
+    for key in ("nn_module_stack", "stack_trace", "lincompile_module", "lincompile_layer"):
+        if key in anchor.meta:
+            node.meta[key] = anchor.meta[key]
+
+    def fake(a):
+        if isinstance(a, (list, tuple)):
+            return type(a)(fake(x) for x in a)
+        return a.meta.get("val") if isinstance(a, fx.Node) else a  # fake tensors, SymInts of size nodes
+
+    if all(a.meta.get("val") is not None for a in node.all_input_nodes):
+        try:
+            node.meta["val"] = target(*fake(tuple(args)), **{k: fake(v) for k, v in kwargs.items()})
+        except Exception:  # no fake value: shape() reports it unknown
+            pass
+    return node
+
+
+def fold_q_scale(q: fx.Node):
+    """(q before a constant factor, factor) when q is, through layout-only ops, `x · c` or `x / c` (queries
+    scaled in the projection, as in OPT / XGLM): the factor belongs to the softmax scale. None otherwise."""
+    ops, n = [], q
+    for _ in range(8):
+        if is_op(n, "mul", "div") and len(n.args) == 2 and isinstance(n.args[0], fx.Node) \
+                and isinstance(n.args[1], (int, float)) and not isinstance(n.args[1], bool) and n.args[1] != 0:
+            c = float(n.args[1]) if short_op(n) == "mul" else 1.0 / float(n.args[1])
+            break
+        if not (is_op(n, *LAYOUT) and n.args and isinstance(n.args[0], fx.Node)):
+            return None
+        ops.append(n)
+        n = n.args[0]
+    else:
+        return None
+    x = n.args[0]
+    for op in reversed(ops):  # the same layout, applied to the unscaled value (new nodes before each original)
+        x = emit(op, op.target, (x, *op.args[1:]), kwargs=op.kwargs)
+    return x, c
+
+
+def new_site(anchor: fx.Node, pattern: str, nodes) -> Site:
+    path = module_path(anchor) or ""
+    return Site(module=path, layer=layer_index(path), pattern=pattern, output=anchor, nodes=list(nodes))
+
+
+# A constant fill at or below this blocks attention (transformers uses the dtype's minimum, older code -1e4 or -1e9;
+# in bfloat16 -1e4 is -9984). In an additive mask a value this far below its row's largest is blocked: exp of
+# it is 0 in float32, so softmax gives it nothing. Attended values that differ within a row are a bias (ALiBi).
+BLOCKED = -1e3
