@@ -88,7 +88,7 @@ def save(heal_dir: Path, stage: str, step: int, params: dict[str, torch.Tensor],
 def load(ckpt: Checkpoint) -> tuple[dict, dict, dict, dict]:
     """(params, optimizer state_dict, rng by rank, info). A damaged checkpoint (a file truncated or edited
     outside lincompile: the writes themselves are atomic) is one line that says to start over."""
-    from .outdir import load_tensors, read_json
+    from ..emit import load_tensors, read_json
 
     fix = "start the heal over with --restart"
     try:

@@ -16,7 +16,6 @@ off an OUT that is being healed; `sweep_temporaries` removes what an interrupted
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

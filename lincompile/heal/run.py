@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from ..emit import write_text_atomic
+from ..emit import read_json, write_text_atomic
 from ..errors import LincompileError, UsageError
 from . import checkpoint
 from .config import HealConfig, stage_steps
 from .data import BlockOrder, describe, get_tokenizer, load_split
 from .distributed import Dist, init, shutdown
-from .outdir import OutDir, lock, read_json, sweep_temporaries
+from .outdir import OutDir, lock, sweep_temporaries
 from .trainer import Metrics, RunContext, run_stage
 
 CONFIG, STATE, REPORT = "config.json", "state.json", "report.json"
