@@ -66,14 +66,13 @@ def generate(out, prompt, chat, max_new_tokens, do_sample, temperature, top_k, t
 
     from .emit import has_tokenizer
 
-    if Path(out, "lincompile.json").is_file() and not has_tokenizer(out):  # said before minutes of loading
+    # Said before minutes of loading (anything that is not an output directory, `load` says so).
+    if Path(out, "lincompile.json").is_file() and not has_tokenizer(out):
         raise UsageError(f"{out} has no tokenizer files: generate needs one (copy the original model's tokenizer "
                          "files into it, or from Python pass token ids to lincompile.runtime.load(OUT).generate)")
     t0 = time.perf_counter()
     rt = load(out, allow_code=allow_code, device=device)
     tok = rt.tokenizer
-    if tok is None:
-        raise UsageError(f"{out} has no tokenizer files: generate needs one (from Python, pass token ids)")
     if chat and getattr(tok, "chat_template", None):
         enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from lincompile.graph import module_path, shape, short_op, users, val
+from lincompile.graph import fmt_shape, module_path, shape, short_op, users, val
 from lincompile.site import NearMiss, Site
 from lincompile.walk import (BLOCKED, CASTS, const_value, emit, heads, is_op, new_site, strip, sym_eq,
                              sym_expr)
@@ -287,7 +287,7 @@ def _heads_plan(t: _Term, num_heads: int | None) -> str:
         return "unsqueeze"
     if len(s) == 3 and num_heads is not None:
         return "unflatten"
-    raise _Miss(f"mask {t.value.name} on [batch·heads, T, S] scores has shape {fmt(t.value)}")
+    raise _Miss(f"mask {t.value.name} on [batch·heads, T, S] scores has shape {fmt_shape(t.value)}")
 
 
 def _as_heads(t: _Term, num_heads: int | None, anchor: fx.Node) -> fx.Node:
@@ -297,12 +297,6 @@ def _as_heads(t: _Term, num_heads: int | None, anchor: fx.Node) -> fx.Node:
     if plan == "unflatten":
         return emit(anchor, torch.ops.aten.unflatten.int, (t.value, 0, [-1, num_heads]))
     return t.value
-
-
-def fmt(node) -> str:
-    from lincompile.graph import fmt_shape
-
-    return fmt_shape(node)
 
 
 def _build_mask(graph, softmax, terms, num_heads):

@@ -186,6 +186,22 @@ def load_tensors(path: Path, fix: str, device: str = "cpu") -> dict:
         raise LincompileError(f"{path} is damaged ({first}): {fix}") from None
 
 
+REDO = "convert the model again with `lincompile apply`"
+
+
+def read_meta(root: Path) -> dict:
+    """OUT/lincompile.json, checked: there (else OUT is no lincompile output), an object, this format."""
+    meta_file = Path(root) / "lincompile.json"
+    if not meta_file.is_file():
+        raise UsageError(f"{root} is not a lincompile output directory (no lincompile.json)")
+    meta = read_json(meta_file, REDO)
+    if not isinstance(meta, dict):
+        raise LincompileError(f"{meta_file} is damaged (not a JSON object): {REDO}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LincompileError(f"{root}: output format {meta.get('format_version')} is not supported by this version")
+    return meta
+
+
 def read_outdir(path):
     """(root, meta, spec, config) of an output directory, with clear errors for anything else."""
     from transformers import AutoConfig
@@ -193,18 +209,10 @@ def read_outdir(path):
     from .spec import Spec
 
     root = Path(path)
-    meta_file = root / "lincompile.json"
-    if not meta_file.exists():
-        raise UsageError(f"{root} is not a lincompile output directory (no lincompile.json)")
-    meta = read_json(meta_file, "convert the model again with `lincompile apply`")
-    if not isinstance(meta, dict):
-        raise LincompileError(f"{meta_file} is damaged (not a JSON object): convert the model again with `lincompile apply`")
+    meta = read_meta(root)
     for needed in ("model.safetensors", "spec.yaml", "config.json"):
         if not (root / needed).is_file():
-            raise LincompileError(f"{root} has no {needed}: it is not a complete lincompile output (convert the model "
-                                  "again with `lincompile apply`)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise LincompileError(f"{root}: output format {meta.get('format_version')} is not supported by this version")
+            raise LincompileError(f"{root / needed} is missing: {REDO}")
     spec = Spec.from_yaml(root / "spec.yaml")
     config = AutoConfig.from_pretrained(str(root))
     return root, meta, spec, config

@@ -217,7 +217,7 @@ def test_a_damaged_output_is_named_in_one_line(model_dir, tmp_path):
              "garbled": lambda d: (d / "lincompile.json").write_text("{not json"),
              "missing": lambda d: (d / "model.safetensors").unlink()}
     needles = {"truncated": "model.safetensors is damaged", "garbled": "lincompile.json is damaged",
-               "missing": "has no model.safetensors"}
+               "missing": "model.safetensors is missing: convert the model again"}
     for case, damage in cases.items():
         d = tmp_path / case
         shutil.copytree(out, d)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..emit import FORMAT_VERSION, _umask, load_tensors, read_json
+from ..emit import FORMAT_VERSION, REDO, _umask, load_tensors, read_json, read_meta
 from ..errors import LincompileError, UsageError
 
 ORIGINAL = "original.safetensors"
@@ -35,15 +35,7 @@ LM, OPS = "lm.", "ops."
 class OutDir:
     def __init__(self, root):
         self.root = Path(root)
-        meta = self.root / "lincompile.json"
-        if not meta.is_file():
-            raise UsageError(f"{self.root} is not a lincompile output directory (no lincompile.json)")
-        self.meta = read_json(meta, "convert the model again with `lincompile apply`")
-        if not isinstance(self.meta, dict):
-            raise LincompileError(f"{meta} is damaged (not a JSON object): convert the model again with "
-                                  "`lincompile apply`")
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise LincompileError(f"{self.root}: output format {self.meta.get('format_version')} is not supported")
+        self.meta = read_meta(self.root)
         self.heal_dir = self.root / "heal"
 
     # ----------------------------------------------------------------------------------------------
@@ -62,7 +54,7 @@ class OutDir:
     @property
     def report(self) -> dict:
         path = self.root / "report.json"
-        return read_json(path, "convert the model again with `lincompile apply`") if path.exists() else {}
+        return read_json(path, REDO) if path.exists() else {}
 
     def tokenizer(self):
         if not any((self.root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -75,8 +67,8 @@ class OutDir:
         """model.safetensors as written (aliases of tied weights resolved)."""
         path = self.root / "model.safetensors"
         if not path.is_file():
-            raise LincompileError(f"{path} is missing: convert the model again with `lincompile apply`")
-        state = load_tensors(path, "convert the model again with `lincompile apply`")
+            raise LincompileError(f"{path} is missing: {REDO}")
+        state = load_tensors(path, REDO)
         for alias, name in self.meta.get("aliases", {}).items():
             state[alias] = state[name]
         return state
