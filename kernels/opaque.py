@@ -46,13 +46,13 @@ def differentiable(op, impl, n_tensor_inputs):
     """Autograd for a custom op by recomputation: re-run `impl` with grad enabled in backward."""
 
     def setup_context(ctx, inputs, output):
-        ctx.inputs = inputs
-        ctx.save_for_backward(*[x if isinstance(x, Tensor) else None for x in inputs[:n_tensor_inputs]])
+        # Every tensor through save_for_backward, none on ctx itself: saved tensors are what activation
+        # checkpointing (lincompile/heal/remat.py) and saved-tensor hooks can see and free.
+        ctx.rest = [None if isinstance(x, Tensor) else x for x in inputs]
+        ctx.save_for_backward(*[x if isinstance(x, Tensor) else None for x in inputs])
 
     def backward(ctx, *grads):
-        inputs = list(ctx.inputs)
-        for i, t in enumerate(ctx.saved_tensors):
-            inputs[i] = t if t is not None else inputs[i]
+        inputs = [t if t is not None else x for t, x in zip(ctx.saved_tensors, ctx.rest)]
         wants = tuple(ctx.needs_input_grad[:n_tensor_inputs]) + (False,) * (len(inputs) - n_tensor_inputs)
         return tuple(grad_by_recompute(impl, inputs, wants, grads))
 

@@ -30,7 +30,7 @@ _FLAGS = {
     "holdout": ("data", "holdout"), "tokenizer": ("data", "tokenizer"), "eval_every": (None, "eval_every"),
     "checkpoint_every": (None, "checkpoint_every"), "seed": (None, "seed"),
 }
-_BOTH_STAGES = ("batch_size", "grad_accum", "warmup", "clip")
+_BOTH_STAGES = ("batch_size", "grad_accum", "warmup", "clip", "gradient_checkpointing")
 
 
 def _d(flag: str) -> dict:
@@ -139,6 +139,9 @@ def _apply_flags(cfg, flags: dict, data, eval_data, stage: str):
               help="Warm-up steps (both stages; fewer than the stage's steps).")
 @click.option("--clip", type=click.FloatRange(min=0, min_open=True), **_d("clip"),
               help="Max gradient norm (both stages).")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True,
+              help="Recompute each layer's activations in backward (both stages): less memory, one more forward "
+                   "per step; may be switched on resume.")
 @click.option("--eval-every", type=click.IntRange(min=1), **_d("eval_every"),
               help="Evaluate on held-out blocks every N steps.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), **_d("checkpoint_every"),
@@ -172,10 +175,12 @@ def heal(ctx, out, data, eval_data, config_file, stage, resume, restart, device,
     if resume:
         if restart:
             raise UsageError("--resume and --restart contradict each other")
+        given = [g for g in given if g != "gradient_checkpointing"]  # memory, not results: may change on resume
         if given:
             names = ", ".join("--" + g.replace("_", "-") for g in given)
             raise UsageError(f"--resume continues the saved run with its settings; remove {names}")
-        run_heal(out, None, resume=True, device=device, allow_code=allow_code, progress=not no_progress, log=_log)
+        run_heal(out, None, resume=True, device=device, allow_code=allow_code, progress=not no_progress, log=_log,
+                 gradient_checkpointing=flags["gradient_checkpointing"])
         return
     if config_file:
         cfg = load_heal_section(Path(config_file), required=True)

@@ -63,6 +63,9 @@ class TeacherPlan:
             with graph.inserting_after(student):
                 losses.append(graph.call_function(attention_mse, (student, teacher_out)))
             student.meta["lincompile_module"] = site.module
+            for node in (student, losses[-1]):  # they belong to the site's layer (gradient checkpointing outlines it)
+                if "nn_module_stack" in teacher_out.meta:
+                    node.meta["nn_module_stack"] = dict(teacher_out.meta["nn_module_stack"])
             self.sites.append(site)
         if not losses:
             raise ValueError("no converted site: nothing to transfer")

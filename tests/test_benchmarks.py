@@ -250,3 +250,22 @@ def test_kernels_gpu_correctness_smoke(tmp_path):
         "chunk_gla per-channel gates", "chunk_gla scalar gates", "recurrent_gla_step",
         "swa_attention w=64, 4 sinks, ring", "liger_attention fwd, chunked", "liger_attention fwd, one launch"]
     assert all(r["ok"] for r in res["correctness"]), res["correctness"]
+
+
+def test_remat_benchmark_runs_on_a_tiny_model(tmp_path):
+    """benchmarks/remat.py end to end on a tiny model: both workers, the table and the JSON (not its numbers)."""
+    import subprocess
+    import sys
+
+    from healkit import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "remat.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "remat.py"), "--model", str(model), "--specs",
+                          "liger-attention", "--seq-lens", "32", "--steps", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| liger-attention | 32 |" in run.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["remat"], r["layers"]) for r in rows] == [(False, 0), (True, 2)]
+    assert rows[0]["loss"] == rows[1]["loss"] and rows[1]["kept_bytes"] < rows[0]["kept_bytes"]

@@ -407,7 +407,8 @@ def test_resume_after_kill_equals_uninterrupted(world, long_reference, tmp_path)
     proc.wait()
     assert json.loads((out / "heal" / "state.json").read_text())["status"] == "running"
     leftovers = plant_temporaries(out)  # as a kill during an atomic write leaves them
-    code, output = run("heal", out, "--resume", "--no-progress")
+    # Gradient checkpointing changes memory, not results: a run that ran out of memory may resume with it.
+    code, output = run("heal", out, "--resume", "--no-progress", "--gradient-checkpointing")
     assert code == 0, output
     assert not [p for p in leftovers if p.exists()] and "temporary file(s) an interrupted heal left" in output
     assert_same_result(out, long_reference)
@@ -427,6 +428,22 @@ def plant_temporaries(out):
         (d / "adapter_model.safetensors").write_bytes(b"partial")
         made.append(d)
     return made
+
+
+def test_gradient_checkpointing_heals_to_the_same_result(world, tmp_path):
+    # Both stages recompute their layers in backward (tests/test_remat.py has the memory), LoRA dropout
+    # included (its masks are drawn again in the recomputation): the same weights as without.
+    plain, remat = tmp_path / "plain", tmp_path / "remat"
+    args = [a for a in SINGLE if a != "--no-progress"] + ["--dropout", "0.2"]
+    for out, extra in ((plain, []), (remat, ["--gradient-checkpointing"])):
+        shutil.copytree(world / "out", out)
+        code, output = run("heal", out, *args, *extra)
+        assert code == 0, output
+    assert "gradient checkpointing (transfer): 2 layers recompute" in output
+    assert "gradient checkpointing (lora): 2 layers recompute" in output
+    assert_same_result(remat, plain)
+    saved = json.loads((remat / "heal" / "config.json").read_text())
+    assert saved["transfer"]["gradient_checkpointing"] is saved["lora"]["gradient_checkpointing"] is True
 
 
 def test_resume_on_other_data_is_refused(world, tmp_path):

@@ -15,6 +15,7 @@
         clip: 1.0
         batch_size: 1
         grad_accum: 1
+        gradient_checkpointing: false                     # true: recompute layers in backward (less memory)
         distill: {weight: 0.5, temperature: 2.0}
       eval_every: 50
       checkpoint_every: 25
@@ -64,6 +65,7 @@ class StageConfig:
     batch_size: int = 1  # sequences per micro-batch per process
     grad_accum: int = 1
     weight_decay: float = 0.0
+    gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, a second forward
 
 
 @dataclass
@@ -110,7 +112,7 @@ class HealConfig:
 # --------------------------------------------------------------------------------------------------
 
 _STAGE_KEYS = ("enabled", "steps", "tokens", "lr", "warmup", "schedule", "min_lr_ratio", "clip", "batch_size",
-               "grad_accum", "weight_decay")
+               "grad_accum", "weight_decay", "gradient_checkpointing")
 _LORA_KEYS = _STAGE_KEYS + ("r", "alpha", "dropout", "targets", "train_ops", "distill")
 _DATA_KEYS = ("train", "eval", "seq_len", "holdout", "seed", "tokenizer", "eval_blocks")
 
@@ -212,6 +214,9 @@ def _parse_stage(stage: StageConfig, raw, loc, path, keys) -> StageConfig:
             setattr(stage, key, _int(raw[key], loc, path + (key,), minimum=1))
     if "weight_decay" in raw:
         stage.weight_decay = _num(raw["weight_decay"], loc, path + ("weight_decay",), 0.0)
+    if "gradient_checkpointing" in raw:
+        stage.gradient_checkpointing = _expect(raw["gradient_checkpointing"], bool, path + ("gradient_checkpointing",),
+                                               loc, f"{name}.gradient_checkpointing")
     return stage
 
 

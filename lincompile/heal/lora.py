@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from ..emit import publish_dir
 from ..errors import UsageError
+from ..graph import short_op
 from .outdir import LM, OutDir
 
 ADAPTER_DIR = "adapter"
@@ -76,7 +77,8 @@ def insert_lora_dropout(gm: fx.GraphModule) -> list[nn.Dropout]:
 
 
 def _feeds_lora_a(node: fx.Node, depth: int = 4) -> str | None:
-    """The lora_A weight name of the linear this node feeds (through casts), or None."""
+    """The lora_A weight name of the linear this node feeds directly or through casts, or None. (Not through
+    other ops: GPT-NeoX's embedding dropout reaches layer 0's lora_A through a layer norm, and is not LoRA's.)"""
     frontier = [node]
     for _ in range(depth):
         nxt = []
@@ -84,11 +86,16 @@ def _feeds_lora_a(node: fx.Node, depth: int = 4) -> str | None:
             for user in n.users:
                 if user.op == "call_function" and "linear" in str(user.target) and len(user.args) > 1:
                     w = user.args[1]
-                    if isinstance(w, fx.Node) and w.op == "get_attr" and ".lora_A." in str(w.target):
+                    if user.args[0] is n and isinstance(w, fx.Node) and w.op == "get_attr" \
+                            and ".lora_A." in str(w.target):
                         return str(w.target)
-                nxt.append(user)
+                elif user.op == "call_function" and short_op(user) in _CASTS:
+                    nxt.append(user)
         frontier = nxt
     return None
+
+
+_CASTS = ("to", "_to_copy", "type_as", "contiguous", "clone", "alias")
 
 
 # --------------------------------------------------------------------------------------------------

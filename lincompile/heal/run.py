@@ -72,8 +72,9 @@ def status(out) -> str | None:
 
 
 def heal(out, cfg: HealConfig | None = None, *, resume: bool = False, restart: bool = False, device: str = "cpu",
-         allow_code: bool = False, progress: bool = True, log=print) -> dict:
-    """Heal the converted model in OUT. With `resume`, `cfg` is ignored: the saved configuration continues."""
+         allow_code: bool = False, progress: bool = True, log=print, gradient_checkpointing: bool | None = None) -> dict:
+    """Heal the converted model in OUT. With `resume`, `cfg` is ignored: the saved configuration continues, except
+    that `gradient_checkpointing` (when not None) replaces both stages' (it changes memory, not results)."""
     if cfg is None and not resume:
         raise UsageError("no heal configuration given")
     outdir = OutDir(out)
@@ -82,12 +83,13 @@ def heal(out, cfg: HealConfig | None = None, *, resume: bool = False, restart: b
     with lock(outdir.root) if main_rank else nullcontext():
         d = init(device)
         try:
-            return _heal(outdir, cfg, d, resume, restart, allow_code, progress, log if d.main else (lambda s: None))
+            return _heal(outdir, cfg, d, resume, restart, allow_code, progress, log if d.main else (lambda s: None),
+                         gradient_checkpointing)
         finally:
             shutdown(d)
 
 
-def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, log) -> dict:
+def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, log, gradient_checkpointing) -> dict:
     heal_dir = outdir.heal_dir
     t_start = time.perf_counter()
     if d.main:
@@ -101,6 +103,8 @@ def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, l
         if cfg is None:
             raise UsageError(f"nothing to resume in {heal_dir} (no heal was started there): run without --resume")
         saved = saved_state(outdir.root)
+        if gradient_checkpointing is not None:
+            cfg.transfer.gradient_checkpointing = cfg.lora.gradient_checkpointing = gradient_checkpointing
     else:
         if not cfg.data.train:
             raise UsageError("no healing data: pass --data PATH or set heal.data.train in the spec")
@@ -131,9 +135,13 @@ def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, l
     graphs = build(lm, outdir.spec, lora_config=lora_config(cfg.lora, outdir) if cfg.lora.enabled else None,
                    with_teacher=cfg.transfer.enabled, allow_code=allow_code, op_state=base)
     log(f"built the converted graph{' with LoRA' if cfg.lora.enabled else ''} in {graphs.seconds:.1f} s")
+    if cfg.lora.enabled and cfg.lora.gradient_checkpointing:
+        _checkpoint_layers("lora", graphs.converted.graph_module, log)
     notes, transfer = list(split.notes), None
     if cfg.transfer.enabled:
         transfer = transfer_stage(graphs, cfg.transfer, eval_blocks, d.device)
+        if transfer is not None and cfg.transfer.gradient_checkpointing:
+            _checkpoint_layers("transfer", graphs.teacher, log)
         if transfer is None:
             note = f"attention transfer skipped: the operators of spec {outdir.spec.name} have no parameters"
             log(f"note: {note}")
@@ -200,6 +208,20 @@ def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, l
         log(f"healed {outdir.root}: {ran}{' (on the attention transfer of an earlier heal)' if transferred else ''}")
     d.barrier()
     return json.loads((heal_dir / REPORT).read_text(encoding="utf-8"))
+
+
+def _checkpoint_layers(stage: str, gm, log) -> None:
+    """heal.<stage>.gradient_checkpointing: the stage's graph recomputes its layers in backward."""
+    from .remat import checkpoint_layers, found_layers
+
+    found = found_layers(gm.graph)
+    done = checkpoint_layers(gm)
+    if not done:
+        log(f"note: gradient checkpointing ({stage}) found no layers (no module path with a layer number): it is off")
+        return
+    inline = sorted(set(found) - set(done))
+    rest = f"; layer(s) {', '.join(map(str, inline))} run as they are (no single call can hold them)" if inline else ""
+    log(f"gradient checkpointing ({stage}): {len(done)} layers recompute their activations in backward{rest}")
 
 
 def write_plot(records: list[dict], path: Path, log) -> Path | None:
