@@ -18,6 +18,8 @@ Inputs an operator can ask for (names of site bindings; shapes `[B, heads, T, di
     k_pre_rope       k before rotary embedding (num_kv_heads heads)
     mask             the attention mask the site received (bool or additive)
     hidden           the attention block's input hidden states `[B, T, d_model]`
+    sinks            attention sinks (GPT-OSS): one learned logit per query head `[num_heads]`, softmax taken
+                     over the scores and it, its column then dropped (only where the site has them)
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Operator(nn.Module):
     params: ClassVar[dict[str, Any]] = {}  # spec `params:` are checked against these defaults
     inputs: ClassVar[tuple[str, ...]] = ("q", "k", "v")
     optional_inputs: ClassVar[tuple[str, ...]] = ()
+    init_bindings: ClassVar[tuple[str, ...]] = ()  # bindings read only to initialise (Site.constant), not run on
     summary: ClassVar[str] = ""
     # Kernel ops (kernels/fused.py) this operator calls when the fuse pass selects the Triton backend.
     fused_kernels: ClassVar[tuple[str, ...]] = ()

@@ -20,7 +20,8 @@ The gate projection is d_model → num_heads (one gate per head rather than the 
 column: heads can keep different memory lengths); W_γ starts at 0 and b_γ at logit(γ₀) with γ₀ spread
 evenly over [0.95, 0.99] across heads, so at init every token decays the state by γ₀ (memories of
 ~20–100 tokens) and healing learns how the gate depends on the input. Log-gates are clamped at
-kernels/gla.py's LOG_GATE_MIN in every form. Sinks start at τ = 0, α at 1.
+kernels/gla.py's LOG_GATE_MIN in every form. Sinks start at τ = 0 (at the model's own sinks
+where it has them, GPT-OSS), α at 1.
 The gated branch runs through kernels/gla.py (its one-gate-per-head path, log-gate shaped [..., 1]) with v
 augmented with a ones column, whose output is the normaliser φ_q(q_t)ᵀ z_t.
 The window branch takes its sums from swa_sinks.window_sums (exponents relative to the window max c_t) and
@@ -35,6 +36,8 @@ Bindings: q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +64,7 @@ class Lizard(Operator):
     summary = "Lizard: gated Hedgehog linear attention (learned per-token gate) + SWA-128 with 4 learned sinks"
     params = {"window": 128, "num_sinks": 4, "feature_dim": None, "chunk": 64}
     inputs = ("q", "k_kv", "v_kv", "q_pre_rope", "k_pre_rope", "hidden")
+    init_bindings = ("sinks",)  # read once, at init_from_site
     fused_kernels = ("chunk_gla", "swa_attention")
 
     def __init__(self, *args, hidden_size: int | None = None, **kwargs):
@@ -102,10 +106,16 @@ class Lizard(Operator):
         return op
 
     def init_from_site(self, site):
-        # W_γ = 0 and the rest are constants: nothing is read from the pretrained weights but their device.
+        # W_γ = 0 and the rest are constants: nothing is read from the pretrained weights but their device, and
+        # the model's own attention sinks where it has them (GPT-OSS: one logit σ_h per head), split over the m
+        # sink logits so that they take the same mass: Σ_j exp(σ_h − log m) = exp(σ_h).
         weight = site.weight("q_proj")
         if weight is not None:
             self.to(device=weight.device)
+        sinks, m = site.constant("sinks"), self.config["num_sinks"]
+        if sinks is not None and m > 0 and sinks.numel() == self.num_heads:
+            with torch.no_grad():
+                self.sink_logits.copy_(sinks.detach().float().reshape(-1, 1) - math.log(m))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", d_model={self.hidden_size}"

@@ -1,6 +1,7 @@
 """`softmax`: softmax attention re-implemented through the operator machinery (the identity conversion).
 
     o = softmax(scale · q kᵀ [→ softcap] + mask) v
+    with sinks (GPT-OSS): p = softmax([scale · q kᵀ + mask, sink_h]) without its last column; o = p v
 
 Converting every site with `softmax` must reproduce the original logits (fp32, max abs ≤ 1e-5): it proves
 that capture, match, substitute and emit lose nothing. Uses the site's q, k, v, mask as fed to attention,
@@ -22,7 +23,7 @@ class Softmax(Operator):
     name = "softmax"
     summary = "softmax attention as the original computes it (identity conversion, full KV cache)"
     inputs = ("q", "k", "v")
-    optional_inputs = ("mask",)
+    optional_inputs = ("mask", "sinks")
 
     def __init__(self, *args, softcap: float | None = None, is_causal: bool = False, window: int | None = None,
                  **kwargs):
@@ -40,14 +41,14 @@ class Softmax(Operator):
                    v_head_dim=a.get("v_head_dim"), scale=a.get("scale"), softcap=a.get("softcap"),
                    is_causal=bool(a.get("is_causal", False)), window=window, **params)
 
-    def forward(self, q, k, v, mask=None):
-        if self.softcap is None:
+    def forward(self, q, k, v, mask=None, sinks=None):
+        if self.softcap is None and sinks is None:
             k, v = repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1])
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                   is_causal=self.is_causal and mask is None)
-        return self.naive(q, k, v, mask)
+        return self.naive(q, k, v, mask, sinks)
 
-    def naive(self, q, k, v, mask=None):
+    def naive(self, q, k, v, mask=None, sinks=None):
         k, v = repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1])
         scores = (q @ k.transpose(-1, -2)) * self.scale
         if self.softcap is not None:
@@ -57,9 +58,12 @@ class Softmax(Operator):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        return (scores.float().softmax(-1).to(q.dtype)) @ v
+        if sinks is None:
+            return (scores.float().softmax(-1).to(q.dtype)) @ v
+        column = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(*scores.shape[:-1], 1)
+        return (torch.cat([scores, column], -1).float().softmax(-1)[..., :-1].to(q.dtype)) @ v
 
-    def chunked(self, q, k, v, mask=None, state=None):
+    def chunked(self, q, k, v, mask=None, state=None, sinks=None):
         # The cache holds one key/value per kv head (init_state's shape) even when the site feeds keys already
         # repeated for GQA: naive() repeats them again.
         k, v = self._kv_heads(k), self._kv_heads(v)
@@ -71,7 +75,7 @@ class Softmax(Operator):
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
                 if self.window is not None:  # query t (at S - T + t) sees the `window` keys up to itself
                     mask = mask & ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T - self.window)
-        return self.naive(q, k, v, mask), {"k": k, "v": v}
+        return self.naive(q, k, v, mask, sinks), {"k": k, "v": v}
 
     def _kv_heads(self, x):
         """Undo a GQA repeat (head h of the repeated tensor is kv head h // group, as repeat_heads makes it)."""
@@ -83,6 +87,6 @@ class Softmax(Operator):
         return {"k": torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=dtype, device=device),
                 "v": torch.zeros(batch, self.num_kv_heads, 0, self.v_head_dim, dtype=dtype, device=device)}
 
-    def step(self, state, q, k, v, mask=None):
-        out, state = self.chunked(q[:, :, None], k[:, :, None], v[:, :, None], state=state)
+    def step(self, state, q, k, v, mask=None, sinks=None):
+        out, state = self.chunked(q[:, :, None], k[:, :, None], v[:, :, None], state=state, sinks=sinks)
         return out[:, :, 0], state

@@ -5,7 +5,9 @@ scores = matmul/bmm/baddbmm(q, kᵀ) → [scale: mul/div] → [softcap: div → 
 [dropout] → matmul(·, v). Views that only split or merge the batch·heads axis may sit anywhere in the chain
 (attention on [B·H, T, D] tensors with bmm / baddbmm): q, k, v and the output are then bound as the
 [B, H, T, D] values those views come from (or new unflatten nodes). The mask applications are combined into
-one site mask (see `_build_mask`). Nothing is added to the graph until a site has matched completely.
+one site mask (see `_build_mask`). Attention sinks (GPT-OSS): softmax over cat([scores, one logit per head
+expanded], key axis), optionally less its row max, and the last key column sliced off the probabilities: the
+logits are bound as `sinks` ([heads]). Nothing is added to the graph until a site has matched completely.
 """
 
 from __future__ import annotations
@@ -49,25 +51,40 @@ def _match_eager_at(softmax: fx.Node) -> Site:
         raise _Miss(f"softmax over a {rank}-D tensor, not attention scores ([batch, heads, query, key])")
     if not isinstance(dim, int) or dim % rank != rank - 1:
         raise _Miss(f"softmax over dim {dim}, not the key dimension")
-    # Forward: [cast] → [dropout] → matmul with v, through views that only split / merge the batch·heads axis.
-    out = softmax
+    # Forward: [cast] → [drop the sink column] → [dropout] → matmul with v, through views that only split / merge
+    # the batch·heads axis.
+    out, sink_slice = softmax, None
     while True:
         nxt = users(out)
         if len(nxt) != 1:
             raise _Miss(f"softmax output has {len(nxt)} users, expected one chain to matmul(·, v)")
         u = nxt[0]
+        if sink_slice is None and _drops_last_key(u, rank):
+            sink_slice = u
+            nodes.append(u)
+            out = u
+            continue
         if is_op(u, *CASTS, "dropout", "native_dropout", "getitem") or _is_head_view(u):
             nodes.append(u)
             out = u
             continue
         break
     if not (is_op(u, "matmul", "bmm") and u.args[0] is out):
-        raise _Miss(_sinks_reason(softmax, u) or f"softmax output feeds {short_op(u)}, not matmul(·, v)")
+        raise _Miss(f"softmax output feeds {short_op(u)}, not matmul(·, v)")
     output = u
     nodes.append(output)
     v = output.args[1]
+    # Attention sinks: softmax over the scores and one more logit per row, whose column is sliced off after.
+    scores, sinks = softmax.args[0], None
+    if sink_slice is not None:
+        found = _sink_logits(scores)
+        if found is None:
+            raise _Miss("softmax output's last key column is sliced off, but its input is not the scores "
+                        "concatenated with one sink logit per row")
+        scores, sinks, sink_nodes = found
+        nodes.extend(sink_nodes)
     # Backward from the softmax input: mask applications ← [softcap] ← [scale] ← matmul(q, kᵀ).
-    sc = _walk_scores(softmax.args[0])
+    sc = _walk_scores(scores)
     nodes.extend(sc.nodes)
     x, scale, terms = sc.mm, sc.scale, list(sc.terms)
     nodes.append(x)
@@ -127,6 +144,8 @@ def _match_eager_at(softmax: fx.Node) -> Site:
         site.attrs["scale_node"] = sc.scale_node
     if sc.softcap is not None:
         site.attrs["softcap"] = sc.softcap
+    if sinks is not None:
+        site.bindings["sinks"] = sinks
     # Side nodes that only check metadata of matched values go with them.
     for node in list(nodes):
         site.nodes.extend(u for u in node.users if short_op(u) == "_assert_tensor_metadata")
@@ -336,21 +355,69 @@ def _build_mask(graph, softmax, terms, num_heads):
     return mask
 
 
-def _sinks_reason(softmax: fx.Node, user) -> str | None:
-    """Attention sinks: scores concatenated with extra logits along the key axis before softmax, the extra
-    columns sliced off after it."""
-    if not is_op(user, "slice", "narrow"):
-        return None
-    x = softmax.args[0]
-    for _ in range(6):
-        if is_op(x, *CASTS) or (is_op(x, "sub") and isinstance(x.args[0], fx.Node)):
-            x = x.args[0]  # casts, and the max subtraction of a numerically stable softmax
+def _drops_last_key(n: fx.Node, rank: int) -> bool:
+    """`probs[..., :-1]`: a slice of the key axis that drops its last column."""
+    if not is_op(n, "slice") or len(n.args) < 4:
+        return False
+    dim, start, end = n.args[1], n.args[2], n.args[3]
+    step = n.args[4] if len(n.args) > 4 else 1
+    return isinstance(dim, int) and dim % rank == rank - 1 and start == 0 and end == -1 and step == 1
+
+
+def _sink_logits(x):
+    """(scores, per-head sink logits, nodes) when x = [cast] [x − rowmax(x)] cat([scores, sinks], key axis) and
+    sinks broadcasts one logit per head (GPT-OSS: a [heads] parameter reshaped and expanded); else None. The max
+    subtraction only keeps softmax in range: softmax is the same without it."""
+    nodes = []
+    for _ in range(4):
+        if is_op(x, *CASTS):
+            nodes.append(x)
+            x = x.args[0]
+            continue
+        rowmax = _rowmax_of(x.args[1], x.args[0]) if is_op(x, "sub") and isinstance(x.args[0], fx.Node) else None
+        if rowmax is not None:
+            nodes += [x, *rowmax]
+            x = x.args[0]
             continue
         break
-    rank = len(shape(x) or ()) or 4
-    if is_op(x, "cat") and len(x.args) > 1 and isinstance(x.args[1], int) and x.args[1] % rank == rank - 1:
-        return ("attention sinks: the scores are concatenated with other logits (cat along the key axis) before "
-                "softmax and those are sliced off after it; no operator keeps sink logits")
+    rank = len(shape(x) or ())
+    if not is_op(x, "cat") or len(x.args) < 2 or not isinstance(x.args[1], int) or rank != 4 \
+            or x.args[1] % rank != rank - 1 or len(x.args[0]) != 2:
+        return None
+    scores, column = x.args[0]
+    if shape(column) is None or _int(shape(column)[-1]) != 1:  # one column: the one the slice drops
+        return None
+    nodes.append(x)
+    sinks, heads_ = column, _int(shape(scores)[1])
+    for _ in range(6):  # back through expand / reshape / casts to one value per head
+        got = shape(sinks)
+        if got is not None and heads_ is not None and len(got) == 1 and _int(got[0]) == heads_:
+            return scores, sinks, nodes
+        if not (is_op(sinks, *CASTS, "expand", "reshape", "view", "unsqueeze", "_unsafe_view")
+                and isinstance(sinks.args[0], fx.Node)):
+            break
+        nodes.append(sinks)
+        sinks = sinks.args[0]
+    return None
+
+
+def _rowmax_of(m, x) -> list[fx.Node] | None:
+    """The nodes of m when m = max(x, key axis, keepdim) (its values), amax likewise, or that detached: one value
+    per row, which softmax does not see."""
+    chain = []
+    for _ in range(3):
+        if is_op(m, "detach", "getitem") and isinstance(m.args[0], fx.Node):
+            chain.append(m)
+            m = m.args[0]
+            continue
+        break
+    if not (is_op(m, "max", "amax") and m.args[0] is x and len(m.args) > 1):
+        return None
+    rank, dims = len(shape(x) or ()), m.args[1]
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    keepdim = m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)
+    if rank and keepdim is True and len(dims) == 1 and isinstance(dims[0], int) and dims[0] % rank == rank - 1:
+        return chain + [m]
     return None
 
 

@@ -10,7 +10,7 @@ from torch import fx
 from .graph import fmt_shape
 
 # Bindings operators can ask for (see kernels/base.py for their meaning and shapes).
-BINDINGS = ("q", "k", "v", "mask", "q_pre_rope", "k_pre_rope", "k_kv", "v_kv", "hidden")
+BINDINGS = ("q", "k", "v", "mask", "q_pre_rope", "k_pre_rope", "k_kv", "v_kv", "hidden", "sinks")
 
 
 @dataclass
@@ -25,6 +25,17 @@ class Site:
     notes: list[str] = field(default_factory=list)
     op: str | None = None  # filled by substitute: the operator that replaced it
     gm: object = field(default=None, repr=False)  # the graph module, for operators that read weights
+
+    def constant(self, binding: str):
+        """The tensor a binding holds when it is a model parameter or buffer read as it is (GPT-OSS's sinks), else
+        None."""
+        node = self.bindings.get(binding)
+        if node is None or node.op != "get_attr" or self.gm is None:
+            return None
+        obj = self.gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        return obj if hasattr(obj, "shape") else None
 
     def weight(self, projection: str, name: str = "weight"):
         """A projection's parameter, e.g. `site.weight("q_proj")`, or None when the site has no such projection.

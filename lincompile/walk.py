@@ -248,10 +248,49 @@ def _slice_source(n):
     return n
 
 
+def _rope_halves(n):
+    """x for n = cat([x1·cos − x2·sin, x2·cos + x1·sin], last axis), x1 and x2 the two halves of x (chunk / split /
+    slices: GPT-OSS's form), else None."""
+    n = strip(n)
+    if not (is_op(n, "cat") and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 2):
+        return None
+    want, sources = shape(n), set()
+    for part in n.args[0]:
+        part = strip(part)
+        if not is_op(part, "add", "sub") or len(part.args) < 2:
+            return None
+        for m in part.args[:2]:
+            m = strip(m)
+            if not is_op(m, "mul"):
+                return None
+            # of the two factors, the one that is half of a tensor shaped like the output (cos / sin are not)
+            halves = {h for a in m.args if isinstance(a, fx.Node) for h in [_half_of(a)]
+                      if h is not None and _same_shape(shape(h), want)}
+            if len(halves) != 1:
+                return None
+            sources |= halves
+    return sources.pop() if len(sources) == 1 else None
+
+
+def _half_of(a):
+    """The tensor `a` is a piece of along some axis (getitem of chunk / split, or slices), else None."""
+    a = strip(a)
+    if is_op(a, "getitem") and isinstance(a.args[0], fx.Node) and is_op(a.args[0], "chunk", "split",
+                                                                         "split_with_sizes"):
+        return strip(a.args[0].args[0])
+    if is_op(a, "slice", "narrow"):
+        return _slice_source(a)
+    return None
+
+
+def _same_shape(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(sym_eq(x, y) for x, y in zip(a, b))
+
+
 def find_pre_rope(node):
     """The tensor before the rotary embedding that produced `node`, or None when there is none."""
     n = strip(node)
-    x = _rope_full(n)
+    x = _rope_full(n) or _rope_halves(n)
     if x is not None:
         # Partial rotary applied to a slice: the source is what the slice came from (handled below).
         return x

@@ -38,8 +38,10 @@ from torch import fx, nn
 from lincompile.errors import LincompileError, UsageError
 
 SEEN = "seen"
-# Operator inputs whose time axis is not 2 ([B, heads, T, dim]).
+# Operator inputs whose time axis is not 2 ([B, heads, T, dim]), and those with neither a batch nor a time axis
+# (one value per head), passed to every row and step as they are.
 TIME_AXIS = {"hidden": 1}
+STATIC_INPUTS = ("sinks",)
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class LiftedOp(nn.Module):
         if self.mode == "prefill":
             out, new = self.op.chunked(**inputs, state=st)
         else:
-            at = {k: x.select(TIME_AXIS.get(k, 2), 0) for k, x in inputs.items()}
+            at = {k: x if k in STATIC_INPUTS else x.select(TIME_AXIS.get(k, 2), 0) for k, x in inputs.items()}
             out, new = self.op.step(st, **at)
             out = out.unsqueeze(2)
         got = dict(flatten(new))
@@ -175,7 +177,8 @@ class LiftedOp(nn.Module):
                 outs.append(torch.zeros(1, heads, T, dim, dtype=dtype, device=positions.device))
                 news.append(row_state)
                 continue
-            row_inputs = {k: x[i:i + 1].narrow(TIME_AXIS.get(k, 2), p, T - p) for k, x in inputs.items()}
+            row_inputs = {k: x if k in STATIC_INPUTS else x[i:i + 1].narrow(TIME_AXIS.get(k, 2), p, T - p)
+                          for k, x in inputs.items()}
             out, *new = self._batched(row_state, row_inputs, 1)
             outs.append(F.pad(out, (0, 0, p, 0)))
             news.append(new)

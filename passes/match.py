@@ -9,8 +9,9 @@ Built-in patterns (data about op names, not about architectures):
   bound as the [B, H, T, D] values those views come from (or new unflatten nodes). baddbmm's alpha is a scale,
   its bias (beta · input) a mask term (not under a softcap). The mask applications are combined into one site
   mask, so that softmax(scale · q kᵀ + mask) is the original: a single `+ mask` on 4-D scores is bound as it is,
-  anything else (several terms, masked_fill / where, 3-D scores) gets new nodes before the softmax. Scores concatenated with other logits before softmax and sliced after (attention sinks) are a near
-  miss that says so.
+  anything else (several terms, masked_fill / where, 3-D scores) gets new nodes before the softmax. Scores
+  concatenated with one logit per head before softmax, that column sliced off after (attention sinks), bind
+  the logits as `sinks`.
 - `softmax_attention`: either.
 A spec may declare its own patterns (see lincompile/patterns.py). The eager pattern lives in
 lincompile/eager_pattern.py, the walks below in lincompile/walk.py.
@@ -272,9 +273,46 @@ def match(captured, spec) -> MatchResult:
         tried = ", ".join(patterns)
         hint = f"; near misses: {result.near_misses[0].reason} at {result.near_misses[0].node}" if result.near_misses else ""
         raise MatchError(f"0 sites matched; patterns tried: {tried}{hint}{_capture_hint(captured.gm, patterns, spec)}")
-    evaluate_facts(captured.gm, result.sites, captured.model.config.vocab_size,
-                   min(spec.capture.mask_probe_len, captured.max_seq_len))
+    config = captured.model.config
+    length = mask_probe_length(config, spec.capture.mask_probe_len, captured.max_seq_len)
+    evaluate_facts(captured.gm, result.sites, config.vocab_size, length)
+    w = declared_window(config)
+    if w is not None and length <= w < captured.max_seq_len:  # past MAX_MASK_PROBE: say what a causal site may be
+        for s in result.sites:
+            if s.attrs.get("mask_kind") == "causal":
+                s.notes.append(f"the config declares a window of {w} tokens, longer than the {length}-token mask "
+                               f"probe: a sliding layer reads as causal here (capture.mask_probe_len: {w + 64} "
+                               "tells them apart)")
     return result
+
+
+# What configs call the width of a sliding attention window or of an attention chunk (int, or one per layer).
+WINDOW_FIELDS = ("sliding_window", "sliding_window_size", "window_size", "attention_window", "attention_chunk_size")
+# Masks are T x T: a config's window lengthens the probe up to this many tokens (a 16k float mask is 1 GiB).
+MAX_MASK_PROBE = 16384
+
+
+def declared_window(config) -> int | None:
+    """The largest sliding window (or attention chunk) the model's config declares, its text config's included:
+    a hint for how long masks must be probed (the graph is what says which layers use it)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = []
+    for cfg in (config, text) if text is not config else (config,):
+        for name in WINDOW_FIELDS:
+            value = getattr(cfg, name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            found += [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return max(found, default=None)
+
+
+def mask_probe_length(config, asked: int, max_len: int) -> int:
+    """How long the mask probe is: the spec's capture.mask_probe_len, lengthened past a window the config declares
+    (a window of 4096 probed at 1024 tokens reads as causal: no row is long enough to show it), up to
+    MAX_MASK_PROBE, within the length the graph takes (a window that long never applies)."""
+    w = declared_window(config)
+    if w is not None and w < max_len:
+        asked = max(asked, min(w + 64, MAX_MASK_PROBE))
+    return min(asked, max_len)
 
 
 def select(result: MatchResult, spec) -> list[tuple[Site, object]]:
@@ -321,9 +359,10 @@ def select(result: MatchResult, spec) -> list[tuple[Site, object]]:
 MASKLESS_KINDS = ("causal", "sliding", "none")
 
 
-def takes_mask(op: str) -> bool | None:
-    """Whether operator `op` receives the site's mask (one of its `inputs`); None when that is unknown without
-    running user code (`module:Class` not imported yet)."""
+def takes_mask(op: str, what: str = "mask", at_init: bool = False) -> bool | None:
+    """Whether operator `op` receives the site's mask (or another binding, `what`: one of its `inputs`, or with
+    `at_init` of the bindings it reads to initialise); None when that is unknown without running user code
+    (`module:Class` not imported yet)."""
     import sys
 
     if op == "keep":
@@ -337,7 +376,8 @@ def takes_mask(op: str) -> bool | None:
         from lincompile.kernels import registry
 
         cls = registry.get(op)
-    return "mask" in tuple(getattr(cls, "inputs", ())) + tuple(getattr(cls, "optional_inputs", ()))
+    names = tuple(getattr(cls, "inputs", ())) + tuple(getattr(cls, "optional_inputs", ()))
+    return what in names + (tuple(getattr(cls, "init_bindings", ())) if at_init else ())
 
 
 def check_masks(assignments) -> None:
@@ -356,6 +396,13 @@ def check_masks(assignments) -> None:
                 site.notes.append(note)
             continue
         dropped.setdefault(id(rule), (rule, []))[1].append(site)
+    for site, rule in assignments:  # attention sinks: the new operator learns without them (healing)
+        if "sinks" in site.bindings and takes_mask(rule.op, "sinks") is False:
+            note = (f"the site's attention sinks (one learned logit per head) initialise {rule.op}'s sink logits"
+                    if takes_mask(rule.op, "sinks", at_init=True) else
+                    f"the site's attention sinks (one learned logit per head) are dropped: {rule.op} takes none")
+            if note not in site.notes:
+                site.notes.append(note)
     for rule, sites in dropped.values():
         kinds = sorted({s.mask_kind for s in sites})
         layers = ", ".join(str(s.layer) if s.layer is not None else s.module for s in sites)

@@ -8,13 +8,13 @@ from torch import nn
 
 import lincompile
 from lincompile.errors import SpecError, VerifyError
-from lincompile.graph import op_counts
+from lincompile.graph import op_counts, record
 from lincompile.kernels.base import Operator
 from lincompile.passes.capture import capture
-from lincompile.passes.match import classify_mask, match
+from lincompile.passes.match import classify_mask, find_sites, match
 from lincompile.spec import CaptureConfig
 
-from conftest import make_spec, spec_text, tiny_config, tiny_model
+from conftest import COMMON, make_spec, spec_text, tiny_config, tiny_model
 
 
 def test_bindings_on_gqa_llama():
@@ -59,6 +59,41 @@ def test_sliding_window_masks_are_classified(impl):
     assert result.sites[0].attrs["softcap"] == 50.0
     if impl == "sdpa":
         assert any("captured with eager" in n for n in cap.notes)
+
+
+def test_a_window_longer_than_the_mask_probe_is_still_found():
+    # A window of 1100 probed at the default 1024 tokens would read as causal: the config's window lengthens it.
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    from lincompile.passes.match import declared_window, mask_probe_length
+
+    gqa = dict(COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    cfg = tf.Gemma2Config(**gqa, sliding_window=1100, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    cap = capture(model, CaptureConfig(attn_implementation="eager"))
+    result = match(cap, make_spec(spec_text("softmax", "eager")))
+    assert [(s.attrs["mask_kind"], s.attrs.get("window")) for s in result.sites] == [("sliding", 1100), ("causal", None)]
+    assert declared_window(cfg) == 1100 and mask_probe_length(cfg, 1024, 8192) == 1164
+    assert mask_probe_length(cfg, 1024, 1000) == 1000  # a window past the graph's length never applies
+    assert mask_probe_length(tf.LlamaConfig(), 1024, 8192) == 1024
+    assert declared_window(tf.Qwen2Config(use_sliding_window=False)) is None
+    assert mask_probe_length(tf.MistralConfig(sliding_window=30000), 1024, 32768) == 16384  # capped: T x T masks
+    assert declared_window(tf.Llama4Config()) == 8192  # attention_chunk_size, in its text config
+
+    # Past the cap, the causal sites say how long a probe tells them apart.
+    from lincompile.passes import match as match_pass
+
+    cap = capture(model, CaptureConfig(attn_implementation="eager"))
+    old = match_pass.MAX_MASK_PROBE
+    match_pass.MAX_MASK_PROBE = 512
+    try:
+        result = match(cap, make_spec(spec_text("softmax", "eager")))
+    finally:
+        match_pass.MAX_MASK_PROBE = old
+    assert [s.attrs["mask_kind"] for s in result.sites] == ["causal", "causal"]
+    assert all("capture.mask_probe_len: 1164 tells them apart" in " ".join(s.notes) for s in result.sites)
 
 
 def test_rules_select_on_mask_kind_and_keep_sliding_layers():
@@ -291,23 +326,77 @@ def test_kv_heads_repeated_before_rope():
     assert torch.isfinite(converted(torch.randint(0, 128, (2, 20)))).all()
 
 
-def test_attention_sinks_and_routers_are_near_misses():
-    # GPT-OSS concatenates per-head sink logits to the scores before softmax and slices them off after: not
-    # converted, and the near miss says why. Its MoE router softmax is no attention either.
+def gpt_oss():
     import transformers as tf
-    from lincompile.passes.match import find_sites
 
-    cfg = tf.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    cfg = tf.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                          num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"])
+                          num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                          layer_types=["sliding_attention", "full_attention"])
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    result = find_sites(capture(model, CaptureConfig(attn_implementation="eager", max_seq_len=256)).gm,
-                        ["softmax_attention"])
-    assert not result.sites
-    reasons = [m.reason for m in result.near_misses]
-    assert len(reasons) == 2 and reasons[0].startswith("attention sinks:")
-    assert "not attention scores" in reasons[1] or "not the key dimension" in reasons[1]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 1.0)  # zeros at init: make them matter
+    return model
+
+
+def test_attention_sinks_are_bound_kept_exactly_and_decoded():
+    """GPT-OSS: softmax over the scores and one learned sink logit per head, the sink column sliced off after.
+    The sinks are bound (`sinks`), the identity keeps them (exact logits, prefill + decode), lizard starts its
+    sink logits from them, operators without sinks say they drop them; its MoE router softmax is no attention."""
+    from lincompile.runtime import Runtime
+
+    model = gpt_oss()
+    cap = capture(model, CaptureConfig(attn_implementation="eager", max_seq_len=256))
+    result = match(cap, make_spec(spec_text("softmax", "eager")))
+    assert [(s.layer, s.mask_kind, s.attrs.get("window")) for s in result.sites] == [(0, "sliding", 8), (1, "causal", None)]
+    assert any("not attention scores" in m.reason or "not the key dimension" in m.reason for m in result.near_misses)
+    ids = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(1))
+    for s in result.sites:
+        attn = model.model.layers[s.layer].self_attn
+        assert torch.equal(s.constant("sinks"), attn.sinks)
+        # GPT-OSS's rotary form (halves: x1·cos − x2·sin, x2·cos + x1·sin) is found: q before it is q_proj's.
+        vals = record(cap.gm, [s.bindings["q_pre_rope"], s.bindings["hidden"]], ids)
+        q = attn.q_proj(vals[s.bindings["hidden"]])
+        assert torch.allclose(vals[s.bindings["q_pre_rope"]], q.view(2, 19, 4, 16).transpose(1, 2), atol=1e-6)
+    with torch.no_grad():
+        want = model(ids).logits
+    identity = lincompile.convert(model, make_spec(spec_text("softmax", "eager")))
+    assert (identity(ids) - want).abs().max() <= 1e-5
+    rt = Runtime.from_model(model, make_spec(spec_text("softmax", "eager")))
+    logits, state = rt.prefill(ids[:, :12])
+    steps = [logits[:, -1]]
+    for t in range(12, 18):
+        logits, state = rt.decode(ids[:, t:t + 1], state=state)
+        steps.append(logits[:, -1])
+    assert (torch.stack(steps, 1) - want[:, 11:18]).abs().max() <= 1e-5
+    pads = torch.zeros(2, 3, dtype=torch.long)  # left padding: one call per row, the sinks passed to each as they are
+    padded = rt(torch.cat([pads, ids], 1), attention_mask=torch.cat([pads, torch.ones_like(ids)], 1)).logits
+    assert (padded[:, 3:] - want).abs().max() <= 1e-4
+
+    lizard = lincompile.convert(model, make_spec(spec_text("lizard", "eager", "    params: {window: 4}\n")))
+    for d, (name, op) in zip(lizard.report["site_details"], lizard.operators.items()):
+        assert "initialise lizard's sink logits" in " ".join(d["notes"])
+        sinks = model.model.layers[d["layer"]].self_attn.sinks
+        assert torch.allclose(op.sink_logits.exp().sum(1), sinks.exp(), rtol=1e-5)  # the same mass
+    liger = lincompile.convert(model, make_spec(spec_text("liger_attention", "eager")))
+    assert all("attention sinks (one learned logit per head) are dropped" in " ".join(d["notes"])
+               for d in liger.report["site_details"])
+
+
+def test_a_sliced_softmax_without_sink_logits_is_a_near_miss():
+    # softmax(cat([scores, other], -1))[..., :-1] where `other` is not one logit per head: not GPT-OSS's sinks.
+    class Odd(nn.Module):
+        def forward(self, q, k, v):
+            s = q @ k.transpose(-1, -2)
+            extra = s.mean(-1, keepdim=True)  # depends on the scores: no per-head constant
+            return torch.cat([s, extra], -1).softmax(-1)[..., :-1] @ v
+
+    x = torch.randn(1, 2, 5, 4)
+    gm = torch.export.export(Odd(), (x, x, x)).module()
+    result = find_sites(gm, ["eager_softmax_attention"])
+    assert not result.sites and "not the scores concatenated with one sink logit per row" in result.near_misses[0].reason
 
 
 def test_a_bias_under_a_softcap_is_no_mask():
