@@ -32,7 +32,7 @@ Shapes: q / q_pre_rope `[B, Hq, T, D]`, k_kv / k_pre_rope / v_kv `[B, Hkv, T, D]
 -> `[B, Hq, T, Dv]`.
 New parameters: 2 · Hq · D · F (φ) + Hq · d_model + Hq (gate) + Hq · m (sinks) + Hq (α).
 Paper: Van Nguyen et al., "Lizard: An Efficient Linearization Framework for Large Language Models", 2025.
-Bindings: q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden.
+Bindings: q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden; sinks (read at init only).
 """
 
 from __future__ import annotations
@@ -112,10 +112,16 @@ class Lizard(Operator):
         weight = site.weight("q_proj")
         if weight is not None:
             self.to(device=weight.device)
+        if "sinks" not in site.bindings:
+            return
         sinks, m = site.constant("sinks"), self.config["num_sinks"]
         if sinks is not None and m > 0 and sinks.numel() == self.num_heads:
             with torch.no_grad():
                 self.sink_logits.copy_(sinks.detach().float().reshape(-1, 1) - math.log(m))
+            self.notes.append("the site's attention sinks (one learned logit per head) initialise lizard's sink logits")
+        else:
+            why = "num_sinks is 0" if m == 0 else "they are computed in the graph, not a model parameter"
+            self.notes.append(f"the site's attention sinks (one learned logit per head) are dropped: {why}")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", d_model={self.hidden_size}"
@@ -138,7 +144,7 @@ class Lizard(Operator):
     def _sinks(self, c):
         """The sink logits broadcast to the window maxima's shape `[B, H, ...]` (+ m)."""
         m = self.config["num_sinks"]
-        return self.sink_logits.float().reshape(1, -1, *([1] * (c.dim() - 2)), m).expand(*c.shape, m)
+        return self.sink_logits.float().reshape(1, self.num_heads, *([1] * (c.dim() - 2)), m).expand(*c.shape, m)
 
     def naive(self, q, k_kv, v_kv, q_pre_rope, k_pre_rope, hidden):
         lin = gla_naive(*self.gla_inputs(q_pre_rope, k_pre_rope, v_kv, hidden))[0]

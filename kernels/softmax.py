@@ -60,8 +60,8 @@ class Softmax(Operator):
             scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         if sinks is None:
             return (scores.float().softmax(-1).to(q.dtype)) @ v
-        column = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(*scores.shape[:-1], 1)
-        return (torch.cat([scores, column], -1).float().softmax(-1)[..., :-1].to(q.dtype)) @ v
+        column = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # not rounded to bf16 first
+        return (torch.cat([scores.float(), column], -1).softmax(-1)[..., :-1].to(q.dtype)) @ v
 
     def chunked(self, q, k, v, mask=None, state=None, sinks=None):
         # The cache holds one key/value per kv head (init_state's shape) even when the site feeds keys already

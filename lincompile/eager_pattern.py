@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from lincompile.graph import fmt_shape, module_path, shape, short_op, users, val
+from lincompile.graph import ancestors, fmt_shape, module_path, shape, short_op, users, val
 from lincompile.site import NearMiss, Site
 from lincompile.walk import (BLOCKED, CASTS, const_value, emit, heads, is_op, new_site, strip, sym_eq,
                              sym_expr)
@@ -70,6 +70,9 @@ def _match_eager_at(softmax: fx.Node) -> Site:
             continue
         break
     if not (is_op(u, "matmul", "bmm") and u.args[0] is out):
+        if is_op(u, "slice", "narrow") and _key_axis_cat(softmax.args[0]):
+            raise _Miss("attention sinks in a form not matched: the scores are concatenated with other logits "
+                        "before softmax and sliced off after it, but not as one sink column dropped by [..., :-1]")
         raise _Miss(f"softmax output feeds {short_op(u)}, not matmul(·, v)")
     output = u
     nodes.append(output)
@@ -392,6 +395,9 @@ def _sink_logits(x):
     for _ in range(6):  # back through expand / reshape / casts to one value per head
         got = shape(sinks)
         if got is not None and heads_ is not None and len(got) == 1 and _int(got[0]) == heads_:
+            # learned: computed from no input (a value from the tokens would not be the same at every decode step)
+            if any(a.op == "placeholder" for a in ancestors(sinks)):
+                return None
             return scores, sinks, nodes
         if not (is_op(sinks, *CASTS, "expand", "reshape", "view", "unsqueeze", "_unsafe_view")
                 and isinstance(sinks.args[0], fx.Node)):
@@ -399,6 +405,15 @@ def _sink_logits(x):
         nodes.append(sinks)
         sinks = sinks.args[0]
     return None
+
+
+def _key_axis_cat(x) -> bool:
+    """x is (through casts and a subtraction) a concatenation along the last axis."""
+    for _ in range(4):
+        if (is_op(x, *CASTS) or is_op(x, "sub")) and isinstance(x.args[0], fx.Node):
+            x = x.args[0]
+    rank = len(shape(x) or ()) or 4
+    return is_op(x, "cat") and len(x.args) > 1 and isinstance(x.args[1], int) and x.args[1] % rank == rank - 1
 
 
 def _rowmax_of(m, x) -> list[fx.Node] | None:

@@ -27,10 +27,13 @@ class Site:
     gm: object = field(default=None, repr=False)  # the graph module, for operators that read weights
 
     def constant(self, binding: str):
-        """The tensor a binding holds when it is a model parameter or buffer read as it is (GPT-OSS's sinks), else
-        None."""
+        """The tensor a binding holds when it is a model parameter or buffer, read as it is or through dtype casts
+        (GPT-OSS's sinks), else None."""
         node = self.bindings.get(binding)
-        if node is None or node.op != "get_attr" or self.gm is None:
+        while isinstance(node, fx.Node) and node.op == "call_function" and node.args \
+                and str(getattr(node.target, "_overloadpacket", "")).split(".")[-1] in ("to", "_to_copy", "clone"):
+            node = node.args[0]
+        if not isinstance(node, fx.Node) or node.op != "get_attr" or self.gm is None:
             return None
         obj = self.gm
         for part in str(node.target).split("."):

@@ -252,33 +252,42 @@ def _rope_halves(n):
     """x for n = cat([x1·cos − x2·sin, x2·cos + x1·sin], last axis), x1 and x2 the two halves of x (chunk / split /
     slices: GPT-OSS's form), else None."""
     n = strip(n)
-    if not (is_op(n, "cat") and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 2):
+    want = shape(n)
+    if not (is_op(n, "cat") and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 2 and want
+            and len(n.args) > 1 and isinstance(n.args[1], int) and n.args[1] % len(want) == len(want) - 1):
         return None
-    want, sources = shape(n), set()
+    sources = set()
     for part in n.args[0]:
         part = strip(part)
         if not is_op(part, "add", "sub") or len(part.args) < 2:
             return None
+        pieces = []
         for m in part.args[:2]:
             m = strip(m)
             if not is_op(m, "mul"):
                 return None
             # of the two factors, the one that is half of a tensor shaped like the output (cos / sin are not)
-            halves = {h for a in m.args if isinstance(a, fx.Node) for h in [_half_of(a)]
-                      if h is not None and _same_shape(shape(h), want)}
+            halves = [(a, h) for a in m.args if isinstance(a, fx.Node) for h in [_half_of(a)]
+                      if h is not None and _same_shape(shape(h), want)]
             if len(halves) != 1:
                 return None
-            sources |= halves
+            pieces.append(strip(halves[0][0]))
+            sources.add(halves[0][1])
+        if pieces[0] is pieces[1]:  # x1·cos ± x2·sin: the two halves, not one of them twice
+            return None
     return sources.pop() if len(sources) == 1 else None
 
 
 def _half_of(a):
-    """The tensor `a` is a piece of along some axis (getitem of chunk / split, or slices), else None."""
+    """The tensor `a` is a piece of along its last axis (getitem of chunk / split, or slices), else None."""
     a = strip(a)
+    rank = len(shape(a) or ()) or 4
     if is_op(a, "getitem") and isinstance(a.args[0], fx.Node) and is_op(a.args[0], "chunk", "split",
                                                                          "split_with_sizes"):
-        return strip(a.args[0].args[0])
-    if is_op(a, "slice", "narrow"):
+        split = a.args[0]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        return strip(split.args[0]) if isinstance(dim, int) and dim % rank == rank - 1 else None
+    if is_op(a, "slice", "narrow") and len(a.args) > 1 and isinstance(a.args[1], int) and a.args[1] % rank == rank - 1:
         return _slice_source(a)
     return None
 
@@ -296,7 +305,7 @@ def find_pre_rope(node):
         return x
     if is_op(n, "cat") and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 2:
         rot, passthrough = n.args[0]
-        x = _rope_full(rot)
+        x = _rope_full(rot) or _rope_halves(rot)
         if x is not None:
             src, src2 = _slice_source(x), _slice_source(passthrough)
             if src is src2:

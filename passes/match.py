@@ -288,7 +288,8 @@ def match(captured, spec) -> MatchResult:
 
 # What configs call the width of a sliding attention window or of an attention chunk (int, or one per layer).
 WINDOW_FIELDS = ("sliding_window", "sliding_window_size", "window_size", "attention_window", "attention_chunk_size")
-# Masks are T x T: a config's window lengthens the probe up to this many tokens (a 16k float mask is 1 GiB).
+# Masks are T x T: a config's window lengthens the probe up to this many tokens (at 16k, the float mask is 1 GiB
+# and classifying it takes a few GiB more).
 MAX_MASK_PROBE = 16384
 
 
@@ -359,9 +360,9 @@ def select(result: MatchResult, spec) -> list[tuple[Site, object]]:
 MASKLESS_KINDS = ("causal", "sliding", "none")
 
 
-def takes_mask(op: str, what: str = "mask", at_init: bool = False) -> bool | None:
-    """Whether operator `op` receives the site's mask (or another binding, `what`: one of its `inputs`, or with
-    `at_init` of the bindings it reads to initialise); None when that is unknown without running user code
+def takes_input(op: str, what: str = "mask", at_init: bool = False) -> bool | None:
+    """Whether operator `op` receives the site's binding `what` (the mask by default: one of its `inputs`, or
+    with `at_init` of the bindings it reads to initialise); None when that is unknown without running user code
     (`module:Class` not imported yet)."""
     import sys
 
@@ -388,7 +389,7 @@ def check_masks(assignments) -> None:
     dropped: dict[int, tuple[object, list]] = {}
     for site, rule in assignments:
         kind = site.mask_kind
-        if kind in MASKLESS_KINDS or takes_mask(rule.op) is not False:
+        if kind in MASKLESS_KINDS or takes_input(rule.op) is not False:
             continue
         if kind in rule.mask:
             note = f"the site's {kind} attention mask is dropped: {rule.op} takes no mask"
@@ -397,10 +398,9 @@ def check_masks(assignments) -> None:
             continue
         dropped.setdefault(id(rule), (rule, []))[1].append(site)
     for site, rule in assignments:  # attention sinks: the new operator learns without them (healing)
-        if "sinks" in site.bindings and takes_mask(rule.op, "sinks") is False:
-            note = (f"the site's attention sinks (one learned logit per head) initialise {rule.op}'s sink logits"
-                    if takes_mask(rule.op, "sinks", at_init=True) else
-                    f"the site's attention sinks (one learned logit per head) are dropped: {rule.op} takes none")
+        # (an operator that reads them at init says itself whether it could)
+        if "sinks" in site.bindings and takes_input(rule.op, "sinks", at_init=True) is False:
+            note = f"the site's attention sinks (one learned logit per head) are dropped: {rule.op} takes none"
             if note not in site.notes:
                 site.notes.append(note)
     for rule, sites in dropped.values():

@@ -54,7 +54,7 @@ def substitute(gm: fx.GraphModule, assignments, allow_code: bool = False) -> dic
         mapping, notes = cls.bind(site)
         op = cls.from_site(site, **rule.params)
         op.notes.extend(notes)
-        site.notes.extend(n for n in notes if n not in site.notes)
+        site.notes.extend(n for n in op.notes if n not in site.notes)  # from_site's own notes too
         name = submodule_name(site, added)
         gm.add_submodule(name, op)
         with graph.inserting_before(site.output):

@@ -357,9 +357,11 @@ def test_attention_sinks_are_bound_kept_exactly_and_decoded():
         attn = model.model.layers[s.layer].self_attn
         assert torch.equal(s.constant("sinks"), attn.sinks)
         # GPT-OSS's rotary form (halves: x1·cos − x2·sin, x2·cos + x1·sin) is found: q before it is q_proj's.
-        vals = record(cap.gm, [s.bindings["q_pre_rope"], s.bindings["hidden"]], ids)
-        q = attn.q_proj(vals[s.bindings["hidden"]])
-        assert torch.allclose(vals[s.bindings["q_pre_rope"]], q.view(2, 19, 4, 16).transpose(1, 2), atol=1e-6)
+        vals = record(cap.gm, [s.bindings["q_pre_rope"], s.bindings["k_pre_rope"], s.bindings["hidden"]], ids)
+        hidden = vals[s.bindings["hidden"]]
+        q, k = attn.q_proj(hidden).view(2, 19, 4, 16), attn.k_proj(hidden).view(2, 19, 2, 16)
+        assert torch.allclose(vals[s.bindings["q_pre_rope"]], q.transpose(1, 2), atol=1e-6)
+        assert torch.allclose(vals[s.bindings["k_pre_rope"]], k.transpose(1, 2), atol=1e-6)
     with torch.no_grad():
         want = model(ids).logits
     identity = lincompile.convert(model, make_spec(spec_text("softmax", "eager")))
@@ -381,22 +383,58 @@ def test_attention_sinks_are_bound_kept_exactly_and_decoded():
         sinks = model.model.layers[d["layer"]].self_attn.sinks
         assert torch.allclose(op.sink_logits.exp().sum(1), sinks.exp(), rtol=1e-5)  # the same mass
     liger = lincompile.convert(model, make_spec(spec_text("liger_attention", "eager")))
-    assert all("attention sinks (one learned logit per head) are dropped" in " ".join(d["notes"])
-               for d in liger.report["site_details"])
+    assert all("attention sinks (one learned logit per head) are dropped: liger_attention takes none"
+               in " ".join(d["notes"]) for d in liger.report["site_details"])
+    no_sinks = lincompile.convert(model, make_spec(spec_text("lizard", "eager", "    params: {window: 4, num_sinks: 0}\n")))
+    assert all("are dropped: num_sinks is 0" in " ".join(d["notes"]) for d in no_sinks.report["site_details"])
+    assert torch.isfinite(no_sinks(ids)).all()
 
 
-def test_a_sliced_softmax_without_sink_logits_is_a_near_miss():
-    # softmax(cat([scores, other], -1))[..., :-1] where `other` is not one logit per head: not GPT-OSS's sinks.
-    class Odd(nn.Module):
-        def forward(self, q, k, v):
-            s = q @ k.transpose(-1, -2)
-            extra = s.mean(-1, keepdim=True)  # depends on the scores: no per-head constant
-            return torch.cat([s, extra], -1).softmax(-1)[..., :-1] @ v
+class _Sinks(nn.Module):
+    """softmax(cat([scores, column], -1) − max)[..., :-1] @ v, with the column and the max chosen by `kind`."""
 
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.sinks = kind, nn.Parameter(torch.randn(2))
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2)
+        if self.kind == "from scores":
+            column = s.mean(-1, keepdim=True)
+        elif self.kind == "from tokens":  # one per head, but computed from the input
+            column = q.mean((0, 2, 3)).reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        elif self.kind == "two columns":
+            column = self.sinks.reshape(1, -1, 1, 1).expand(*s.shape[:-1], 2)
+        else:  # "cast", "max over queries"
+            column = self.sinks.float().reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        x = torch.cat([s, column], -1)
+        x = x - x.max(dim=-2 if self.kind == "max over queries" else -1, keepdim=True).values
+        return x.softmax(-1)[..., :-2 if self.kind == "two columns" else -1] @ v
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("from scores", "not the scores concatenated with one sink logit per row"),
+    ("from tokens", "not the scores concatenated with one sink logit per row"),
+    ("max over queries", "not the scores concatenated with one sink logit per row"),
+    ("two columns", "attention sinks in a form not matched"),
+])
+def test_a_sliced_softmax_without_sink_logits_is_a_near_miss(kind, reason):
+    # Not GPT-OSS's sinks: a column that is no per-head constant, a max over another axis (which, unlike a row's
+    # max, changes softmax), or two sink columns.
     x = torch.randn(1, 2, 5, 4)
-    gm = torch.export.export(Odd(), (x, x, x)).module()
+    gm = torch.export.export(_Sinks(kind), (x, x, x)).module()
     result = find_sites(gm, ["eager_softmax_attention"])
-    assert not result.sites and "not the scores concatenated with one sink logit per row" in result.near_misses[0].reason
+    assert not result.sites and reason in result.near_misses[0].reason
+
+
+def test_sinks_read_through_a_cast_are_the_parameter():
+    model = _Sinks("cast")
+    x = torch.randn(1, 2, 5, 4)
+    gm = torch.export.export(model, (x, x, x)).module()
+    result = find_sites(gm, ["eager_softmax_attention"])
+    site = result.sites[0]
+    site.gm = gm
+    assert torch.equal(site.constant("sinks"), model.sinks)
 
 
 def test_a_bias_under_a_softcap_is_no_mask():
