@@ -249,8 +249,8 @@ def _slice_source(n):
 
 
 def _rope_halves(n):
-    """x for n = cat([x1·cos − x2·sin, x2·cos + x1·sin], last axis), x1 and x2 the two halves of x (chunk / split /
-    slices: GPT-OSS's form), else None."""
+    """x for n = cat([x1·cos − x2·sin, x2·cos + x1·sin], last axis), x1 and x2 the two halves of x (chunk /
+    split / slices: GPT-OSS's form), else None."""
     n = strip(n)
     want = shape(n)
     if not (is_op(n, "cat") and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 2 and want

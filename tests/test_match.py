@@ -74,7 +74,8 @@ def test_a_window_longer_than_the_mask_probe_is_still_found():
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     cap = capture(model, CaptureConfig(attn_implementation="eager"))
     result = match(cap, make_spec(spec_text("softmax", "eager")))
-    assert [(s.attrs["mask_kind"], s.attrs.get("window")) for s in result.sites] == [("sliding", 1100), ("causal", None)]
+    kinds = [(s.attrs["mask_kind"], s.attrs.get("window")) for s in result.sites]
+    assert kinds == [("sliding", 1100), ("causal", None)]
     assert declared_window(cfg) == 1100 and mask_probe_length(cfg, 1024, 8192) == 1164
     assert mask_probe_length(cfg, 1024, 1000) == 1000  # a window past the graph's length never applies
     assert mask_probe_length(tf.LlamaConfig(), 1024, 8192) == 1024
@@ -350,7 +351,8 @@ def test_attention_sinks_are_bound_kept_exactly_and_decoded():
     model = gpt_oss()
     cap = capture(model, CaptureConfig(attn_implementation="eager", max_seq_len=256))
     result = match(cap, make_spec(spec_text("softmax", "eager")))
-    assert [(s.layer, s.mask_kind, s.attrs.get("window")) for s in result.sites] == [(0, "sliding", 8), (1, "causal", None)]
+    kinds = [(s.layer, s.mask_kind, s.attrs.get("window")) for s in result.sites]
+    assert kinds == [(0, "sliding", 8), (1, "causal", None)]
     assert any("not attention scores" in m.reason or "not the key dimension" in m.reason for m in result.near_misses)
     ids = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(1))
     for s in result.sites:
@@ -385,7 +387,8 @@ def test_attention_sinks_are_bound_kept_exactly_and_decoded():
     liger = lincompile.convert(model, make_spec(spec_text("liger_attention", "eager")))
     assert all("attention sinks (one learned logit per head) are dropped: liger_attention takes none"
                in " ".join(d["notes"]) for d in liger.report["site_details"])
-    no_sinks = lincompile.convert(model, make_spec(spec_text("lizard", "eager", "    params: {window: 4, num_sinks: 0}\n")))
+    no_sinks = lincompile.convert(model, make_spec(spec_text("lizard", "eager",
+                                                             "    params: {window: 4, num_sinks: 0}\n")))
     assert all("are dropped: num_sinks is 0" in " ".join(d["notes"]) for d in no_sinks.report["site_details"])
     assert torch.isfinite(no_sinks(ids)).all()
 

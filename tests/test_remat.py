@@ -70,8 +70,11 @@ def test_checkpointed_layers_give_the_same_loss_and_gradients(arch):
         p.requires_grad_(True)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     loss, grads, kept = step(gm, params, ids)
+    state = {k: v for k, v in gm.state_dict().items()}
 
     assert checkpoint_layers(gm) == [0, 1]
+    after = gm.state_dict()  # the same tensors under the same names, none twice
+    assert list(after) == list(state) and all(after[k].data_ptr() == state[k].data_ptr() for k in state)
     calls = [n for n in gm.graph.nodes if n.op == "call_module"]
     assert [n.target for n in calls if n.target.startswith("remat_layer_")] == ["remat_layer_0", "remat_layer_1"]
     # Everything of a layer is inside its call: its operator and its LoRA dropout modules.

@@ -29,7 +29,10 @@ class Recompute(nn.Module):
 
     def __init__(self, body: fx.GraphModule, layer: int):
         super().__init__()
-        self.body, self.layer = body, layer
+        # Not registered: every module the body calls is the graph's own, so the graph's state_dict, parameters
+        # and train()/to() stay as they were, with nothing listed twice.
+        self.__dict__["body"] = body
+        self.layer = layer
 
     def forward(self, *args):
         if torch.is_grad_enabled():

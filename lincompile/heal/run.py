@@ -72,7 +72,8 @@ def status(out) -> str | None:
 
 
 def heal(out, cfg: HealConfig | None = None, *, resume: bool = False, restart: bool = False, device: str = "cpu",
-         allow_code: bool = False, progress: bool = True, log=print, gradient_checkpointing: bool | None = None) -> dict:
+         allow_code: bool = False, progress: bool = True, log=print,
+         gradient_checkpointing: bool | None = None) -> dict:
     """Heal the converted model in OUT. With `resume`, `cfg` is ignored: the saved configuration continues, except
     that `gradient_checkpointing` (when not None) replaces both stages' (it changes memory, not results)."""
     if cfg is None and not resume:
