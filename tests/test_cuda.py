@@ -79,3 +79,32 @@ def test_generate_on_cuda(healed):
                                        "--device", "cuda"])
     assert result.exit_code == 0, result.output
     assert "[8 tokens" in result.output, result.output
+
+
+def test_gradient_checkpointing_through_the_triton_kernels():
+    """heal --gradient-checkpointing on CUDA: the recomputed layers run the kernels again (their custom ops'
+    autograd inside torch.utils.checkpoint) and give the gradients of the plain graph."""
+    from lincompile.heal.build import build
+    from lincompile.heal.remat import checkpoint_layers
+
+    graphs = build(tiny_model("llama").cuda(), lincompile.Spec.builtin("lizard"), with_teacher=False)
+    gm = graphs.converted.graph_module
+    assert any(n.meta.get("lincompile_kernel") for n in gm.graph.nodes), "no kernel node: nothing to check"
+    params = graphs.op_parameters()
+    for p in params.values():
+        p.requires_grad_(True)
+    ids = torch.randint(0, 128, (2, 150), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def step():
+        for p in params.values():
+            p.grad = None
+        loss = gm(ids).float().logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in params.items()}
+
+    loss, grads = step()
+    assert checkpoint_layers(gm) == [0, 1]
+    loss2, grads2 = step()
+    assert rel(loss2, loss) < 1e-6
+    for k in grads:
+        assert rel(grads2[k], grads[k]) < 1e-4, k
