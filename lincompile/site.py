@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import fx
 
-from .graph import fmt_shape
+from .graph import fmt_shape, short_op
 
 # Bindings operators can ask for (see kernels/base.py for their meaning and shapes).
 BINDINGS = ("q", "k", "v", "mask", "q_pre_rope", "k_pre_rope", "k_kv", "v_kv", "hidden", "sinks")
@@ -31,7 +31,7 @@ class Site:
         (GPT-OSS's sinks), else None."""
         node = self.bindings.get(binding)
         while isinstance(node, fx.Node) and node.op == "call_function" and node.args \
-                and str(getattr(node.target, "_overloadpacket", "")).split(".")[-1] in ("to", "_to_copy", "clone"):
+                and short_op(node) in ("to", "_to_copy", "clone"):
             node = node.args[0]
         if not isinstance(node, fx.Node) or node.op != "get_attr" or self.gm is None:
             return None

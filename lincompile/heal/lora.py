@@ -24,6 +24,7 @@ from torch import fx, nn
 from ..emit import publish_dir
 from ..errors import UsageError
 from ..graph import short_op
+from ..walk import CASTS
 from .outdir import LM, OutDir
 
 ADAPTER_DIR = "adapter"
@@ -89,13 +90,10 @@ def _feeds_lora_a(node: fx.Node, depth: int = 4) -> str | None:
                     if user.args[0] is n and isinstance(w, fx.Node) and w.op == "get_attr" \
                             and ".lora_A." in str(w.target):
                         return str(w.target)
-                elif user.op == "call_function" and short_op(user) in _CASTS:
+                elif user.op == "call_function" and short_op(user) in CASTS:
                     nxt.append(user)
         frontier = nxt
     return None
-
-
-_CASTS = ("to", "_to_copy", "type_as", "contiguous", "clone", "alias")
 
 
 # --------------------------------------------------------------------------------------------------
