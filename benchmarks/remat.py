@@ -6,7 +6,8 @@
 Each (spec, length, checkpointing) runs in its own worker process, one after the other in the same run, so
 peak memory is that configuration's alone. A step is what `lincompile heal` does in its LoRA stage: the
 converted graph (LoRA r=8 on q/k/v/o of the converted layers, the operators' own parameters frozen) on random
-tokens, cross-entropy, backward. Columns:
+tokens, cross-entropy (the heal's own loss: checkpointed, the LM head and the loss also run a chunk of tokens
+at a time), backward. Columns:
 - kept: bytes autograd holds for backward at the end of the forward (saved tensors, each storage once, weights
   not counted): what checkpointing saves, exactly;
 - peak: the worker's peak RSS during the steps on CPU (VmHWM, reset before them), peak allocated on CUDA;
@@ -54,6 +55,8 @@ def worker(args) -> dict:
     from peft import LoraConfig
 
     from lincompile.heal.build import build
+    from lincompile.heal.finetune import LMLoss
+    from lincompile.heal.head import outline_head
     from lincompile.heal.remat import checkpoint_layers
     from lincompile.models import load_model
     from lincompile.spec import Spec
@@ -65,6 +68,9 @@ def worker(args) -> dict:
                    {"q_proj", "k_proj", "v_proj", "o_proj"})
     graphs = build(model, spec, lora_config=LoraConfig(r=8, lora_alpha=16, target_modules=names), with_teacher=False)
     layers = checkpoint_layers(graphs.converted.graph_module) if args.remat else []
+    if args.remat:  # as `heal --gradient-checkpointing` does: the head and its loss a chunk of tokens at a time
+        graphs.loss_head = outline_head(graphs.converted.graph_module)[0]
+    loss_fn = LMLoss(graphs).train()
     params = list(graphs.lora_parameters().values())
     for p in params:
         p.requires_grad_(True)
@@ -85,10 +91,8 @@ def worker(args) -> dict:
 
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = graphs.converted(ids)[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss = loss_fn(ids)
         kept = total[0]
-        del logits
         loss.backward()
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -441,6 +441,7 @@ def test_gradient_checkpointing_heals_to_the_same_result(world, tmp_path):
         assert code == 0, output
     assert "gradient checkpointing (transfer): 2 layers recompute" in output
     assert "gradient checkpointing (lora): 2 layers recompute" in output
+    assert "the LM head (linear) and the loss run a chunk of tokens at a time" in output
     assert_same_result(remat, plain)
     saved = json.loads((remat / "heal" / "config.json").read_text())
     assert saved["transfer"]["gradient_checkpointing"] is saved["lora"]["gradient_checkpointing"] is True

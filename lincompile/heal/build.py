@@ -34,6 +34,7 @@ class HealGraphs:
     teacher: fx.GraphModule | None  # input_ids -> per-site MSE tuple (passes/teacher.py)
     teacher_sites: list = field(default_factory=list)
     lora_dropouts: list = field(default_factory=list)  # nn.Dropout modules to switch with train()
+    loss_head: nn.Module | None = None  # the outlined LM head (heal/head.py), when the loss runs it in chunks
     seconds: float = 0.0
 
     @property

@@ -15,7 +15,7 @@
         clip: 1.0
         batch_size: 1
         grad_accum: 1
-        gradient_checkpointing: false                     # true: recompute layers in backward (less memory)
+        gradient_checkpointing: false                     # true: recompute layers in backward, LM head by chunks
         distill: {weight: 0.5, temperature: 2.0}
       eval_every: 50
       checkpoint_every: 25
@@ -65,7 +65,8 @@ class StageConfig:
     batch_size: int = 1  # sequences per micro-batch per process
     grad_accum: int = 1
     weight_decay: float = 0.0
-    gradient_checkpointing: bool = False  # recompute each layer in backward: less memory, a second forward
+    # recompute each layer in backward, the LM head and loss by chunks of tokens: less memory, a second forward
+    gradient_checkpointing: bool = False
 
 
 @dataclass

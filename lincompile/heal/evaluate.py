@@ -16,20 +16,37 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import fx
 
 from ..errors import UsageError
+from .head import chunk_tokens, lm_head
 
 
 @torch.no_grad()
 def block_metrics(forward, blocks: torch.Tensor, batch_size: int = 1, device: str = "cpu") -> dict:
-    """NLL/accuracy over `blocks` [N, T] scored as independent windows; `forward(ids) -> logits`."""
+    """NLL/accuracy over `blocks` [N, T] scored as independent windows; `forward(ids) -> logits`.
+
+    Scored a chunk of tokens at a time, so that no fp32 copy or log-softmax of the whole logits is made; a
+    converted model (`forward.graph_module`) runs its LM head by chunks too (heal/head.py) and never holds
+    more than one chunk's logits: at 32k tokens and a 128k vocabulary, the whole would be 16 GB."""
+    gm = getattr(forward, "graph_module", None)
+    head = lm_head(gm) if isinstance(gm, fx.GraphModule) else None
     nll, correct, count = 0.0, 0, 0
     for i in range(0, len(blocks), batch_size):
         ids = blocks[i:i + batch_size].to(device)
-        logits = forward(ids)[:, :-1].float()
         targets = ids[:, 1:]
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-        correct += int((logits.argmax(-1) == targets).sum())
+        if head is not None:
+            with head.returning_hidden():
+                states = forward(ids)[:, :-1]
+            logits_of, vocab = head.body, head.vocab
+        else:
+            states = forward(ids)[:, :-1]
+            logits_of, vocab = (lambda x: x), states.shape[-1]
+        step = chunk_tokens(len(ids), vocab)
+        for t0 in range(0, targets.shape[1], step):
+            logits, part = logits_of(states[:, t0:t0 + step]).float(), targets[:, t0:t0 + step]
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), part.reshape(-1), reduction="sum"))
+            correct += int((logits.argmax(-1) == part).sum())
         count += targets.numel()
     loss = nll / max(count, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "acc": correct / max(count, 1), "tokens": count}

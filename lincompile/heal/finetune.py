@@ -15,6 +15,7 @@ from torch import nn
 
 from .build import HealGraphs
 from .evaluate import block_metrics
+from .head import chunked_lm_loss
 from .trainer import StageRun
 
 
@@ -24,6 +25,7 @@ class LMLoss(nn.Module):
         self.converted = graphs.converted
         self.dropouts = nn.ModuleList(graphs.lora_dropouts)
         self.weight, self.temperature = distill_weight, temperature
+        self.head = graphs.loss_head  # set by gradient checkpointing (heal/head.py)
         # Not registered as a submodule: its parameters are the graph's, and DDP must not see them twice.
         self.__dict__["_peft"] = graphs.peft_model
         self.__dict__["_lm"] = graphs.lm
@@ -34,19 +36,29 @@ class LMLoss(nn.Module):
             return self._lm(input_ids=input_ids, use_cache=False).logits
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.converted(input_ids)[:, :-1].float()
         targets = input_ids[:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        teacher = self.original_logits(input_ids)[:, :-1] if self.weight > 0 else None
+        if self.head is not None:  # gradient checkpointing: the head and the loss a chunk of tokens at a time
+            with self.head.returning_hidden():
+                hidden = self.converted(input_ids)[:, :-1]
+            ce, kl = chunked_lm_loss(self.head, hidden, targets, teacher, self.temperature)
+        else:
+            ce, kl = self._loss(self.converted(input_ids)[:, :-1].float(), targets, teacher)
         self.last = {"ce": float(ce.detach())}
-        if self.weight <= 0:
+        if kl is None:
             return ce
-        T = self.temperature
-        teacher = self.original_logits(input_ids)[:, :-1].float()
-        kl = F.kl_div(F.log_softmax(logits / T, -1).reshape(-1, logits.shape[-1]),
-                      F.log_softmax(teacher / T, -1).reshape(-1, logits.shape[-1]),
-                      log_target=True, reduction="batchmean") * T * T
         self.last["kl"] = float(kl.detach())
         return (1 - self.weight) * ce + self.weight * kl
+
+    def _loss(self, logits, targets, teacher):
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if teacher is None:
+            return ce, None
+        T = self.temperature
+        kl = F.kl_div(F.log_softmax(logits / T, -1).reshape(-1, logits.shape[-1]),
+                      F.log_softmax(teacher.float() / T, -1).reshape(-1, logits.shape[-1]),
+                      log_target=True, reduction="batchmean") * T * T
+        return ce, kl
 
     def train(self, mode: bool = True):
         # The exported graph refuses train(); LoRA dropout modules and operators are what follow the mode.

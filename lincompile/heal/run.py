@@ -138,6 +138,7 @@ def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, l
     log(f"built the converted graph{' with LoRA' if cfg.lora.enabled else ''} in {graphs.seconds:.1f} s")
     if cfg.lora.enabled and cfg.lora.gradient_checkpointing:
         _checkpoint_layers("lora", graphs.converted.graph_module, log)
+        graphs.loss_head = _chunk_head(graphs.converted.graph_module, log)
     notes, transfer = list(split.notes), None
     if cfg.transfer.enabled:
         transfer = transfer_stage(graphs, cfg.transfer, eval_blocks, d.device)
@@ -223,6 +224,19 @@ def _checkpoint_layers(stage: str, gm, log) -> None:
     inline = sorted(set(found) - set(done))
     rest = f"; layer(s) {', '.join(map(str, inline))} run as they are (no single call can hold them)" if inline else ""
     log(f"gradient checkpointing ({stage}): {len(done)} layers recompute their activations in backward{rest}")
+
+
+def _chunk_head(gm, log):
+    """The LoRA loss's part of gradient checkpointing: the LM head runs a chunk of tokens at a time."""
+    from .head import lm_head
+
+    head = lm_head(gm)
+    if head is None:
+        log(f"note: gradient checkpointing (lora) keeps the whole logits for the loss: {gm.meta['no_loss_head']}")
+    else:
+        log(f"gradient checkpointing (lora): the LM head ({head.describe()}) and the loss run a chunk of tokens "
+            "at a time")
+    return head
 
 
 def write_plot(records: list[dict], path: Path, log) -> Path | None:
