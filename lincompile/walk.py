@@ -13,7 +13,7 @@ import math
 import torch
 from torch import fx
 
-from lincompile.graph import layer_index, module_path, shape, short_op, users, val
+from lincompile.graph import ancestors, layer_index, module_path, shape, short_op, users
 from lincompile.site import Site
 
 
@@ -278,6 +278,76 @@ def _rope_halves(n):
     return sources.pop() if len(sources) == 1 else None
 
 
+def _rope_complex(n):
+    """x for n = view_as_real(view_as_complex(x as pairs) · freqs) flattened back (RoPE as a complex product:
+    Llama 4, DeepSeek-V2), else None."""
+    n = strip(n)
+    if not is_op(n, "flatten", "view", "reshape", "_unsafe_view"):
+        return None
+    real = strip(n.args[0])
+    if not (is_op(real, "view_as_real") and is_op(strip(real.args[0]), "mul")):
+        return None
+    factors = [strip(a) for a in strip(real.args[0]).args if isinstance(a, fx.Node)]
+    pairs = [a for a in factors if is_op(a, "view_as_complex")]
+    if len(pairs) != 1:
+        return None
+    x = strip(pairs[0].args[0])
+    if is_op(x, "view", "reshape", "_unsafe_view", "unflatten"):
+        x = strip(x.args[0])
+    others = [a for a in factors if a is not pairs[0]]
+    if not _same_shape(shape(x), shape(n)) or any(_reachable(o, {x}, RESHAPES, depth=8) for o in others):
+        return None
+    return x
+
+
+NORM_OPS = ("pow", "mean", "add", "rsqrt", "sqrt", "mul", "div") + CASTS
+
+
+def _rope_under_norm(n):
+    """For n = y · rsqrt(mean(y², last axis) + ε) (or y / sqrt(…)) with y RoPE'd, a norm without a weight (Llama 4's
+    q/k L2 norm after RoPE): the same norm of y's pre-RoPE value, added to the graph; else None. A rotation keeps
+    each pair's length, so it commutes with such a norm; a norm with a per-channel weight would not."""
+    if not is_op(n, "mul", "div") or len(n.args) < 2:
+        return None
+    orders = [n.args[:2], n.args[1::-1]] if is_op(n, "mul") else [n.args[:2]]  # y / scale, not scale / y
+    for y, scale in orders:
+        if isinstance(y, fx.Node) and isinstance(scale, fx.Node) and _is_rms_of(strip(scale), strip(y), n):
+            x = find_pre_rope(strip(y))
+            return None if x is None else _rebase(n, strip(y), x)
+    return None
+
+
+def _is_rms_of(r, y, n) -> bool:
+    """r = rsqrt(mean(y², last axis, keepdim) + ε) (sqrt when n divides), through casts; nothing else read."""
+    if not is_op(r, "rsqrt" if is_op(n, "mul") else "sqrt"):
+        return False
+    inner = strip(r.args[0])
+    if is_op(inner, "add"):
+        if not any(const_value(a) is not None for a in inner.args[:2]):
+            return False
+        inner = strip(next(a for a in inner.args[:2] if isinstance(a, fx.Node) and const_value(a) is None))
+    if not (is_op(inner, "mean") and len(inner.args) >= 3 and inner.args[2] is True
+            and list(inner.args[1]) in ([-1], [len(shape(y) or ()) - 1])):
+        return False
+    sq = strip(inner.args[0])
+    return is_op(sq, "pow") and strip(sq.args[0]) is y and sq.args[1] == 2
+
+
+def _rebase(out: fx.Node, old: fx.Node, new: fx.Node) -> fx.Node:
+    """The ops from `old` to `out` applied to `new` instead: copies added after new."""
+    graph, on_path = out.graph, ancestors(out) | {out}
+    env, at = {old: new}, new
+    for node in graph.nodes:
+        if node in on_path and node is not old and any(a in env for a in node.all_input_nodes):
+            with graph.inserting_after(_latest([at, *(env.get(a, a) for a in node.all_input_nodes)])):
+                env[node] = graph.node_copy(node, lambda a: env.get(a, a))
+            _copy_meta(node, env[node])
+            at = env[node]
+        if node is out:
+            break
+    return env[out]
+
+
 def _half_of(a):
     """The tensor `a` is a piece of along its last axis (getitem of chunk / split, or slices), else None."""
     a = strip(a)
@@ -299,18 +369,75 @@ def _same_shape(a, b) -> bool:
 def find_pre_rope(node):
     """The tensor before the rotary embedding that produced `node`, or None when there is none."""
     n = strip(node)
-    x = _rope_full(n) or _rope_halves(n)
+    x = _rope_full(n) or _rope_halves(n) or _rope_complex(n) or _rope_under_norm(n)
     if x is not None:
         # Partial rotary applied to a slice: the source is what the slice came from (handled below).
         return x
     if is_op(n, "cat") and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) == 2:
         rot, passthrough = n.args[0]
-        x = _rope_full(rot) or _rope_halves(rot)
+        x = _rope_full(rot) or _rope_halves(rot) or _rope_complex(rot)
         if x is not None:
             src, src2 = _slice_source(x), _slice_source(passthrough)
             if src is src2:
                 return src
-    return None
+    want = shape(n)
+    if (is_op(n, "cat") and isinstance(n.args[0], (list, tuple)) and len(n.args[0]) >= 2 and want
+            and len(n.args) > 1 and isinstance(n.args[1], int) and n.args[1] % len(want) == len(want) - 1):
+        return _pre_rope_parts(n, [(p, None) for p in n.args[0]])
+    pieces = _assembled(n)
+    return _pre_rope_parts(n, pieces) if pieces else None
+
+
+def _pre_rope_parts(like: fx.Node, pieces: list) -> fx.Node | None:
+    """For a tensor made of parts along its last axis, RoPE on some of them (multi-head latent attention: q and k
+    are [no-RoPE part, RoPE part], k's RoPE part one head broadcast to all): the cat of each part before its RoPE,
+    added to the graph; None when no part has one. `pieces`: (part, None) for cat's parts, or (part, the slice
+    of `like` it is copied into) when `like` is filled by copies (`part` broadcast to the slice's shape)."""
+    pres = [find_pre_rope_through_layout(p) if isinstance(p, fx.Node) else None for p, _ in pieces]
+    if all(p is None for p in pres):
+        return None
+    graph = like.graph
+    parts = []
+    for (part, into), pre in zip(pieces, pres):
+        part = part if pre is None else pre
+        if into is not None and not _same_shape(shape(part), shape(into)):
+            with graph.inserting_after(_latest([part, into])):
+                part = graph.call_function(torch.ops.aten.expand_as.default, (part, into))
+            _copy_meta(into, part)
+        parts.append(part)
+    with graph.inserting_after(_latest(parts)):
+        new = graph.call_function(torch.ops.aten.cat.default, (parts, -1))
+    _copy_meta(like, new)
+    return new
+
+
+def _assembled(n) -> list | None:
+    """[(source, slice)] for a tensor made empty and filled along its last axis by `slice(n).copy_(source)`
+    (DeepSeek-V2/V3's keys), the slices in order and covering the axis; else None."""
+    want = shape(n)
+    if not (is_op(n, "new_empty", "empty", "new_zeros", "zeros", "empty_like", "zeros_like") and want):
+        return None
+    last, pieces = len(want) - 1, []
+    for u in n.users:
+        if is_op(u, "slice") and len(u.args) > 1 and isinstance(u.args[1], int) and u.args[1] % len(want) == last:
+            copies = [c for c in u.users if is_op(c, "copy_") and c.args[0] is u]
+            step = u.args[4] if len(u.args) > 4 else 1
+            if len(copies) != 1 or len(u.users) != 1 or step != 1:
+                return None
+            start = u.args[2] if len(u.args) > 2 else 0
+            end = u.args[3] if len(u.args) > 3 else None
+            pieces.append((start, end, copies[0].args[1], u))
+        elif u.op == "call_function" and str(getattr(u.target, "__name__", "")).split(".")[0].endswith("_"):
+            return None  # written some other way
+    pieces.sort(key=lambda p: p[0] if isinstance(p[0], int) else -1)
+    at = 0
+    for start, end, _, _ in pieces:
+        if start != at or not (end is None or isinstance(end, int)):
+            return None
+        at = end if end is not None and end < int(want[-1]) else int(want[-1])
+    if not pieces or at != int(want[-1]):
+        return None
+    return [(src, u) for _, _, src, u in pieces]
 
 
 def _keeps_last_dim(n) -> bool:
@@ -323,6 +450,11 @@ def _keeps_last_dim(n) -> bool:
         return all(isinstance(d, int) and d % len(s) != last for d in n.args[1:3])
     if is_op(n, "permute") and len(n.args) >= 2 and isinstance(n.args[1], (list, tuple)) and n.args[1]:
         return isinstance(n.args[1][-1], int) and n.args[1][-1] % len(s) == last
+    if is_op(n, "expand") and len(n.args) >= 2 and isinstance(n.args[1], (list, tuple)) and n.args[1]:
+        # one head broadcast to all (multi-head latent attention's shared RoPE key): RoPE commutes with it
+        src, size = shape(n.args[0]), n.args[1][-1]
+        return src is not None and len(src) == len(s) and (size == -1 or (not isinstance(size, fx.Node)
+                                                                            and sym_eq(size, src[-1])))
     return False
 
 
@@ -347,19 +479,38 @@ def find_pre_rope_through_layout(node, max_ops: int = 3):
 
 
 def _replay(x: fx.Node, ops: list) -> fx.Node:
-    """`ops` (layout nodes, innermost first) applied to `x`: new nodes right after x."""
+    """`ops` (layout nodes, innermost first) applied to `x`: new nodes right after x (after any size an op reads)."""
     graph = x.graph
     for op in ops:
-        with graph.inserting_after(x):
+        with graph.inserting_after(_latest([x, *op.all_input_nodes[1:]])):
             new = graph.call_function(op.target, (x, *op.args[1:]), dict(op.kwargs))
-        for key in ("nn_module_stack", "stack_trace", "lincompile_module", "lincompile_layer"):
-            if key in op.meta:
-                new.meta[key] = op.meta[key]
-        xv = val(x)
-        if isinstance(xv, torch.Tensor):
-            new.meta["val"] = op.target(xv, *op.args[1:], **op.kwargs)
+        _copy_meta(op, new, x)
         x = new
     return x
+
+
+def _copy_meta(like: fx.Node, new: fx.Node, first: fx.Node | None = None) -> None:
+    """`new` (like's op on other inputs; `first`: its first input, else all of like's own) gets like's module
+    path and the value computed on the recorded example values."""
+    for key in ("nn_module_stack", "stack_trace", "lincompile_module", "lincompile_layer"):
+        if key in like.meta:
+            new.meta[key] = like.meta[key]
+    args = fx.node.map_arg(new.args, lambda a: a.meta.get("val"))
+    kwargs = fx.node.map_arg(new.kwargs, lambda a: a.meta.get("val"))
+    try:
+        new.meta["val"] = new.target(*args, **kwargs)
+    except Exception:  # an input without a recorded value: the new node has none either
+        pass
+
+
+def _latest(nodes: list[fx.Node]) -> fx.Node:
+    """The one of `nodes` that comes last in their graph."""
+    left = set(nodes)
+    for n in nodes[0].graph.nodes:
+        left.discard(n)
+        if not left:
+            return n
+    return nodes[0]
 
 
 def find_projection(node, max_depth: int = 12):

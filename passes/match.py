@@ -381,6 +381,13 @@ def takes_input(op: str, what: str = "mask", at_init: bool = False) -> bool | No
     return what in names + (tuple(getattr(cls, "init_bindings", ())) if at_init else ())
 
 
+MASK_MEANING = {
+    "custom": "an additive bias such as ALiBi, or a pattern other than causal / sliding window / chunked",
+    "chunked": "each query sees only the keys of its own chunk",
+    "bidirectional": "every query sees every key",
+}
+
+
 def check_masks(assignments) -> None:
     """Refuse to convert, with an operator that never sees the mask, a site whose mask is more than a causal or
     sliding pattern (an additive bias such as ALiBi, a chunked or bidirectional pattern, anything custom): the
@@ -407,8 +414,9 @@ def check_masks(assignments) -> None:
         kinds = sorted({s.mask_kind for s in sites})
         layers = ", ".join(str(s.layer) if s.layer is not None else s.module for s in sites)
         kind = kinds[0] if len(kinds) == 1 else "[" + ", ".join(kinds) + "]"
+        meaning = "; ".join(MASK_MEANING.get(k, k) for k in kinds)
         raise rule.error(
             f"rule {rule.index}: op {rule.op} takes no attention mask, but layer(s) {layers} ({sites[0].module}"
-            f"{', …' if len(sites) > 1 else ''}) have a {'/'.join(kinds)} mask (an additive bias such as ALiBi, or a "
-            f"pattern other than causal / sliding window) that it would silently drop; keep them with a rule "
+            f"{', …' if len(sites) > 1 else ''}) have a {'/'.join(kinds)} mask ({meaning}) that it would silently "
+            f"drop; keep them with a rule "
             f"`{{mask: {kind}, op: keep}}` before this one, or convert them anyway with `mask: {kind}` in this rule")

@@ -304,6 +304,60 @@ def test_pre_rope_through_a_transpose():
         assert torch.allclose(vals[b[name]], x.view(*x.shape[:2], 4, 16).transpose(1, 2), atol=1e-6)
 
 
+def rope_forms(arch):
+    import transformers as tf
+
+    gqa = dict(COMMON, num_attention_heads=4, num_key_value_heads=2)
+    mla = dict(COMMON, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    moe = dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1)
+    return _from_config({
+        # multi-head latent attention: q = cat(no-RoPE, RoPE'd) and k filled by copies into an empty tensor, the
+        # RoPE part one head broadcast to all; V3's RoPE interleaved (strided halves)
+        "deepseek_v3": lambda: tf.DeepseekV3Config(**mla, **moe, n_group=1, topk_group=1),
+        # RoPE as a complex product (view_as_complex · freqs), on the MLA parts
+        "deepseek_v2": lambda: tf.DeepseekV2Config(**mla, **moe),
+        # the complex product, then an L2 norm of q / k (no weight) after RoPE; layer 1 has no RoPE at all
+        "llama4": lambda: tf.Llama4TextConfig(**gqa, head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
+                                              num_experts_per_tok=1, no_rope_layers=[1, 0], attention_chunk_size=8),
+    }[arch]())
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "llama4"])
+def test_pre_rope_in_latent_attention_complex_rope_and_norms_after_rope(arch):
+    model = rope_forms(arch)
+    cap = capture(model, CaptureConfig())
+    sites = match(cap, make_spec(spec_text("softmax"))).sites
+    roped = [s.layer for s in sites if s.attrs["rope"]]
+    assert roped == ([0] if arch == "llama4" else [0, 1])
+    s = sites[0]
+    b = s.bindings
+    # Layer 0 sees only the token: before RoPE, one token gives the same q / k wherever it stands.
+    ids = torch.tensor([[5, 9, 5, 7, 3, 5, 11, 5]])
+    vals = record(cap.gm, [b[n] for n in ("q", "k_kv", "q_pre_rope", "k_pre_rope")], ids)
+    for post, pre in ((vals[b["q"]], vals[b["q_pre_rope"]]), (vals[b["k_kv"]], vals[b["k_pre_rope"]])):
+        assert pre.shape == post.shape
+        for t in (2, 5, 7):
+            assert torch.allclose(pre[0, :, t], pre[0, :, 0], atol=1e-6)
+            assert not torch.allclose(post[0, :, t], post[0, :, 0], atol=1e-3)
+        # RoPE turns pairs of channels: lengths stay; at position 0 it turns nothing (the channels may be ordered
+        # otherwise: the interleaved form's pairs are strided)
+        assert torch.allclose(pre.norm(dim=-1), post.norm(dim=-1), atol=1e-5)
+        assert torch.allclose(pre[0, :, 0].sort(-1).values, post[0, :, 0].sort(-1).values, atol=1e-6)
+    identity = lincompile.convert(model, make_spec(spec_text("softmax")))
+    with torch.no_grad():
+        assert (identity(ids) - model(ids).logits).abs().max() <= 1e-5
+    liger = make_spec(spec_text("liger_attention", extra="    params: {window: 4}\n"))
+    if arch == "llama4":  # its chunked layers need a rule of their own (tests/test_runtime.py keeps them)
+        with pytest.raises(SpecError, match=r"layer\(s\) 0 .* chunked mask \(each query sees only the keys of its own "
+                                            r"chunk\) that it would silently drop; keep them with a rule `{mask: chunked"):
+            lincompile.convert(model, liger)
+        return
+    liger = lincompile.convert(model, liger)
+    assert not [n for site in liger.sites for n in site.notes if "rotary" in n]
+    assert torch.isfinite(liger(ids)).all()
+
+
 def test_kv_heads_repeated_before_rope():
     # Falcon (new decoder architecture) broadcasts k / v to all query heads before RoPE: k_kv is one head per
     # group of the roped keys, and the operators keep 2 kv heads of state, not 4.
