@@ -26,20 +26,23 @@ class Softmax(Operator):
     optional_inputs = ("mask", "sinks")
 
     def __init__(self, *args, softcap: float | None = None, is_causal: bool = False, window: int | None = None,
-                 **kwargs):
+                 attention_chunk: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.softcap = softcap
         self.is_causal = is_causal
-        self.window = window  # a sliding mask's window, for the masks the cached forms build themselves
+        # For the masks the cached forms build themselves: a sliding mask's window, a chunked mask's chunk.
+        self.window = window
+        self.attention_chunk = attention_chunk
 
     @classmethod
     def from_site(cls, site, **params):
         a = site.attrs
-        # The window is read off the site's own mask (match.classify_mask), never from a model config.
+        # Window and chunk are read off the site's own mask (match.classify_mask), never from a model config.
         window = a.get("window") if a.get("mask_kind") == "sliding" else None
+        chunk = a.get("window") if a.get("mask_kind") == "chunked" else None
         return cls(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
                    v_head_dim=a.get("v_head_dim"), scale=a.get("scale"), softcap=a.get("softcap"),
-                   is_causal=bool(a.get("is_causal", False)), window=window, **params)
+                   is_causal=bool(a.get("is_causal", False)), window=window, attention_chunk=chunk, **params)
 
     def forward(self, q, k, v, mask=None, sinks=None):
         if self.softcap is None and sinks is None:
@@ -75,6 +78,10 @@ class Softmax(Operator):
                 mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
                 if self.window is not None:  # query t (at S - T + t) sees the `window` keys up to itself
                     mask = mask & ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T - self.window)
+                if self.attention_chunk is not None:  # ... or the keys of its own chunk up to itself (Llama 4)
+                    at = torch.arange(S - T, S, device=q.device)
+                    start = torch.div(at, self.attention_chunk, rounding_mode="floor") * self.attention_chunk
+                    mask = mask & (torch.arange(S, device=q.device)[None, :] >= start[:, None])
         return self.naive(q, k, v, mask, sinks), {"k": k, "v": v}
 
     def _kv_heads(self, x):

@@ -307,15 +307,15 @@ def _substitute(captured, spec, allow_code):
     assignments = [(s, dataclasses.replace(r, op="softmax", params={}) if r.op == "keep" else r) for s, r in assignments]
     for site, rule in assignments:
         cls = op_class(rule.op, allow_code)
-        # The softmax operator builds a sliding mask itself from the window read off the site's mask.
-        sliding = rule.op == "softmax" and site.mask_kind == "sliding" and site.attrs.get("window")
+        # The softmax operator builds sliding and chunked masks itself from the size read off the site's mask.
+        rebuilt = rule.op == "softmax" and site.mask_kind in ("sliding", "chunked") and site.attrs.get("window")
         if ("mask" in cls.inputs + cls.optional_inputs and "mask" in site.bindings and site.mask_kind != "causal"
-                and not sliding):
+                and not rebuilt):
             if rule.op == "softmax":  # a kept layer (or the identity spec)
                 raise UsageError(f"{site.module}: its attention mask is {site.mask_kind} (an additive bias such as "
-                                 "ALiBi, or a pattern other than causal / sliding window): the decode step rebuilds "
-                                 "only causal and sliding-window masks, so this model cannot be generated from or "
-                                 "exported yet")
+                                 "ALiBi, or a pattern other than causal / sliding window / chunked): the decode step "
+                                 "rebuilds only causal, sliding-window and chunked masks, so this model cannot be "
+                                 "generated from or exported yet")
             raise UsageError(f"{site.module}: its attention mask is {site.mask_kind}; {rule.op}'s step form assumes "
                              "a causal mask, and only layers kept as softmax (op: keep) decode with another mask "
                              "(convert this layer with a sliding-window operator, or keep it)")

@@ -222,6 +222,36 @@ def test_kept_sliding_layers_decode_with_their_window():
     assert (decoded_logits(rt, ids, 3)[:, -1] - want[:, -1]).abs().max() > 1e-3
 
 
+def test_kept_chunked_layers_decode_with_their_chunks():
+    """Llama 4's RoPE layers attend within chunks (8 tokens here): a query sees the keys of its own chunk up to
+    itself. Kept as softmax, they decode with the chunk read off their mask, across chunk boundaries; the NoPE
+    layer (causal) is converted."""
+    import transformers as tf
+
+    cfg = tf.Llama4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              num_local_experts=2, num_experts_per_tok=1, no_rope_layers=[1, 0], attention_chunk_size=8)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = ids_of(2, 21)
+    with torch.no_grad():
+        want = model(ids).logits
+    identity = Runtime.from_model(model, make_spec(spec_text("softmax")))
+    assert identity.graph_module.get_submodule("ops.model.layers.0.self_attn").attention_chunk == 8
+    for prompt in (3, 8, 12):
+        assert (decoded_logits(identity, ids, prompt) - want).abs().max() < 1e-5, prompt
+    spec = make_spec("rules:\n  - {mask: chunked, op: keep}\n"
+                     "  - {op: liger_attention, params: {window: 4, chunk: 8}}\n")
+    hybrid = Runtime.from_model(model, spec)
+    kept = hybrid.graph_module.get_submodule("ops.model.layers.0.self_attn")
+    assert kept.name == "softmax" and kept.attention_chunk == 8
+    assert hybrid.graph_module.get_submodule("ops.model.layers.1.self_attn").name == "liger_attention"
+    full = full_logits(hybrid, ids)
+    assert (decoded_logits(hybrid, ids, 5) - full).abs().max() < 1e-4
+    kept.attention_chunk = None  # without its chunks the kept layer attends to every earlier token
+    assert (decoded_logits(hybrid, ids, 5)[:, -1] - full[:, -1]).abs().max() > 1e-3
+
+
 def test_two_attention_sites_in_one_module_get_an_operator_each():
     """Differential attention (DiffLlama) computes two softmaxes in each attention module: each site gets its own
     operator and decode state (they shared one operator and repeated state names: decode failed)."""
@@ -264,7 +294,7 @@ def test_two_attention_sites_in_one_module_get_an_operator_each():
 
 def test_a_kept_layer_with_a_bias_mask_is_refused_in_one_line():
     """ALiBi Falcon kept as softmax converts exactly (tests/test_match.py), but the decode step rebuilds only
-    causal and sliding masks: generation says so instead of decoding without the bias."""
+    causal, sliding and chunked masks: generation says so instead of decoding without the bias."""
     from transformers import AutoModelForCausalLM, FalconConfig
 
     torch.manual_seed(0)
