@@ -140,9 +140,9 @@ def _apply_flags(cfg, flags: dict, data, eval_data, stage: str):
 @click.option("--clip", type=click.FloatRange(min=0, min_open=True), **_d("clip"),
               help="Max gradient norm (both stages).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True,
-              help="Recompute each layer's activations in backward, and run the LM head and its loss a chunk of "
-                   "tokens at a time (both stages): less memory, one more forward per step; may be switched on "
-                   "resume.")
+              help="Recompute each layer's activations in backward (both stages), and run the LM head and its "
+                   "loss a chunk of tokens at a time (LoRA): less memory, one more forward per step; may be "
+                   "switched on resume.")
 @click.option("--eval-every", type=click.IntRange(min=1), **_d("eval_every"),
               help="Evaluate on held-out blocks every N steps.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), **_d("checkpoint_every"),

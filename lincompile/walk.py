@@ -278,6 +278,26 @@ def _rope_halves(n):
     return sources.pop() if len(sources) == 1 else None
 
 
+VIEWS = ("view", "_unsafe_view", "reshape", "slice", "select", "narrow", "transpose", "permute", "t", "expand",
+         "unsqueeze", "squeeze", "unflatten", "flatten", "as_strided", "alias", "diagonal", "split", "split_with_sizes",
+         "chunk", "unbind", "getitem")
+
+
+def _writes_into(node: fx.Node) -> bool:
+    """Is `node` an in-place op, or a view of its input that one writes through?"""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and short_op(n).endswith("_"):  # copy_, fill_, index_put_, add_, …
+            return True
+        if n.op == "call_function" and short_op(n) in VIEWS:
+            todo.extend(n.users)
+    return False
+
+
 def _rope_complex(n):
     """x for n = view_as_real(view_as_complex(x as pairs) · freqs) flattened back (RoPE as a complex product:
     Llama 4, DeepSeek-V2), else None."""
@@ -327,7 +347,7 @@ def _is_rms_of(r, y, n) -> bool:
             return False
         inner = strip(next(a for a in inner.args[:2] if isinstance(a, fx.Node) and const_value(a) is None))
     if not (is_op(inner, "mean") and len(inner.args) >= 3 and inner.args[2] is True
-            and list(inner.args[1]) in ([-1], [len(shape(y) or ()) - 1])):
+            and isinstance(inner.args[1], (list, tuple)) and list(inner.args[1]) in ([-1], [len(shape(y) or ()) - 1])):
         return False
     sq = strip(inner.args[0])
     return is_op(sq, "pow") and strip(sq.args[0]) is y and sq.args[1] == 2
@@ -427,8 +447,8 @@ def _assembled(n) -> list | None:
             start = u.args[2] if len(u.args) > 2 else 0
             end = u.args[3] if len(u.args) > 3 else None
             pieces.append((start, end, copies[0].args[1], u))
-        elif u.op == "call_function" and str(getattr(u.target, "__name__", "")).split(".")[0].endswith("_"):
-            return None  # written some other way
+        elif _writes_into(u):
+            return None  # written some other way too
     pieces.sort(key=lambda p: p[0] if isinstance(p[0], int) else -1)
     at = 0
     for start, end, _, _ in pieces:
@@ -484,14 +504,14 @@ def _replay(x: fx.Node, ops: list) -> fx.Node:
     for op in ops:
         with graph.inserting_after(_latest([x, *op.all_input_nodes[1:]])):
             new = graph.call_function(op.target, (x, *op.args[1:]), dict(op.kwargs))
-        _copy_meta(op, new, x)
+        _copy_meta(op, new)
         x = new
     return x
 
 
-def _copy_meta(like: fx.Node, new: fx.Node, first: fx.Node | None = None) -> None:
-    """`new` (like's op on other inputs; `first`: its first input, else all of like's own) gets like's module
-    path and the value computed on the recorded example values."""
+def _copy_meta(like: fx.Node, new: fx.Node) -> None:
+    """`new` (like's op, on other inputs) gets like's module path, and its value computed on the recorded example
+    values of its inputs."""
     for key in ("nn_module_stack", "stack_trace", "lincompile_module", "lincompile_layer"):
         if key in like.meta:
             new.meta[key] = like.meta[key]

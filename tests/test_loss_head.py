@@ -19,18 +19,19 @@ SPEC = spec_text("liger_gla")
 VOCAB = 128
 
 
-def lora(targets):
+def lora(targets, conv1d=False):
     from peft import LoraConfig
 
     # dropout 0: a LoRA on the head draws its dropout masks chunk by chunk (same distribution, other draws)
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, bias="none")
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, bias="none", fan_in_fan_out=conv1d)
 
 
 def healing_graphs(arch, on_head):
     model = tiny_model(arch)
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     targets = [t for t in ("q_proj", "v_proj", "query_key_value", "c_attn") if t in names]
-    graphs = build(model, make_spec(SPEC), lora_config=lora(targets + ["lm_head"] * on_head), with_teacher=False)
+    lora_config = lora(targets + ["lm_head"] * on_head, conv1d=arch == "gpt2")  # GPT-2's c_attn is a Conv1D
+    graphs = build(model, make_spec(SPEC), lora_config=lora_config, with_teacher=False)
     with torch.no_grad():  # LoRA B starts at zero: give every LoRA weight a gradient path of its own
         for name, p in graphs.lora_parameters().items():
             if "lora_B" in name:
@@ -172,6 +173,30 @@ def test_a_token_wise_tail_is_part_of_the_head():
     assert torch.equal(gm(ids), expected)
     with head.returning_hidden():
         assert gm(ids).shape == (2, 6, 8)
+
+
+class Scaled(Positional):
+    def __init__(self):
+        super().__init__(lambda x: x)
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, ids):
+        return self.proj(self.emb(ids)) * self.scale.exp() / torch.tensor(3.0)  # constants the graph computes
+
+
+def test_constants_the_head_computes_go_with_it():
+    ids = torch.randint(0, VOCAB, (2, 6))
+    gm = torch.export.export(Scaled(), (ids,), strict=False).module()
+    expected = gm(ids)
+    head, what = outline_head(gm)
+    assert head is not None and what == "linear → mul → div", what
+    assert torch.equal(gm(ids), expected)
+    with head.returning_hidden():
+        hidden = gm(ids)
+    assert torch.equal(head.body(hidden), expected)
+    # nothing of the head is left in the graph, the constants it computed included
+    assert [str(n.target).split(".")[-2] for n in gm.graph.nodes if n.op == "call_function"
+            and "assert" not in str(n.target)] == ["embedding"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])

@@ -317,13 +317,14 @@ def rope_forms(arch):
         "deepseek_v3": lambda: tf.DeepseekV3Config(**mla, **moe, n_group=1, topk_group=1),
         # RoPE as a complex product (view_as_complex · freqs), on the MLA parts
         "deepseek_v2": lambda: tf.DeepseekV2Config(**mla, **moe),
+        "minicpm3": lambda: tf.MiniCPM3Config(**mla),
         # the complex product, then an L2 norm of q / k (no weight) after RoPE; layer 1 has no RoPE at all
         "llama4": lambda: tf.Llama4TextConfig(**gqa, head_dim=16, intermediate_size_mlp=128, num_local_experts=2,
                                               num_experts_per_tok=1, no_rope_layers=[1, 0], attention_chunk_size=8),
     }[arch]())
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "llama4"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "minicpm3", "llama4"])
 def test_pre_rope_in_latent_attention_complex_rope_and_norms_after_rope(arch):
     model = rope_forms(arch)
     cap = capture(model, CaptureConfig())
@@ -356,6 +357,38 @@ def test_pre_rope_in_latent_attention_complex_rope_and_norms_after_rope(arch):
     liger = lincompile.convert(model, liger)
     assert not [n for site in liger.sites for n in site.notes if "rotary" in n]
     assert torch.isfinite(liger(ids)).all()
+
+
+class Assembled(nn.Module):
+    """k made empty and filled by copies along its last axis, RoPE on the second part (DeepSeek's keys)."""
+
+    def __init__(self, then=None):
+        super().__init__()
+        self.then = then
+
+    def forward(self, x, cos, sin):
+        a, b = x[..., :8], x[..., 8:]
+        k = x.new_empty(x.shape)
+        k[..., :8].copy_(a)
+        k[..., 8:].copy_(b * cos + torch.cat([-b[..., 4:], b[..., :4]], -1) * sin)
+        if self.then is not None:
+            self.then(k)
+        return k * 1.0
+
+
+@pytest.mark.parametrize("then", [None, lambda k: k[:, 0].fill_(0.0), lambda k: k[:, :1].copy_(k[:, 1:2]),
+                                  lambda k: k.view(-1)[:3].zero_()])
+def test_pre_rope_of_a_tensor_filled_by_copies_only_when_nothing_else_writes_it(then):
+    from lincompile.walk import find_pre_rope
+
+    x, cos, sin = torch.randn(2, 3, 5, 16), torch.randn(5, 8), torch.randn(5, 8)
+    gm = torch.export.export(Assembled(then), (x, cos, sin), strict=False).module()
+    k = next(n for n in gm.graph.nodes if n.op == "output").args[0][0].args[0]
+    pre = find_pre_rope(k)
+    if then is not None:  # a write through another view: the copies do not say what k holds
+        assert pre is None
+        return
+    assert torch.equal(record(gm, [pre], x, cos, sin)[pre], x)
 
 
 def test_kv_heads_repeated_before_rope():

@@ -9,7 +9,8 @@ output (a final softcap, a logit scale, casts, a LoRA on the head), which must a
 running them on a slice of the tokens gives that slice of the logits. They are outlined into one call,
 `LossHead`; while the loss runs, the graph returns the hidden states instead, and the loss applies the head
 to one chunk of tokens at a time, each chunk under `torch.utils.checkpoint`. Backward then holds only the
-hidden states, and one chunk's logits at a time are ever in memory. The loss is the same sum, regrouped.
+hidden states, and one chunk's logits at a time are ever in memory (distillation's teacher logits, computed
+without gradients by the original model, are still whole). The loss is the same sum, regrouped.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def outline_head(gm: fx.GraphModule) -> tuple[LossHead | None, str]:
     if isinstance(found, str):
         return None, found
     hidden, members, out = found
-    graph, env, constants = fx.Graph(), {}, _constant_inputs(members)
+    graph, env, constants = fx.Graph(), {}, _constant_inputs(members, _varying(gm.graph))
     env[hidden] = graph.placeholder("hidden")
     env[hidden].meta.update(hidden.meta)
     for n in constants:
@@ -87,7 +88,7 @@ def outline_head(gm: fx.GraphModule) -> tuple[LossHead | None, str]:
     out.replace_all_uses_with(call)
     for n in reversed(members):
         gm.graph.erase_node(n)
-    for n in constants:  # weights only the head used (a tied embedding stays)
+    for n in reversed(constants):  # weights and constants only the head used (a tied embedding stays)
         if not n.users:
             gm.graph.erase_node(n)
     gm.graph.lint()
@@ -101,7 +102,10 @@ def lm_head(gm: fx.GraphModule) -> LossHead | None:
         if isinstance(m, LossHead):
             return m
     if "no_loss_head" not in gm.meta:
-        head, why = outline_head(gm)
+        try:
+            head, why = outline_head(gm)
+        except Exception as e:  # a head form not foreseen: score the whole logits rather than fail (the body is
+            head, why = None, f"its head could not be outlined ({type(e).__name__}: {e})"  # built before gm changes)
         if head is not None:
             return head
         gm.meta["no_loss_head"] = why  # the graph will not change: don't search again
@@ -186,10 +190,17 @@ def _between(start: fx.Node, end: fx.Node, allowed: set[fx.Node]) -> list[fx.Nod
     return [n for n in start.graph.nodes if n in after]
 
 
-def _constant_inputs(members: list[fx.Node]) -> list[fx.Node]:
-    """The weights and constants the head reads (get_attr nodes), copied into its body."""
-    got = {a: None for n in members for a in n.all_input_nodes if a.op == "get_attr"}
-    return list(got)
+def _constant_inputs(members: list[fx.Node], varying: set[fx.Node]) -> list[fx.Node]:
+    """What the head reads that depends on no input, in graph order: weights (get_attr) and whatever the graph
+    computes from them alone (a lifted `torch.tensor(3.0)`, `scale.exp()`); copied into the head's body."""
+    inside, need = set(members), set()
+    todo = [a for n in members for a in n.all_input_nodes if a not in varying and a not in inside]
+    while todo:
+        a = todo.pop()
+        if a not in need:
+            need.add(a)
+            todo.extend(a.all_input_nodes)
+    return [n for n in members[0].graph.nodes if n in need]
 
 
 def chunk_tokens(batch: int, vocab: int) -> int:
@@ -205,7 +216,7 @@ def chunked_lm_loss(head: LossHead, hidden: torch.Tensor, targets: torch.Tensor,
     if chunk is None:
         chunk = chunk_tokens(B, head.vocab)
     sums = []
-    for t0 in range(0, N, chunk):
+    for t0 in range(0, max(N, 1), chunk):  # (no tokens: one empty chunk, and NaN as F.cross_entropy gives)
         args = (hidden[:, t0:t0 + chunk], targets[:, t0:t0 + chunk],
                 None if teacher is None else teacher[:, t0:t0 + chunk])
         if torch.is_grad_enabled():
