@@ -104,6 +104,12 @@ class Operator(nn.Module):
         op.init_from_site(site)
         return op
 
+    @classmethod
+    def reads_alibi(cls, params: dict) -> bool:
+        """Does the operator, with these spec params, turn a site's ALiBi bias (a `custom` mask with
+        `alibi_slopes`) into something of its own, so that converting the site drops nothing?"""
+        return False
+
     def init_from_site(self, site) -> None:
         """Hook for operators that initialise new parameters from the site's weights."""
 

@@ -2,12 +2,15 @@
 
     γ_h = 1 - 2^(-e_h),  e_h = decay_base + h                      (decay_range: null, RetNet's spacing)
                          e_h = decay_base + decay_range · h/(H-1)  (decay_range: a number, spread over heads)
+    γ_h = exp(-s_h)      on a site whose mask is ALiBi with slopes s_h (alibi: true, the default)
     S_t = γ_h S_{t-1} + k_t v_tᵀ,   o_t = scale · S_tᵀ q_t         (scale = the site's, 1/sqrt(d) by default)
 
 i.e. o_t = Σ_{s≤t} γ_h^(t-s) · scale · (q_t·k_s) v_s: the original attention logits, un-normalised, with an
 exponential recency weight instead of the softmax. q and k are taken *after* RoPE — RetNet's xPos rotation
 plays the same role, and the rotated dot product is exactly the model's own attention logit, so relative
-positions stay as the model learned them. Defaults give RetNet's decays (Sun et al., "Retentive Network: A
+positions stay as the model learned them. An ALiBi model (BLOOM, MPT, Falcon with alibi) has no RoPE but the bias
+−s_h·(i − j), i.e. softmax weights exp(scores)·exp(−s_h)^(i−j): the same recency weight, so its slopes give the
+decays exactly (match.alibi_slopes reads them off the site's mask). Otherwise, defaults give RetNet's decays (Sun et al., "Retentive Network: A
 Successor to Transformer for Large Language Models", 2023): head 0 remembers ~32 tokens (γ = 1 - 1/32),
 each further head twice as long. No normaliser and no new parameters: a baseline that needs healing.
 
@@ -32,12 +35,33 @@ from .registry import register
 class SimpleDecay(Operator):
     name = "simple_decay"
     summary = "RetNet-style retention: linear attention on RoPE'd q/k, fixed decay γ_h = 1 - 2^-(5+h) per head"
-    params = {"decay_base": 5.0, "decay_range": None, "chunk": 64}
+    params = {"decay_base": 5.0, "decay_range": None, "alibi": True, "chunk": 64}
     inputs = ("q", "k_kv", "v_kv")
     fused_kernels = ("chunk_gla",)
 
-    def __init__(self, *args, **kwargs):
+    @classmethod
+    def reads_alibi(cls, params: dict) -> bool:
+        return bool({**cls.params, **params}["alibi"])  # its decays
+
+    @classmethod
+    def from_site(cls, site, **params):
+        a = site.attrs
+        slopes = a.get("alibi_slopes") if a.get("mask_kind") == "custom" else None
+        op = cls(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
+                 v_head_dim=a.get("v_head_dim"), scale=a.get("scale"), alibi_slopes=slopes, **params)
+        if op.alibi_slopes is not None:
+            op.notes.append("the site's ALiBi slopes s_h are the decays: γ_h = exp(−s_h)")
+        return op
+
+    def __init__(self, *args, alibi_slopes: list[float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # (a constructor argument, so that an exported program rebuilds the operator with the same decays)
+        self.alibi_slopes = alibi_slopes if self.config["alibi"] else None
+        if self.alibi_slopes is not None:
+            if len(self.alibi_slopes) != self.num_heads or min(self.alibi_slopes) < 0:
+                raise ValueError(f"alibi_slopes: {self.num_heads} slopes ≥ 0 expected, got {self.alibi_slopes}")
+            self.register_buffer("log_decay", -torch.tensor(self.alibi_slopes, dtype=torch.float32), persistent=False)
+            return
         base, spread, H = self.config["decay_base"], self.config["decay_range"], self.num_heads
         if spread is not None and not isinstance(spread, (int, float)):
             raise ValueError("decay_range must be a number or null")

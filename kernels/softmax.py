@@ -26,13 +26,15 @@ class Softmax(Operator):
     optional_inputs = ("mask", "sinks")
 
     def __init__(self, *args, softcap: float | None = None, is_causal: bool = False, window: int | None = None,
-                 attention_chunk: int | None = None, **kwargs):
+                 attention_chunk: int | None = None, alibi_slopes: list[float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.softcap = softcap
         self.is_causal = is_causal
         # For the masks the cached forms build themselves: a sliding mask's window, a chunked mask's chunk.
         self.window = window
         self.attention_chunk = attention_chunk
+        # ALiBi (a custom mask of bias −s_h·(i − j) on causal): the cached forms add it to the scores themselves.
+        self.alibi_slopes = alibi_slopes
 
     @classmethod
     def from_site(cls, site, **params):
@@ -40,9 +42,11 @@ class Softmax(Operator):
         # Window and chunk are read off the site's own mask (match.classify_mask), never from a model config.
         window = a.get("window") if a.get("mask_kind") == "sliding" else None
         chunk = a.get("window") if a.get("mask_kind") == "chunked" else None
+        slopes = a.get("alibi_slopes") if a.get("mask_kind") == "custom" else None
         return cls(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
                    v_head_dim=a.get("v_head_dim"), scale=a.get("scale"), softcap=a.get("softcap"),
-                   is_causal=bool(a.get("is_causal", False)), window=window, attention_chunk=chunk, **params)
+                   is_causal=bool(a.get("is_causal", False)), window=window, attention_chunk=chunk,
+                   alibi_slopes=slopes, **params)
 
     def forward(self, q, k, v, mask=None, sinks=None):
         if self.softcap is None and sinks is None:
@@ -82,6 +86,11 @@ class Softmax(Operator):
                     at = torch.arange(S - T, S, device=q.device)
                     start = torch.div(at, self.attention_chunk, rounding_mode="floor") * self.attention_chunk
                     mask = mask & (torch.arange(S, device=q.device)[None, :] >= start[:, None])
+                if self.alibi_slopes is not None:  # the bias −s_h·(i − j) on the causal mask, per head
+                    distance = (torch.arange(S - T, S, device=q.device)[:, None]
+                                - torch.arange(S, device=q.device)[None, :]).float()
+                    slopes = torch.tensor(self.alibi_slopes, device=q.device).view(-1, 1, 1)
+                    mask = (-slopes * distance).masked_fill(~mask, float("-inf"))
         return self.naive(q, k, v, mask, sinks), {"k": k, "v": v}
 
     def _kv_heads(self, x):

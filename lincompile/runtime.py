@@ -308,14 +308,15 @@ def _substitute(captured, spec, allow_code):
     for site, rule in assignments:
         cls = op_class(rule.op, allow_code)
         # The softmax operator builds sliding and chunked masks itself from the size read off the site's mask.
-        rebuilt = rule.op == "softmax" and site.mask_kind in ("sliding", "chunked") and site.attrs.get("window")
+        rebuilt = rule.op == "softmax" and (site.mask_kind in ("sliding", "chunked") and site.attrs.get("window")
+                                            or site.mask_kind == "custom" and site.attrs.get("alibi_slopes"))
         if ("mask" in cls.inputs + cls.optional_inputs and "mask" in site.bindings and site.mask_kind != "causal"
                 and not rebuilt):
             if rule.op == "softmax":  # a kept layer (or the identity spec)
-                raise UsageError(f"{site.module}: its attention mask is {site.mask_kind} (an additive bias such as "
-                                 "ALiBi, or a pattern other than causal / sliding window / chunked): the decode step "
-                                 "rebuilds only causal, sliding-window and chunked masks, so this model cannot be "
-                                 "generated from or exported yet")
+                raise UsageError(f"{site.module}: its attention mask is {site.mask_kind} (an additive bias other "
+                                 "than ALiBi, or a pattern other than causal / sliding window / chunked): the decode "
+                                 "step rebuilds only causal, sliding-window, chunked and ALiBi masks, so this model "
+                                 "cannot be generated from or exported yet")
             raise UsageError(f"{site.module}: its attention mask is {site.mask_kind}; {rule.op}'s step form assumes "
                              "a causal mask, and only layers kept as softmax (op: keep) decode with another mask "
                              "(convert this layer with a sliding-window operator, or keep it)")

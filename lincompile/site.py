@@ -65,7 +65,7 @@ class Site:
 
     def to_json(self) -> dict:
         keep = ("num_heads", "num_kv_heads", "head_dim", "v_head_dim", "scale", "softcap", "mask_kind", "window",
-                "q_proj", "k_proj", "v_proj", "o_proj", "rope")
+                "alibi_slopes", "q_proj", "k_proj", "v_proj", "o_proj", "rope")
         return {"module": self.module, "layer": self.layer, "pattern": self.pattern, "op": self.op,
                 **{k: self.attrs[k] for k in keep if k in self.attrs},
                 "bindings": self.describe_bindings(), "notes": list(self.notes)}

@@ -186,6 +186,35 @@ def classify_mask(mask: torch.Tensor | None, is_causal: bool) -> tuple[str, int 
     return "custom", None
 
 
+def alibi_slopes(mask: torch.Tensor | None) -> list[float] | None:
+    """Per-head slopes s_h of an additive causal mask whose attended values are −s_h·(i − j) (plus any constant per
+    query row, which softmax ignores): ALiBi, as BLOOM, MPT and Falcon fold it into their masks. None for any
+    other mask. The cached softmax (kept layers) rebuilds the bias from them when decoding."""
+    if mask is None or mask.dtype == torch.bool or mask.dim() != 4 or not mask.dtype.is_floating_point:
+        return None
+    m = mask.float()
+    if not bool((m == m[:1]).all()):
+        return None  # batch rows differ
+    m = m[0]
+    H, T, S = m.shape
+    if T != S or T < 2:
+        return None
+    causal = torch.ones(T, T, dtype=torch.bool, device=m.device).tril()
+    top = m.amax(-1, keepdim=True)
+    allowed = (m > top + BLOCKED) & (m > torch.finfo(mask.dtype).min / 2)
+    if not bool((allowed == causal).all()):
+        return None
+    i = torch.arange(T, device=m.device)
+    distance = (i[:, None] - i[None, :]).float()
+    relative = m - m.diagonal(dim1=-2, dim2=-1)[..., :, None]  # 0 on the diagonal, −s·(i − j) to its left
+    slopes = -relative[:, T - 1, T - 2]
+    expected = -slopes[:, None, None] * distance
+    tolerance = 4 * torch.finfo(mask.dtype).eps * (m.abs()[:, causal].amax() + 1.0)  # of the attended values
+    if bool((slopes < 0).any()) or not bool(((relative - expected).abs() <= tolerance)[:, causal].all()):
+        return None
+    return [float(s) for s in slopes]
+
+
 def evaluate_facts(gm: fx.GraphModule, sites: list[Site], vocab_size: int, mask_probe_len: int) -> None:
     """Evaluate masks (and in-graph scale constants) on a long probe, once per distinct node."""
     from lincompile.passes.capture import probe_ids
@@ -203,8 +232,11 @@ def evaluate_facts(gm: fx.GraphModule, sites: list[Site], vocab_size: int, mask_
         m = values.get(node)
         key = (node, s.attrs.get("is_causal", False))
         if key not in kinds:
-            kinds[key] = classify_mask(m if isinstance(m, torch.Tensor) else None, key[1])
-        kind, window = kinds[key]
+            got = classify_mask(m if isinstance(m, torch.Tensor) else None, key[1])
+            kinds[key] = (*got, alibi_slopes(m) if got[0] == "custom" and isinstance(m, torch.Tensor) else None)
+        kind, window, slopes = kinds[key]
+        if slopes is not None:
+            s.attrs["alibi_slopes"] = slopes
         if kind == "none" and s.pattern in ("sdpa", "eager_softmax_attention"):
             kind = "bidirectional"  # the built-in patterns see every mask: none, and not causal, attends to all
         if kind == "causal" and m is not None:
@@ -381,6 +413,15 @@ def takes_input(op: str, what: str = "mask", at_init: bool = False) -> bool | No
     return what in names + (tuple(getattr(cls, "init_bindings", ())) if at_init else ())
 
 
+def _reads_alibi(rule) -> bool:
+    from lincompile.kernels import registry
+
+    if ":" in rule.op or rule.op == "keep":
+        return False
+    reads = getattr(registry.get(rule.op), "reads_alibi", None)
+    return bool(reads(dict(rule.params or {}))) if reads is not None else False
+
+
 MASK_MEANING = {
     "custom": "an additive bias such as ALiBi, or a pattern other than causal / sliding window / chunked",
     "chunked": "each query sees only the keys of its own chunk",
@@ -398,6 +439,8 @@ def check_masks(assignments) -> None:
         kind = site.mask_kind
         if kind in MASKLESS_KINDS or takes_input(rule.op) is not False:
             continue
+        if kind == "custom" and site.attrs.get("alibi_slopes") is not None and _reads_alibi(rule):
+            continue  # the operator turns the bias into its own (simple_decay's decays), and notes it
         if kind in rule.mask:
             note = f"the site's {kind} attention mask is dropped: {rule.op} takes no mask"
             if note not in site.notes:

@@ -193,6 +193,7 @@ def test_alibi_of_eager_attention_is_kept(arch):
         lincompile.convert(model, make_spec(CAPTURE + "rules:\n  - op: liger_attention\n"))
     kept = lincompile.convert(model, make_spec(CAPTURE + "rules:\n  - {mask: custom, op: keep}\n"))
     assert [s["op"] for s in kept.report["sites"]] == ["keep", "keep"]
+    assert [s["alibi_slopes"] for s in kept.report["site_details"]] == [[2.0 ** -(2 * h + 2) for h in range(4)]] * 2
     ids = torch.randint(0, 128, (2, 19))
     with torch.no_grad():
         assert (kept(ids) - model(ids).logits).abs().max() <= 1e-5

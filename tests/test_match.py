@@ -11,7 +11,7 @@ from lincompile.errors import SpecError, VerifyError
 from lincompile.graph import op_counts, record
 from lincompile.kernels.base import Operator
 from lincompile.passes.capture import capture
-from lincompile.passes.match import classify_mask, find_sites, match
+from lincompile.passes.match import alibi_slopes, classify_mask, find_sites, match
 from lincompile.spec import CaptureConfig
 
 from conftest import COMMON, make_spec, spec_text, tiny_config, tiny_model
@@ -230,6 +230,14 @@ def test_classify_mask_sees_bias_values_and_per_head_patterns():
     # A relative bias that is 0 on the diagonal: its zeros alone would read as a window of 1.
     relative = blocked - 0.5 * (i[:, None] - i[None, :]).clamp_min(0).float()
     assert classify_mask(relative[None, None], False) == ("custom", None)
+    # Both are ALiBi: −s_h·(i − j) on a causal mask, up to a constant per query row (which softmax ignores).
+    assert alibi_slopes(alibi[None]) == slopes.tolist() and alibi_slopes(relative[None, None]) == [0.5]
+    assert alibi_slopes(alibi[None].bfloat16()) == pytest.approx(slopes.tolist(), rel=1e-2)
+    square = blocked - 0.5 * ((i[:, None] - i[None, :]).clamp_min(0).float() ** 2)  # not linear in the distance
+    sliding = alibi.masked_fill(i[:, None] - i[None, :] >= 4, torch.finfo(torch.float32).min)  # not causal
+    per_row = torch.stack([alibi, alibi + 0.01 * i.float()])  # batch rows differ
+    for other in (square[None, None], sliding[None], per_row, causal[None, None]):
+        assert alibi_slopes(other) is None
     # Heads with different windows are no single pattern.
     w2, w3 = causal & (i[:, None] - i[None, :] < 2), causal & (i[:, None] - i[None, :] < 3)
     assert classify_mask(torch.stack([w2, w3])[None], False) == ("custom", None)

@@ -292,16 +292,73 @@ def test_two_attention_sites_in_one_module_get_an_operator_each():
     assert len(losses) == 4 and all(torch.isfinite(x) and x > 0 for x in losses)
 
 
-def test_a_kept_layer_with_a_bias_mask_is_refused_in_one_line():
-    """ALiBi Falcon kept as softmax converts exactly (tests/test_match.py), but the decode step rebuilds only
-    causal, sliding and chunked masks: generation says so instead of decoding without the bias."""
+def alibi_model(arch):
     from transformers import AutoModelForCausalLM, FalconConfig
 
+    from test_architectures import _eager_only
+
+    if arch != "falcon":
+        return _eager_only(arch)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(FalconConfig(
+    return AutoModelForCausalLM.from_config(FalconConfig(
         vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True)).eval()
+
+
+KEEP_CUSTOM = "capture: {max_seq_len: 256}\nrules:\n  - {mask: custom, op: keep}\n"
+
+
+@pytest.mark.parametrize("arch", ["bloom", "mpt", "falcon"])
+def test_kept_alibi_layers_decode_with_the_slopes_read_off_their_mask(arch):
+    """BLOOM, MPT and Falcon fold ALiBi into their masks (`custom`); the slopes are read off the probed mask, and
+    kept layers decode with that bias: the model's own logits at every step, and left padding changes nothing."""
+    model = alibi_model(arch)
+    rt = Runtime.from_model(model, make_spec(KEEP_CUSTOM))
+    kept = [m for m in rt.graph_module.modules() if isinstance(m, registry.get("softmax"))]
+    # BLOOM's and MPT's slopes for 4 heads are 2^-2, 2^-4, …; Falcon adds them before its 1/sqrt(16) scaling
+    factor = 0.25 if arch == "falcon" else 1.0
+    assert len(kept) == 2 and all(m.alibi_slopes == [factor * 2.0 ** -(2 * h + 2) for h in range(4)] for m in kept)
+    ids = ids_of(2, 21)
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (decoded_logits(rt, ids, 5) - want).abs().max() < 1e-5
+    row, mask = ids[:1, 4:], torch.ones(2, 21, dtype=torch.long)
+    mask[0, :4] = 0
+    both = rt.generate(torch.cat([torch.cat([torch.full((1, 4), 5), row], 1), ids[1:]]), 4, attention_mask=mask)
+    assert torch.equal(both[0, 21:], rt.generate(row, 4)[0, 17:])
+    for m in kept:  # without the bias, decoding gives another model
+        m.alibi_slopes = [0.0] * 4
+    assert (decoded_logits(rt, ids, 5)[:, -1] - want[:, -1]).abs().max() > 1e-3
+
+
+def test_simple_decay_takes_its_decays_from_alibi_slopes():
+    """ALiBi weights softmax by exp(−s_h)^(i−j): simple_decay's recency weight with γ_h = exp(−s_h). So converting
+    an ALiBi model with it drops nothing (no refusal), its decays are the model's slopes, and it decodes."""
+    from lincompile.errors import SpecError
+
+    model = alibi_model("bloom")
+    spec = make_spec("capture: {max_seq_len: 256}\nrules:\n  - op: simple_decay\n")
+    converted = lincompile.convert(model, spec)
+    slopes = torch.tensor([2.0 ** -(2 * h + 2) for h in range(4)])
+    for op in converted.operators.values():
+        assert torch.equal(op.log_decay, -slopes)
+    assert all("ALiBi slopes s_h are the decays" in " ".join(s.notes) for s in converted.sites)
+    rt = Runtime.from_model(model, spec)
+    ids = ids_of(2, 21)
+    assert (decoded_logits(rt, ids, 5) - full_logits(rt, ids)).abs().max() < 1e-5
+    # Asked not to (alibi: false: RetNet's decays), it would drop the bias: refused as for other operators.
+    with pytest.raises(SpecError, match="simple_decay takes no attention mask.*custom mask"):
+        lincompile.convert(model, make_spec("capture: {max_seq_len: 256}\nrules:\n"
+                                            "  - {op: simple_decay, params: {alibi: false}}\n"))
+
+
+def test_a_kept_layer_with_a_bias_mask_is_refused_in_one_line(monkeypatch):
+    """A kept layer whose mask carries a bias other than ALiBi converts exactly, but the decode step rebuilds only
+    causal, sliding, chunked and ALiBi masks: generation says so instead of decoding without the bias."""
+    from lincompile.passes import match
+
+    monkeypatch.setattr(match, "alibi_slopes", lambda mask: None)  # as for any other bias
     with pytest.raises(UsageError, match="mask is custom .* cannot be generated from or exported yet"):
-        Runtime.from_model(model, make_spec("rules:\n  - {mask: custom, op: keep}\n"))
+        Runtime.from_model(alibi_model("falcon"), make_spec(KEEP_CUSTOM))
 
 
 # --------------------------------------------------------------------------------------------------

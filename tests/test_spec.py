@@ -181,5 +181,5 @@ def test_specs_readme_lists_every_operator_and_its_defaults():
     for name in registry.names():
         assert name in rows, f"specs/README.md has no row for operator {name}"
         for param, default in registry.get(name).params.items():
-            shown = "null" if default is None else str(default)
+            shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
             assert f"`{param}` {shown}" in rows[name], f"{name}: `{param}` {shown} missing from {rows[name]!r}"
