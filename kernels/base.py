@@ -48,6 +48,9 @@ class Operator(nn.Module):
 
     name: ClassVar[str] = ""
     params: ClassVar[dict[str, Any]] = {}  # spec `params:` are checked against these defaults
+    # Params added later, with the value that was in effect before they existed: an output written then records
+    # every default of its time in spec.yaml but not these, and must load as it was (Spec.from_output).
+    legacy_params: ClassVar[dict[str, Any]] = {}
     inputs: ClassVar[tuple[str, ...]] = ("q", "k", "v")
     optional_inputs: ClassVar[tuple[str, ...]] = ()
     init_bindings: ClassVar[tuple[str, ...]] = ()  # bindings read only to initialise (Site.constant), not run on

@@ -10,7 +10,8 @@ exponential recency weight instead of the softmax. q and k are taken *after* RoP
 plays the same role, and the rotated dot product is exactly the model's own attention logit, so relative
 positions stay as the model learned them. An ALiBi model (BLOOM, MPT, Falcon with alibi) has no RoPE but the bias
 −s_h·(i − j), i.e. softmax weights exp(scores)·exp(−s_h)^(i−j): the same recency weight, so its slopes give the
-decays exactly (match.alibi_slopes reads them off the site's mask). Otherwise, defaults give RetNet's decays (Sun et al., "Retentive Network: A
+decay factors (match.alibi_slopes reads them off the site's mask; the exp() of the scores and softmax's
+normaliser are dropped as for any model). Otherwise, defaults give RetNet's decays (Sun et al., "Retentive Network: A
 Successor to Transformer for Large Language Models", 2023): head 0 remembers ~32 tokens (γ = 1 - 1/32),
 each further head twice as long. No normaliser and no new parameters: a baseline that needs healing.
 
@@ -34,8 +35,10 @@ from .registry import register
 @register
 class SimpleDecay(Operator):
     name = "simple_decay"
-    summary = "RetNet-style retention: linear attention on RoPE'd q/k, fixed decay γ_h = 1 - 2^-(5+h) per head"
+    summary = ("RetNet-style retention: linear attention on RoPE'd q/k, fixed decay γ_h = 1 - 2^-(5+h) per head "
+               "(ALiBi models: γ_h = exp(-s_h) from their slopes)")
     params = {"decay_base": 5.0, "decay_range": None, "alibi": True, "chunk": 64}
+    legacy_params = {"alibi": False}  # outputs written before it kept RetNet's decays on ALiBi models
     inputs = ("q", "k_kv", "v_kv")
     fused_kernels = ("chunk_gla",)
 
@@ -50,7 +53,9 @@ class SimpleDecay(Operator):
         op = cls(num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
                  v_head_dim=a.get("v_head_dim"), scale=a.get("scale"), alibi_slopes=slopes, **params)
         if op.alibi_slopes is not None:
-            op.notes.append("the site's ALiBi slopes s_h are the decays: γ_h = exp(−s_h)")
+            op.notes.append("the site's ALiBi slopes s_h are the decays: γ_h = exp(−s_h) (decay_base and "
+                            "decay_range are not used)")
+        op.init_from_site(site)
         return op
 
     def __init__(self, *args, alibi_slopes: list[float] | None = None, **kwargs):

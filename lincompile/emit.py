@@ -213,7 +213,7 @@ def read_outdir(path):
     for needed in ("model.safetensors", "spec.yaml", "config.json"):
         if not (root / needed).is_file():
             raise LincompileError(f"{root / needed} is missing: {REDO}")
-    spec = Spec.from_yaml(root / "spec.yaml")
+    spec = Spec.from_output(root / "spec.yaml")
     config = AutoConfig.from_pretrained(str(root))
     return root, meta, spec, config
 

@@ -313,10 +313,10 @@ def _substitute(captured, spec, allow_code):
         if ("mask" in cls.inputs + cls.optional_inputs and "mask" in site.bindings and site.mask_kind != "causal"
                 and not rebuilt):
             if rule.op == "softmax":  # a kept layer (or the identity spec)
-                raise UsageError(f"{site.module}: its attention mask is {site.mask_kind} (an additive bias other "
-                                 "than ALiBi, or a pattern other than causal / sliding window / chunked): the decode "
-                                 "step rebuilds only causal, sliding-window, chunked and ALiBi masks, so this model "
-                                 "cannot be generated from or exported yet")
+                raise UsageError(f"{site.module}: its attention mask is {site.mask_kind} (an additive bias whose "
+                                 "ALiBi slopes could not be read off it, or a pattern other than causal / sliding "
+                                 "window / chunked): the decode step rebuilds only causal, sliding-window, chunked "
+                                 "and ALiBi masks, so this model cannot be generated from or exported yet")
             raise UsageError(f"{site.module}: its attention mask is {site.mask_kind}; {rule.op}'s step form assumes "
                              "a causal mask, and only layers kept as softmax (op: keep) decode with another mask "
                              "(convert this layer with a sliding-window operator, or keep it)")

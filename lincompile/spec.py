@@ -276,6 +276,20 @@ class Spec:
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
+    def from_output(cls, path: str | Path) -> "Spec":
+        """The spec.yaml next to an output. It records every param's default as of when it was written, so a param
+        it lacks did not exist then: it takes the value that was in effect (the operator's `legacy_params`), and
+        the output loads as it was written."""
+        from lincompile.kernels import registry
+
+        spec = cls.from_yaml(path)
+        for rule in spec.rules:
+            if rule.op != "keep" and ":" not in rule.op:
+                for name, value in registry.get(rule.op).legacy_params.items():
+                    rule.params.setdefault(name, value)
+        return spec
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> "Spec":
         path = Path(path)
         if not path.exists():

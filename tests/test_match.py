@@ -238,6 +238,17 @@ def test_classify_mask_sees_bias_values_and_per_head_patterns():
     per_row = torch.stack([alibi, alibi + 0.01 * i.float()])  # batch rows differ
     for other in (square[None, None], sliding[None], per_row, causal[None, None]):
         assert alibi_slopes(other) is None
+    # Real slope sets (12 heads: no powers of two), read where values are near s·T; and distances whose bias is far
+    # below the row's top (0.5 · 2,199 > 1,000), which classify_mask's margin would call blocked.
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    cases = ((12, 300, torch.float32, 1e-6), (12, 300, torch.bfloat16, 1e-2), (1, 2200, torch.float32, 1e-6))
+    for H, n, dtype, rel in cases:
+        s = build_alibi_tensor(torch.ones(1, 2), H, torch.float32).view(H, 2)[:, 1] if H > 1 else torch.tensor([0.5])
+        j = torch.arange(n)
+        bias = (s[:, None, None] * j.float()).expand(H, n, n)
+        mask = bias.masked_fill(j[:, None] < j[None, :], torch.finfo(dtype).min).to(dtype)
+        assert alibi_slopes(mask[None]) == pytest.approx(s.tolist(), rel=rel), (H, n, dtype)
     # Heads with different windows are no single pattern.
     w2, w3 = causal & (i[:, None] - i[None, :] < 2), causal & (i[:, None] - i[None, :] < 3)
     assert classify_mask(torch.stack([w2, w3])[None], False) == ("custom", None)
@@ -358,8 +369,9 @@ def test_pre_rope_in_latent_attention_complex_rope_and_norms_after_rope(arch):
         assert (identity(ids) - model(ids).logits).abs().max() <= 1e-5
     liger = make_spec(spec_text("liger_attention", extra="    params: {window: 4}\n"))
     if arch == "llama4":  # its chunked layers need a rule of their own (tests/test_runtime.py keeps them)
-        with pytest.raises(SpecError, match=r"layer\(s\) 0 .* chunked mask \(each query sees only the keys of its own "
-                                            r"chunk\) that it would silently drop; keep them with a rule `{mask: chunked"):
+        with pytest.raises(SpecError, match=r"layer\(s\) 0 .* chunked mask \(each query sees only the keys of its "
+                                            r"own chunk\) that it would silently drop; keep them with a rule "
+                                            r"`{mask: chunked"):
             lincompile.convert(model, liger)
         return
     liger = lincompile.convert(model, liger)

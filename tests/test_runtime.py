@@ -293,10 +293,14 @@ def test_two_attention_sites_in_one_module_get_an_operator_each():
 
 
 def alibi_model(arch):
-    from transformers import AutoModelForCausalLM, FalconConfig
+    from transformers import AutoModelForCausalLM, BloomConfig, FalconConfig
 
     from test_architectures import _eager_only
 
+    if arch == "bloom16":  # 16 heads: slopes 2^(-h/2), no powers of two
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(BloomConfig(vocab_size=128, hidden_size=64, n_layer=2,
+                                                            n_head=16)).eval()
     if arch != "falcon":
         return _eager_only(arch)
     torch.manual_seed(0)
@@ -307,16 +311,23 @@ def alibi_model(arch):
 KEEP_CUSTOM = "capture: {max_seq_len: 256}\nrules:\n  - {mask: custom, op: keep}\n"
 
 
-@pytest.mark.parametrize("arch", ["bloom", "mpt", "falcon"])
+@pytest.mark.parametrize("arch", ["bloom", "bloom16", "mpt", "falcon"])
 def test_kept_alibi_layers_decode_with_the_slopes_read_off_their_mask(arch):
     """BLOOM, MPT and Falcon fold ALiBi into their masks (`custom`); the slopes are read off the probed mask, and
     kept layers decode with that bias: the model's own logits at every step, and left padding changes nothing."""
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
     model = alibi_model(arch)
     rt = Runtime.from_model(model, make_spec(KEEP_CUSTOM))
     kept = [m for m in rt.graph_module.modules() if isinstance(m, registry.get("softmax"))]
     # BLOOM's and MPT's slopes for 4 heads are 2^-2, 2^-4, …; Falcon adds them before its 1/sqrt(16) scaling
-    factor = 0.25 if arch == "falcon" else 1.0
-    assert len(kept) == 2 and all(m.alibi_slopes == [factor * 2.0 ** -(2 * h + 2) for h in range(4)] for m in kept)
+    H = 16 if arch == "bloom16" else 4
+    want_slopes = build_alibi_tensor(torch.ones(1, 2), H, torch.float32).view(H, 2)[:, 1]
+    if arch == "falcon":
+        want_slopes = want_slopes / 4
+    assert len(kept) == 2
+    for m in kept:
+        assert m.alibi_slopes == pytest.approx(want_slopes.tolist(), rel=1e-6, abs=0)
     ids = ids_of(2, 21)
     with torch.no_grad():
         want = model(ids).logits
@@ -326,7 +337,7 @@ def test_kept_alibi_layers_decode_with_the_slopes_read_off_their_mask(arch):
     both = rt.generate(torch.cat([torch.cat([torch.full((1, 4), 5), row], 1), ids[1:]]), 4, attention_mask=mask)
     assert torch.equal(both[0, 21:], rt.generate(row, 4)[0, 17:])
     for m in kept:  # without the bias, decoding gives another model
-        m.alibi_slopes = [0.0] * 4
+        m.alibi_slopes = [0.0] * H
     assert (decoded_logits(rt, ids, 5)[:, -1] - want[:, -1]).abs().max() > 1e-3
 
 
@@ -349,6 +360,30 @@ def test_simple_decay_takes_its_decays_from_alibi_slopes():
     with pytest.raises(SpecError, match="simple_decay takes no attention mask.*custom mask"):
         lincompile.convert(model, make_spec("capture: {max_seq_len: 256}\nrules:\n"
                                             "  - {op: simple_decay, params: {alibi: false}}\n"))
+
+
+def test_outputs_written_before_a_param_existed_load_as_they_were(tmp_path):
+    """spec.yaml next to an output records every default of its time: `alibi` (simple_decay's, newer) missing
+    means RetNet's decays were in effect, and so they stay; a newer output keeps the slopes."""
+    import yaml
+
+    model = alibi_model("bloom")
+    slopes = torch.tensor([2.0 ** -(2 * h + 2) for h in range(4)])
+    old = lincompile.convert(model, make_spec("capture: {max_seq_len: 256}\nrules:\n"
+                                              "  - {op: simple_decay, mask: custom, params: {alibi: false}}\n"))
+    old.save(tmp_path / "old")
+    spec_file = tmp_path / "old" / "spec.yaml"
+    data = yaml.safe_load(spec_file.read_text())
+    del data["rules"][0]["params"]["alibi"]  # as written before the param existed
+    spec_file.write_text(yaml.safe_dump(data))
+    retnet = next(iter(old.operators.values())).log_decay
+    assert not torch.allclose(retnet, -slopes)
+    for op in lincompile.load(tmp_path / "old").operators.values():
+        assert torch.equal(op.log_decay, retnet)
+    lincompile.convert(model, make_spec("capture: {max_seq_len: 256}\nrules:\n  - op: simple_decay\n")).save(
+        tmp_path / "new")
+    for op in lincompile.load(tmp_path / "new").operators.values():
+        assert torch.equal(op.log_decay, -slopes)
 
 
 def test_a_kept_layer_with_a_bias_mask_is_refused_in_one_line(monkeypatch):

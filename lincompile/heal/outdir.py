@@ -43,7 +43,7 @@ class OutDir:
     def spec(self):
         from ..spec import Spec
 
-        return Spec.from_yaml(self.root / "spec.yaml")
+        return Spec.from_output(self.root / "spec.yaml")
 
     @property
     def config(self):
