@@ -269,3 +269,21 @@ def test_remat_benchmark_runs_on_a_tiny_model(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["remat"], r["layers"]) for r in rows] == [(False, 0), (True, 2)]
     assert rows[0]["loss"] == rows[1]["loss"] and rows[1]["kept_bytes"] < rows[0]["kept_bytes"]
+
+
+def test_eval_memory_benchmark_runs_on_a_tiny_model(tmp_path):
+    """benchmarks/eval_memory.py end to end on a tiny model: the three workers agree on the NLL."""
+    import subprocess
+    import sys
+
+    from healkit import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "eval.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_memory.py"), "--model", str(model),
+                          "--contexts", "40", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| 40 | head-chunks |" in run.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["whole", "logit-chunks", "head-chunks"]
+    assert all(abs(r["nll"] - rows[0]["nll"]) < 1e-5 for r in rows) and all(r["peak_bytes"] > 0 for r in rows)
