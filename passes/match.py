@@ -238,10 +238,13 @@ def evaluate_facts(gm: fx.GraphModule, sites: list[Site], vocab_size: int, mask_
             got = classify_mask(m if isinstance(m, torch.Tensor) else None, key[1])
             kinds[key] = (*got, alibi_slopes(m) if got[0] == "custom" and isinstance(m, torch.Tensor) else None)
         kind, window, slopes = kinds[key]
-        if slopes is not None:
-            # one per query head (a mask with one head gives one slope, the same for all)
-            heads = s.attrs.get("num_heads")
-            s.attrs["alibi_slopes"] = slopes * heads if len(slopes) == 1 and heads else slopes
+        heads = s.attrs.get("num_heads")
+        if slopes is not None and heads:
+            # one per query head (a mask with one head gives one slope, the same for all); any other count does not
+            # say which head is which: no slopes, and the site stays a plain custom one
+            slopes = slopes * heads if len(slopes) == 1 else slopes
+            if len(slopes) == heads:
+                s.attrs["alibi_slopes"] = slopes
         if kind == "none" and s.pattern in ("sdpa", "eager_softmax_attention"):
             kind = "bidirectional"  # the built-in patterns see every mask: none, and not causal, attends to all
         if kind == "causal" and m is not None:
