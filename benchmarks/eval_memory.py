@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from remat import mb, peak_bytes, reset_peak  # noqa: E402
+from remat import mb, peak_bytes, reset_peak, run_worker  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = ("whole", "logit-chunks", "head-chunks")
 
 
@@ -86,13 +83,9 @@ def main(argv=None):
     rows = []
     for T in args.contexts:
         for mode in MODES:
-            cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--spec", args.spec, "--mode", mode,
-                   "--context", str(T), "--device", args.device]
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if done.returncode != 0:
-                sys.exit(f"{mode} at {T} tokens failed:\n{done.stderr[-3000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            cmd = ["--model", args.model, "--spec", args.spec, "--mode", mode, "--context", str(T),
+                   "--device", args.device]
+            rows.append(run_worker(__file__, cmd, f"{mode} at {T} tokens"))
             print(f"  {mode} T={T}: {mb(rows[-1]['peak_bytes'])}", file=sys.stderr)
     device = args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name()
     print(f"Scoring one window of {args.model} ({args.spec}), batch 1, {device}, torch {torch.__version__}\n")

@@ -104,6 +104,15 @@ def worker(args) -> dict:
             "loss": float(loss)}
 
 
+def run_worker(script: str, args: list[str], what: str) -> dict:
+    """One configuration in a fresh process (its peak memory is its own): the JSON line it prints."""
+    done = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        sys.exit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def mb(n: int) -> str:
     return f"{n / 2**20:,.0f} MB"
 
@@ -144,13 +153,9 @@ def main(argv=None):
     for spec in args.specs:
         for T in args.seq_lens:
             for remat in (False, True):
-                cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--spec", spec, "--seq-len", str(T),
-                       "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device]
-                done = subprocess.run(cmd + (["--remat"] if remat else []), capture_output=True, text=True,
-                                      cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if done.returncode != 0:
-                    sys.exit(f"{spec} at {T} tokens{' checkpointed' if remat else ''} failed:\n{done.stderr[-3000:]}")
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                cmd = ["--model", args.model, "--spec", spec, "--seq-len", str(T), "--batch-size", str(args.batch_size),
+                       "--steps", str(args.steps), "--device", args.device] + (["--remat"] if remat else [])
+                rows.append(run_worker(__file__, cmd, f"{spec} at {T} tokens{' checkpointed' if remat else ''}"))
                 print(f"  {spec} T={T} {'checkpointed' if remat else 'plain'}: {rows[-1]['step_s']:.2f} s/step",
                       file=sys.stderr)
     device = args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name()

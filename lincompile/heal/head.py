@@ -140,10 +140,10 @@ def find_head(graph: fx.Graph) -> tuple[fx.Node, list[fx.Node], fx.Node] | str:
         for a in n.all_input_nodes:
             if a in varying and a is not hidden and a not in members:
                 return f"the head's {n.name} ({short_op(n)}) also reads {a.name}, which is not token-wise"
-    checks = [u for n in members for u in n.users if short_op(u) == "_assert_tensor_metadata"]
-    members = [n for n in graph.nodes if n in set(members) | set(checks)]
+    inside = set(members) | {u for n in members for u in n.users if short_op(u) == "_assert_tensor_metadata"}
+    members = [n for n in graph.nodes if n in inside]
     for n in members:
-        outside = [u for u in n.users if u not in members and n is not out]
+        outside = [u for u in n.users if u not in inside and n is not out]
         if outside:
             return f"the head's {n.name} ({short_op(n)}) is also used by {outside[0].name}"
     h, o = val(hidden).shape, val(out).shape
