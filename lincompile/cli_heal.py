@@ -19,6 +19,7 @@ import click
 
 from .cli import DEVICE, main
 from .errors import UsageError
+from .models import text_config
 
 # flag -> (section, field) of HealConfig; None values are "not given"
 _FLAGS = {
@@ -282,13 +283,13 @@ def _eval_models(ref: str, adapter: bool, no_original: bool, device: str, allow_
         models = {"converted": converted}
         if not no_original:
             models["original"] = outdir.build_lm(device=device)
-        return models, outdir.tokenizer(), outdir.config.vocab_size
+        return models, outdir.tokenizer(), text_config(outdir.config).vocab_size
     if adapter:
         raise UsageError(f"--adapter needs a lincompile output directory; {ref} is not one")
     from .models import load_model
 
     loaded = load_model(ref, device=device)
-    return {"model": loaded.model}, loaded.tokenizer, loaded.model.config.vocab_size
+    return {"model": loaded.model}, loaded.tokenizer, text_config(loaded.model.config).vocab_size
 
 
 @main.command("lm-eval")

@@ -15,6 +15,7 @@ import click
 
 from .cli import DEVICE, main
 from .errors import LincompileError, UsageError
+from .models import text_config
 
 
 @main.command()
@@ -143,7 +144,7 @@ def export_cmd(out, path, overwrite, allow_code):
     click.echo("checking the written file against the runtime …", err=True)
     # Round trip: the reloaded programs must give the runtime's logits exactly.
     ex = load_exported(path)
-    ids = torch.randint(0, rt.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, text_config(rt.config).vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, state = rt.prefill(ids)
         got, *flat = ex.prefill(ids, torch.arange(7).expand(2, 7), *ex.init_state(2))

@@ -126,6 +126,12 @@ def _match_eager_at(softmax: fx.Node) -> Site:
         if view is not None:
             nodes.append(view)
             output = view
+    if sinks is None and not flat:
+        found = _lse_sinks(softmax.args[0], output)
+        if found is not None:  # Granite SWA: out · sigmoid(logsumexp(scores) − sink), the same as a sink column
+            sinks, sink_nodes, output = found
+            nodes.extend(sink_nodes)
+    _check_contained(nodes, output, kt)
     for t in terms:  # (raises _Miss now, before anything is added to the graph)
         _heads_plan(t, num_heads)
         if val(t.value) is None:
@@ -405,6 +411,73 @@ def _sink_logits(x):
         nodes.append(sinks)
         sinks = sinks.args[0]
     return None
+
+
+def _lse_sinks(scores, output):
+    """(per-head sink logits, nodes, new output) when `output` is scaled as out · sigmoid(logsumexp(scores) − s)
+    with s one learned logit per head (through casts and views): softmax over [scores, s] times v, with the sink
+    column dropped, is exactly that. Else None."""
+    lse = next((u for u in users(scores) if is_op(u, "logsumexp")), None)
+    if lse is None or len(users(lse)) != 1:
+        return None
+    dims = lse.args[1] if len(lse.args) > 1 else lse.kwargs.get("dim")
+    rank = len(shape(scores) or ())
+    if list(dims if isinstance(dims, (list, tuple)) else [dims]) not in ([-1], [rank - 1]) or \
+            (len(lse.args) > 2 and lse.args[2]):
+        return None
+    sub = users(lse)[0]
+    if not (is_op(sub, "sub") and sub.args[0] is lse and isinstance(sub.args[1], fx.Node)):
+        return None
+    nodes, sinks = [lse, sub], sub.args[1]
+    heads_ = _int((shape(scores) or (None, None))[1])
+    for _ in range(6):  # back through views and casts to one value per head, computed from no input
+        got = shape(sinks)
+        if got is not None and len(got) == 1 and heads_ is not None and _int(got[0]) == heads_:
+            break
+        if not (is_op(sinks, *CASTS, "view", "reshape", "unsqueeze", "_unsafe_view", "expand")
+                and isinstance(sinks.args[0], fx.Node)):
+            return None
+        nodes.append(sinks)
+        sinks = sinks.args[0]
+    else:
+        return None
+    if any(a.op == "placeholder" for a in ancestors(sinks)):
+        return None
+    x = sub
+    for _ in range(8):  # forward: casts → sigmoid → unsqueeze(-1) → casts → mul with the output
+        nxt = users(x)
+        if len(nxt) != 1:
+            return None
+        x = nxt[0]
+        nodes.append(x)
+        if is_op(x, "mul"):
+            break
+        if not is_op(x, *CASTS, "sigmoid", "unsqueeze"):
+            return None
+    else:
+        return None
+    prev = nodes[-2]  # the scale's last node, one of mul's two operands
+    if not any(is_op(n, "sigmoid") for n in nodes) or len(x.args) != 2 or prev not in x.args:
+        return None
+    out = x.args[1] if x.args[0] is prev else x.args[0]
+    while out is not output and is_op(out, *CASTS) and isinstance(out.args[0], fx.Node):
+        nodes.append(out)
+        out = out.args[0]
+    return (sinks, nodes, x) if out is output else None
+
+
+def _check_contained(nodes, output, kt) -> None:
+    """Values the site computes from its scores must not be read outside it: a replaced site no longer computes
+    them (the runtime's decode would feed them one key). The keys' transpose may be shared."""
+    inside = set(nodes) | {output}
+    for n in nodes:
+        if n is output or n is kt:
+            continue
+        for u in n.users:
+            if u in inside or short_op(u) == "_assert_tensor_metadata" or (is_op(u, "getitem") and not u.users):
+                continue
+            raise _Miss(f"{short_op(n)} {n.name} inside the attention is also read by {short_op(u)} {u.name} "
+                        "outside it: not softmax(q kᵀ)·v alone")
 
 
 def _key_axis_cat(x) -> bool:

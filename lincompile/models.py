@@ -27,6 +27,13 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
 
+def text_config(config):
+    """The config of the language model: the config itself, or a multimodal model's text part (Gemma 3's
+    `text_config`), where vocab_size and the position limit live; lincompile converts the text path."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 def resolve_dtype(dtype):
     import torch
 

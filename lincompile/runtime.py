@@ -25,6 +25,7 @@ from torch import nn
 
 from .emit import scratch_dir
 from .errors import LincompileError, UsageError
+from .models import text_config
 from .passes import lift_state as ls
 
 # 2: operators are rebuilt from a JSON description (format 1 pickled them).
@@ -81,6 +82,7 @@ class Runtime(nn.Module):
                  getattr(converted, "generation_config", None))
         if check:
             rt.check_against(converted)
+            rt.check_continuation()
         return rt
 
     def program(self, mode: str, ragged: bool = True, opaque: bool = False, last_only: bool = False) -> nn.Module:
@@ -126,7 +128,7 @@ class Runtime(nn.Module):
         """Max abs logit difference to `converted` on a probe; raise if the graphs are not the same model."""
         from .passes.capture import probe_ids
 
-        ids = probe_ids(self.config.vocab_size, 2, 12, self.device)
+        ids = probe_ids(text_config(self.config).vocab_size, 2, 12, self.device)
         with torch.no_grad():
             want, got = converted(ids).float(), self(ids).logits.float()
         diff = float((want - got).abs().max())
@@ -134,6 +136,30 @@ class Runtime(nn.Module):
         if not diff <= limit * max(1.0, float(want.abs().max())):
             raise LincompileError(f"the runtime graph does not reproduce the converted model (max abs logit diff "
                                   f"{diff:.3g}): was the converted graph changed after conversion?")
+        return diff
+
+    def check_continuation(self, tolerance: float | None = None) -> float:
+        """Max abs logit difference between one prefill of a probe and the same tokens fed as a prefill, a decode
+        step and a second prefill from the state; raise if they are not the same model. Positions are inputs and
+        each operator carries its state, so only something else mixing tokens (a recurrent, convolutional or
+        state-space layer that is not an attention site, or positions the model makes itself) can tell them apart."""
+        from .passes.capture import probe_ids
+
+        ids = probe_ids(text_config(self.config).vocab_size, 2, 12, self.device)
+        with torch.no_grad():
+            want = self.prefill(ids)[0].float()
+            first, state = self.prefill(ids[:, :5])
+            step, state = self.decode(ids[:, 5:6], state=state)
+            rest, _ = self.prefill(ids[:, 6:], state=state)
+        diff = float((torch.cat([first, step, rest], 1).float() - want).abs().max())
+        limit = tolerance if tolerance is not None else (1e-3 if self.dtype == torch.float32 else 5e-2)
+        if not diff <= limit * max(1.0, float(want.abs().max())):
+            raise LincompileError(
+                f"this model cannot be run from a state (max abs logit diff {diff:.3g} between one prefill and "
+                "prefill + decode + prefill of the same tokens): something other than its attention sites mixes "
+                "tokens (a recurrent, convolutional or state-space layer, or positions computed inside the model "
+                "instead of read from position_ids), so generate and export would be wrong; the converted model "
+                "itself (lincompile.load, eval, heal) is right")
         return diff
 
     @property
@@ -401,7 +427,7 @@ def position_limit(gm, config) -> int | None:
                 rows.append(int(getattr(gm.get_submodule(owner), leaf).shape[0]))
     if not rows:
         return None
-    configured = getattr(config, "max_position_embeddings", None)
+    configured = getattr(text_config(config), "max_position_embeddings", None)
     return min(rows + ([configured] if isinstance(configured, int) and configured > 0 else []))
 
 
@@ -454,7 +480,9 @@ def load(path, allow_code: bool = False, device: str = "cpu") -> Runtime:
         from transformers import GenerationConfig
 
         generation = GenerationConfig.from_pretrained(str(root))
-    return Runtime(gm, spec, config, tokenizer, generation)
+    rt = Runtime(gm, spec, config, tokenizer, generation)
+    rt.check_continuation()
+    return rt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,7 +515,7 @@ def export_programs(rt: Runtime, batch: int = 2, length: int = 5):
         return dims
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, rt.config.vocab_size, (batch, 2 * length + 1), generator=g).to(rt.device)
+    ids = torch.randint(0, text_config(rt.config).vocab_size, (batch, 2 * length + 1), generator=g).to(rt.device)
     programs = {}
     with torch.no_grad():
         # Example inputs past the start, so that no size is 0 or 1 (export would make such sizes constants).
@@ -508,7 +536,7 @@ def export_programs(rt: Runtime, batch: int = 2, length: int = 5):
                      [{"name": n, "kind": kinds[n].kind, "dtype": str(t.dtype).replace("torch.", ""),
                        "shape": list(t.shape[1:]), "grow_dim": kinds[n].grow_dim}
                       for n, t in list(init.items())[1:]],
-            "vocab_size": rt.config.vocab_size, "eos_token_id": rt.eos_token_ids(),
+            "vocab_size": text_config(rt.config).vocab_size, "eos_token_id": rt.eos_token_ids(),
             "position_limit": rt.position_limit}  # positions must stay below it (None: no limit)
     return programs, meta
 

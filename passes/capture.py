@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from lincompile.errors import CaptureError
 from lincompile.graph import ROOT, layer_index, module_path
+from lincompile.models import text_config
 
 
 class CausalLMWrapper(nn.Module):
@@ -143,6 +144,29 @@ def _check_dynamic(program, positions: bool, seq_max: int) -> None:
         check(what, dim, low, high, where=" of position_ids")
 
 
+def _check_guards(gm, positions: bool, seq_max: int) -> None:
+    """Export may also keep a guard on the length that no range says: Qwen3-Next's and Qwen3.5's gated delta rule
+    (in PyTorch) loops over 64-token chunks in Python, so the graph holds for the number of chunks of the probe
+    alone. Check the guards at every length up to 300 and at powers of two (± 1) below the longest; they read
+    shapes only, so empty inputs do. (The longest itself is left out: a model that slices a position table of
+    exactly that length, as GPT-Neo does, keeps a guard `length != limit` and takes one token fewer, as it did
+    before this check.)"""
+    guards = getattr(gm, "_guards_fn", None)
+    if guards is None:
+        return
+    powers = {2 ** k + d for k in range(1, 40) if 2 ** k < seq_max for d in (-1, 0, 1)}
+    lengths = sorted({*range(2, min(seq_max - 1, 300) + 1), *(n for n in powers if 2 <= n < seq_max)})
+    for length in lengths:
+        ids = torch.empty(1, length, dtype=torch.long, device="meta")
+        try:
+            guards(*((ids, ids) if positions else (ids,)))
+        except AssertionError as err:
+            guard = str(err).strip().splitlines()[0] if str(err).strip() else "a guard"
+            raise CaptureError(f"the captured graph does not take {length} tokens ({guard}): the model's code fixes "
+                               "something that depends on the length (a Python loop over chunks of the sequence, "
+                               "say), so torch.export gives no graph for every length") from None
+
+
 @contextlib.contextmanager
 def exact_matmul():
     """The capture check compares fp32 logits: TF32 matmuls (a user's global setting) would hide nothing
@@ -171,6 +195,7 @@ def length_limit(config, cfg) -> int:
     """The longest sequence a captured graph takes: the spec's capture.max_seq_len, or the model's own position
     limit when smaller (the graph keeps it as a guard on the length)."""
     max_len = cfg.max_seq_len
+    config = text_config(config)
     for name in POSITION_LIMIT_FIELDS:  # the first one the config has
         limit = getattr(config, name, None)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
@@ -207,7 +232,7 @@ def capture(model: nn.Module, cfg, device=None, tolerance: float = 1e-5, positio
     config = model.config
     max_len = length_limit(config, cfg)
     probe_len = min(cfg.probe_len, max_len)
-    probe = probe_ids(config.vocab_size, cfg.probe_batch, probe_len, device)
+    probe = probe_ids(text_config(config).vocab_size, cfg.probe_batch, probe_len, device)
     wrapper = (PositionsWrapper if positions else CausalLMWrapper)(model).eval()
     # Dim.DYNAMIC, not named Dims: shape functions (CUDA attention and matmul, older torch on CPU too) leave
     # guards on the length that always hold (min() of strides, padding to 8) but that named Dims reject.
@@ -228,6 +253,7 @@ def capture(model: nn.Module, cfg, device=None, tolerance: float = 1e-5, positio
                            + (f" {reason}" if reason else "")) from err
     _check_dynamic(program, positions, max(max_len, probe_len + 1))
     gm = program.module()
+    _check_guards(gm, positions, max(max_len, probe_len + 1))
     if positions:
         _sizes_from_input_ids(gm)
     for node in gm.graph.nodes:

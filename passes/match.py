@@ -37,6 +37,7 @@ from torch import fx
 from lincompile.eager_pattern import match_eager
 from lincompile.errors import MatchError
 from lincompile.graph import module_path, record, shape, short_op
+from lincompile.models import text_config
 from lincompile.site import NearMiss, Site
 from lincompile.walk import (BLOCKED, find_output_projection, find_pre_rope_through_layout, find_projection,
                              fold_q_scale, heads, is_op, kv_heads_slice, kv_repeat, new_site, through_repeat)
@@ -228,7 +229,11 @@ def evaluate_facts(gm: fx.GraphModule, sites: list[Site], vocab_size: int, mask_
         values = {}
     else:
         ids = probe_ids(vocab_size, 1, mask_probe_len)
-        values = record(gm, wanted, ids, only_needed=True)
+        inputs = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        # a positions capture takes (input_ids, position_ids); a mask may read the positions (DeepSeek-V3.2's
+        # sparse-attention indexer ropes its keys)
+        args = (ids, torch.arange(mask_probe_len).expand_as(ids)) if "position_ids" in inputs else (ids,)
+        values = record(gm, wanted, *args, only_needed=True)
     kinds: dict = {}  # per distinct mask node: the layers of a model usually share one
     for s in sites:
         node = s.bindings.get("mask")
@@ -315,7 +320,7 @@ def match(captured, spec) -> MatchResult:
         raise MatchError(f"0 sites matched; patterns tried: {tried}{hint}{_capture_hint(captured.gm, patterns, spec)}")
     config = captured.model.config
     length = mask_probe_length(config, spec.capture.mask_probe_len, captured.max_seq_len)
-    evaluate_facts(captured.gm, result.sites, config.vocab_size, length)
+    evaluate_facts(captured.gm, result.sites, text_config(config).vocab_size, length)
     w = declared_window(config)
     if w is not None and length <= w < captured.max_seq_len:  # past MAX_MASK_PROBE: say what a causal site may be
         for s in result.sites:
@@ -336,7 +341,7 @@ MAX_MASK_PROBE = 16384
 def declared_window(config) -> int | None:
     """The largest sliding window (or attention chunk) the model's config declares, its text config's included:
     a hint for how long masks must be probed (the graph is what says which layers use it)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     found = []
     for cfg in (config, text) if text is not config else (config,):
         for name in WINDOW_FIELDS:

@@ -9,6 +9,7 @@ is linted and recompiled. Layers whose rule says `op: keep` stay softmax (the in
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from lincompile.graph import short_op
@@ -63,13 +64,61 @@ def substitute(gm: fx.GraphModule, assignments, allow_code: bool = False) -> dic
         node.meta["lincompile_module"] = site.module
         node.meta["lincompile_layer"] = site.layer
         node.meta["lincompile_op"] = cls.name
-        site.output.replace_all_uses_with(node)
+        site.output.replace_all_uses_with(_in_layout_of(graph, node, site.output))
         _remove_dead(graph, site.nodes + [site.output])
         site.op = cls.name
         site.replacement = node
         added[name] = op
     clean_graph(gm)
     return added
+
+
+def _in_layout_of(graph: fx.Graph, node: fx.Node, original: fx.Node) -> fx.Node:
+    """`node`'s value laid out in memory as the attention output it replaces (`original`) was, where that was not
+    contiguous and the model's code depends on it. sdpa's output is [B, H, T, D] stored as [B, T, H, D]; JetMoE
+    and AFMoE transpose it and `view` it as [B, T, ...], which only that layout allows. The copy costs what the
+    model's own reshape of a contiguous [B, H, T, D] output would, which then has nothing left to copy."""
+    val = original.meta.get("val")
+    order = list(val.dim_order()) if isinstance(val, torch.Tensor) and not val.is_contiguous() else None
+    if not order or order == sorted(order) or not _views_by_layout(list(original.users)):
+        return node
+    back = [order.index(d) for d in range(len(order))]
+    with graph.inserting_after(node):
+        ahead = graph.call_function(torch.ops.aten.permute.default, (node, order))
+    with graph.inserting_after(ahead):
+        packed = graph.call_function(torch.ops.aten.clone.default, (ahead,),
+                                     {"memory_format": torch.contiguous_format})
+    with graph.inserting_after(packed):
+        laid = graph.call_function(torch.ops.aten.permute.default, (packed, back))
+    ahead.meta["val"] = val.permute(order)
+    packed.meta["val"] = ahead.meta["val"].clone(memory_format=torch.contiguous_format)
+    laid.meta["val"] = packed.meta["val"].permute(back)  # val's own strides
+    for n in (ahead, packed, laid):
+        n.meta.update({k: v for k, v in node.meta.items()
+                       if k in ("nn_module_stack", "lincompile_module", "lincompile_layer")})
+    return laid
+
+
+# Ops that only reshape or reindex: a `view` or `as_strided` past them still sees the output's layout.
+_SHAPE_OPS = {"reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice", "select", "split",
+              "split_with_sizes", "unbind", "alias", "t", "flatten", "contiguous", "getitem"}
+_LAYOUT_OPS = {"view", "_unsafe_view", "as_strided"}
+
+
+def _views_by_layout(users) -> bool:
+    """Whether a `view` (or `as_strided`) reads the value through shape ops only, so depends on its strides."""
+    seen, todo = set(), list(users)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        op = short_op(n) if n.op == "call_function" else ""
+        if op in _LAYOUT_OPS:
+            return True
+        if op in _SHAPE_OPS:
+            todo.extend(n.users)
+    return False
 
 
 def _remove_dead(graph: fx.Graph, nodes) -> None:

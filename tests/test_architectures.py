@@ -215,3 +215,64 @@ def test_the_capture_length_stops_at_the_models_own_limit():
     cap = capture(_eager_only("mpt"), cfg)
     assert cap.max_seq_len == 256
     assert [s.mask_kind for s in match(cap, make_spec("rules:\n  - op: softmax\n")).sites] == ["custom", "custom"]
+
+
+def _sweep():
+    """benchmarks/architectures.py: its tiny models of any transformers type, and its per-type check."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "architectures.py"
+    spec = importlib.util.spec_from_file_location("sweep_architectures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model_type, outcome", [
+    ("jetmoe", "converts and decodes"),  # views sdpa's output in its own memory layout
+    ("deepseek_v32", "converts and decodes"),  # its sparse-attention indexer reads the positions into the mask
+    ("granite_swa", "converts and decodes"),  # sinks as an output scale: sigmoid(logsumexp(scores) − sink)
+    ("gemma3", "converts and decodes"),  # multimodal: vocabulary and position limit in its text config
+    ("bart", "converts; runtime refuses"),  # positions made inside the model: generate would be wrong
+    ("qwen3_next", "capture refused"),  # its gated delta rule loops over 64-token chunks: a guard on the length
+])
+def test_sweep_types_convert_and_decode_or_refuse(model_type, outcome):
+    """Types the architecture sweep found failing, each for a different reason, through the sweep's own check:
+    identity logits, liger-attention saved and loaded, prefill, decodes and a continued prefill vs the full
+    forward (or the runtime's or the capture's one-line refusal)."""
+    result = _sweep().worker(model_type, ["liger-attention"])
+    assert result["outcome"] == outcome, result
+    if outcome == "capture refused":
+        assert "the captured graph does not take 64 tokens" in result["error"]
+        return
+    assert result["identity_max_diff"] <= 1e-4
+    got = result["specs"]["liger-attention"]
+    if outcome == "converts and decodes":
+        assert got["decode_max_diff"] <= 1e-4 and got["continue_max_diff"] <= 1e-4
+    else:
+        assert got["failed"] == "runtime" and "cannot be run from a state" in got["error"]
+
+
+def test_runtime_refuses_a_model_whose_tokens_mix_outside_attention(tmp_path):
+    """BART's decoder makes its positions from the length, not from position_ids: prefill is right, a decode step
+    is not. Loading OUT for generation says so in one line; the converted model itself is right."""
+    import transformers as tf
+
+    import lincompile.runtime as lr
+    from lincompile.errors import LincompileError
+
+    cfg = tf.BartConfig(vocab_size=128, d_model=64, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4,
+                        encoder_attention_heads=4, decoder_ffn_dim=128, encoder_ffn_dim=128,
+                        max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    converted = lincompile.convert(model, make_spec(spec_text("softmax")))
+    ids = torch.randint(3, 128, (2, 15))
+    with torch.no_grad():
+        assert (converted(ids) - model(ids).logits).abs().max() <= 1e-5
+    converted.save(tmp_path / "out")
+    with pytest.raises(LincompileError, match="cannot be run from a state .* generate and export would be wrong"):
+        lr.load(tmp_path / "out")
+    with pytest.raises(LincompileError, match="cannot be run from a state"):
+        lr.runtime_of(converted)

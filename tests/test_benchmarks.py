@@ -287,3 +287,23 @@ def test_eval_memory_benchmark_runs_on_a_tiny_model(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["whole", "logit-chunks", "head-chunks"]
     assert all(abs(r["nll"] - rows[0]["nll"]) < 1e-5 for r in rows) and all(r["peak_bytes"] > 0 for r in rows)
+
+
+def test_architecture_sweep_table_and_json(tmp_path):
+    """benchmarks/architectures.py end to end on two types, each in its own worker: the table, the counts, the
+    JSON; an unknown type is refused in one line."""
+    import subprocess
+    import sys
+
+    script = str(ROOT / "benchmarks" / "architectures.py")
+    out = tmp_path / "sweep.json"
+    run = subprocess.run([sys.executable, script, "--types", "gpt2", "openai-gpt", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| gpt2 | GPT2LMHeadModel | converts and decodes | 2/2 |" in run.stdout
+    assert "1 converts and decodes, 1 no site matched" in run.stdout  # GPT-1 masks its scores by a product
+    saved = json.loads(out.read_text())
+    assert saved["counts"]["converts and decodes"] == 1 and len(saved["results"]) == 2
+    bad = subprocess.run([sys.executable, script, "--types", "llama", "no_such_type"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "not causal-LM model types" in bad.stderr and "no_such_type" in bad.stderr

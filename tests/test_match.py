@@ -8,7 +8,7 @@ from torch import nn
 
 import lincompile
 from lincompile.errors import SpecError, VerifyError
-from lincompile.graph import op_counts, record
+from lincompile.graph import op_counts, record, short_op
 from lincompile.kernels.base import Operator
 from lincompile.passes.capture import capture
 from lincompile.passes.match import alibi_slopes, classify_mask, find_sites, match
@@ -545,6 +545,52 @@ def test_sinks_read_through_a_cast_are_the_parameter():
     site = result.sites[0]
     site.gm = gm
     assert torch.equal(site.constant("sinks"), model.sinks)
+
+
+class _ScaledSinks(nn.Module):
+    """softmax(s + mask) @ v · sigmoid(logsumexp(s + mask) − sink) (Granite SWA's sinks), or (`leak`) the scores
+    also read outside the attention."""
+
+    def __init__(self, leak=False):
+        super().__init__()
+        self.leak, self.sinks = leak, nn.Parameter(torch.randn(2))
+
+    def forward(self, q, k, v):
+        T = q.shape[2]
+        mask = torch.full((T, T), float("-inf")).triu(1)
+        s = q @ k.transpose(-1, -2) * 0.5 + mask
+        out = s.softmax(-1) @ v
+        if self.leak:
+            return out + s.amax(-1, keepdim=True)
+        scale = (torch.logsumexp(s, -1) - self.sinks.view(1, -1, 1)).float().sigmoid()
+        return out * scale.unsqueeze(-1).to(out.dtype)
+
+
+def test_sinks_as_an_output_scale_are_sinks():
+    """out · sigmoid(lse − sink) is softmax over the scores and one sink logit, the sink's column dropped: the
+    site ends at the scaled output and binds the parameter as `sinks` (Granite SWA end to end: test_architectures)."""
+    model = _ScaledSinks()
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    gm = torch.export.export(model, (q, k, v)).module()
+    site = find_sites(gm, ["eager_softmax_attention"]).sites[0]
+    site.gm = gm
+    assert torch.equal(site.constant("sinks"), model.sinks)
+    assert short_op(site.output) == "mul" and list(site.output.users)[0].op == "output"
+    scores = (q @ k.transpose(-1, -2) * 0.5 + torch.full((6, 6), float("-inf")).triu(1))
+    column = model.sinks.view(1, -1, 1, 1).expand(1, 2, 6, 1)
+    want = torch.cat([scores, column], -1).softmax(-1)[..., :-1] @ v
+    with torch.no_grad():
+        assert torch.allclose(model(q, k, v), want, atol=1e-6)
+
+
+def test_scores_read_outside_the_attention_are_a_near_miss():
+    """A replaced site no longer computes its scores: a value read from them outside it would be left to a decode
+    step that sees one key. Such a softmax is no site."""
+    q = torch.randn(1, 2, 6, 4)
+    gm = torch.export.export(_ScaledSinks(leak=True), (q, q, q)).module()
+    result = find_sites(gm, ["eager_softmax_attention"])
+    assert not result.sites
+    assert "inside the attention is also read by amax" in result.near_misses[0].reason
 
 
 def test_a_bias_under_a_softcap_is_no_mask():

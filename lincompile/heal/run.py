@@ -38,6 +38,7 @@ import torch
 
 from ..emit import read_json, write_text_atomic
 from ..errors import LincompileError, UsageError
+from ..models import text_config
 from . import checkpoint
 from .config import HealConfig, stage_steps
 from .data import BlockOrder, describe, get_tokenizer, load_split
@@ -114,7 +115,7 @@ def _heal(outdir: OutDir, cfg, d: Dist, resume, restart, allow_code, progress, l
     from ..passes.capture import check_length
 
     check_length("heal.data.seq_len", cfg.data.seq_len, outdir.root, outdir.config, outdir.spec.capture)
-    tokenizer = get_tokenizer(outdir.tokenizer(), cfg.data.tokenizer, outdir.config.vocab_size)
+    tokenizer = get_tokenizer(outdir.tokenizer(), cfg.data.tokenizer, text_config(outdir.config).vocab_size)
     split = load_split(cfg.data.train, cfg.data.eval, tokenizer, cfg.data.seq_len, cfg.data.holdout)
     fingerprint = data_fingerprint(split)
     if resume:
