@@ -161,7 +161,6 @@ def worker(model_type: str, specs: list[str]) -> dict:
     from lincompile.pipeline import convert
     from lincompile.spec import Spec
 
-    torch.set_num_threads(1)
     res: dict = {"type": model_type}
     t0 = time.perf_counter()
     try:
@@ -174,19 +173,20 @@ def worker(model_type: str, specs: list[str]) -> dict:
         with torch.no_grad():
             ref = model(input_ids=ids, use_cache=False).logits
     except BaseException as e:  # noqa: BLE001 - the sweep reports every failure as data
-        res.update(outcome="not built", error=_err(e))
+        res.update(outcome="not built", error=_err(e), seconds=round(time.perf_counter() - t0, 1))
         return res
     try:
         cm = convert(model, Spec.resolve("identity"))
         res["sites"] = len(cm.sites)
-        res["mask_kinds"] = sorted({str(s.attrs.get("mask")) for s in cm.sites})
         with torch.no_grad():
             res["identity_max_diff"] = _max_diff(cm(ids), ref)
     except BaseException as e:  # noqa: BLE001
         msg = _err(e)
+        refused = ("CaptureError: torch.export failed", "CaptureError: torch.export narrowed",
+                   "CaptureError: torch.export fixed", "CaptureError: the captured graph does not take")
         outcome = ("no site matched" if msg.startswith("MatchError: 0 sites") else
-                   "capture refused" if msg.startswith(("CaptureError", "MatchError")) else "identity failed")
-        res.update(outcome=outcome, error=msg)
+                   "capture refused" if msg.startswith(refused) else "identity failed")
+        res.update(outcome=outcome, error=msg, seconds=round(time.perf_counter() - t0, 1))
         return res
     res["specs"] = {}
     for name in specs:
@@ -307,6 +307,9 @@ def main(argv=None):
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        import torch
+
+        torch.set_num_threads(1)  # one per worker: --jobs sets how many run at once
         print(json.dumps(worker(args.worker, args.specs)), flush=True)
         return
     import transformers
@@ -318,6 +321,11 @@ def main(argv=None):
         p.error(f"not causal-LM model types in transformers {transformers.__version__}: {', '.join(unknown)}")
     if args.update and not (args.json and args.json.exists() and args.types):
         p.error("--update needs --types and an existing --json file")
+    if args.update:  # one run's results: the same transformers and specs throughout
+        saved = json.loads(args.json.read_text())
+        if (saved.get("transformers"), saved.get("specs")) != (transformers.__version__, args.specs):
+            p.error(f"{args.json} was run with transformers {saved.get('transformers')} and specs "
+                    f"{saved.get('specs')}, not {transformers.__version__} and {args.specs}: rerun it whole")
     results = []
     with ThreadPoolExecutor(args.jobs) as pool:
         for i, r in enumerate(pool.map(lambda t: run_one(t, args.specs, args.timeout), types), 1):
@@ -325,7 +333,6 @@ def main(argv=None):
             print(f"[{i}/{len(types)}] {r['type']}: {r['outcome']}" + (f" ({r['error']})" if "error" in r else ""),
                   file=sys.stderr, flush=True)
     if args.update:
-        saved = json.loads(args.json.read_text())
         fresh = {r["type"]: r for r in results}
         results = [fresh.pop(r["type"], r) for r in saved["results"]] + list(fresh.values())
     counts = {o: sum(r["outcome"] == o for r in results) for o in ORDER}

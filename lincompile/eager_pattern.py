@@ -422,8 +422,8 @@ def _lse_sinks(scores, output):
         return None
     dims = lse.args[1] if len(lse.args) > 1 else lse.kwargs.get("dim")
     rank = len(shape(scores) or ())
-    if list(dims if isinstance(dims, (list, tuple)) else [dims]) not in ([-1], [rank - 1]) or \
-            (len(lse.args) > 2 and lse.args[2]):
+    keepdim = lse.args[2] if len(lse.args) > 2 else lse.kwargs.get("keepdim", False)
+    if list(dims if isinstance(dims, (list, tuple)) else [dims]) not in ([-1], [rank - 1]) or keepdim:
         return None
     sub = users(lse)[0]
     if not (is_op(sub, "sub") and sub.args[0] is lse and isinstance(sub.args[1], fx.Node)):
@@ -457,8 +457,10 @@ def _lse_sinks(scores, output):
     else:
         return None
     prev = nodes[-2]  # the scale's last node, one of mul's two operands
-    if not any(is_op(n, "sigmoid") for n in nodes) or len(x.args) != 2 or prev not in x.args:
-        return None
+    unsqueezes = [n for n in nodes if is_op(n, "unsqueeze")]
+    if sum(is_op(n, "sigmoid") for n in nodes) != 1 or len(unsqueezes) != 1 or \
+            unsqueezes[0].args[1] not in (-1, rank - 1) or len(x.args) != 2 or prev not in x.args:
+        return None  # one sigmoid, and the scale is per query row: [B, H, T] → [B, H, T, 1]
     out = x.args[1] if x.args[0] is prev else x.args[0]
     while out is not output and is_op(out, *CASTS) and isinstance(out.args[0], fx.Node):
         nodes.append(out)
@@ -467,8 +469,9 @@ def _lse_sinks(scores, output):
 
 
 def _check_contained(nodes, output, kt) -> None:
-    """Values the site computes from its scores must not be read outside it: a replaced site no longer computes
-    them (the runtime's decode would feed them one key). The keys' transpose may be shared."""
+    """No value the site computes may be read outside it (the output aside): a replaced site no longer computes
+    them, and those made from the scores would see one key in the runtime's decode. The keys' transpose may be
+    shared."""
     inside = set(nodes) | {output}
     for n in nodes:
         if n is output or n is kt:

@@ -133,7 +133,8 @@ class Recorder(fx.Interpreter):
                 self.needed |= ancestors(n)
 
     def run_node(self, n: fx.Node):
-        if self.needed is not None and n not in self.needed and n.op != "output":
+        # placeholders always run: each takes the next argument, so skipping one would shift the rest
+        if self.needed is not None and n not in self.needed and n.op not in ("output", "placeholder"):
             return None
         if n.op == "output" and self.needed is not None:
             return None

@@ -101,7 +101,7 @@ def _in_layout_of(graph: fx.Graph, node: fx.Node, original: fx.Node) -> fx.Node:
 
 # Ops that only reshape or reindex: a `view` or `as_strided` past them still sees the output's layout.
 _SHAPE_OPS = {"reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice", "select", "split",
-              "split_with_sizes", "unbind", "alias", "t", "flatten", "contiguous", "getitem"}
+              "split_with_sizes", "unbind", "alias", "t", "flatten", "getitem"}
 _LAYOUT_OPS = {"view", "_unsafe_view", "as_strided"}
 
 

@@ -551,9 +551,9 @@ class _ScaledSinks(nn.Module):
     """softmax(s + mask) @ v · sigmoid(logsumexp(s + mask) − sink) (Granite SWA's sinks), or (`leak`) the scores
     also read outside the attention."""
 
-    def __init__(self, leak=False):
+    def __init__(self, leak=False, twice=False):
         super().__init__()
-        self.leak, self.sinks = leak, nn.Parameter(torch.randn(2))
+        self.leak, self.twice, self.sinks = leak, twice, nn.Parameter(torch.randn(2))
 
     def forward(self, q, k, v):
         T = q.shape[2]
@@ -563,6 +563,8 @@ class _ScaledSinks(nn.Module):
         if self.leak:
             return out + s.amax(-1, keepdim=True)
         scale = (torch.logsumexp(s, -1) - self.sinks.view(1, -1, 1)).float().sigmoid()
+        if self.twice:  # not a sink: the scale is no longer softmax's missing mass
+            scale = scale.sigmoid()
         return out * scale.unsqueeze(-1).to(out.dtype)
 
 
@@ -576,6 +578,7 @@ def test_sinks_as_an_output_scale_are_sinks():
     site.gm = gm
     assert torch.equal(site.constant("sinks"), model.sinks)
     assert short_op(site.output) == "mul" and list(site.output.users)[0].op == "output"
+    assert {"logsumexp", "sigmoid", "unsqueeze"} <= {short_op(n) for n in site.nodes}  # replaced with the site
     scores = (q @ k.transpose(-1, -2) * 0.5 + torch.full((6, 6), float("-inf")).triu(1))
     column = model.sinks.view(1, -1, 1, 1).expand(1, 2, 6, 1)
     want = torch.cat([scores, column], -1).softmax(-1)[..., :-1] @ v
@@ -583,14 +586,15 @@ def test_sinks_as_an_output_scale_are_sinks():
         assert torch.allclose(model(q, k, v), want, atol=1e-6)
 
 
-def test_scores_read_outside_the_attention_are_a_near_miss():
+@pytest.mark.parametrize("kind, reader", [("leak", "amax"), ("twice", "logsumexp")])
+def test_scores_read_outside_the_attention_are_a_near_miss(kind, reader):
     """A replaced site no longer computes its scores: a value read from them outside it would be left to a decode
-    step that sees one key. Such a softmax is no site."""
+    step that sees one key. Such a softmax is no site (a scale that is not a sink's reads them too)."""
     q = torch.randn(1, 2, 6, 4)
-    gm = torch.export.export(_ScaledSinks(leak=True), (q, q, q)).module()
+    gm = torch.export.export(_ScaledSinks(**{kind: True}), (q, q, q)).module()
     result = find_sites(gm, ["eager_softmax_attention"])
     assert not result.sites
-    assert "inside the attention is also read by amax" in result.near_misses[0].reason
+    assert f"inside the attention is also read by {reader}" in result.near_misses[0].reason
 
 
 def test_a_bias_under_a_softcap_is_no_mask():
@@ -618,3 +622,17 @@ def test_a_bias_under_a_softcap_is_no_mask():
         assert len(sites) == found, (cap, misses)
         if cap:
             assert "baddbmm bias inside a logit softcap" in misses[0].reason
+
+
+def test_recording_a_value_of_the_second_input_alone_binds_it_right():
+    """Only what the wanted node needs runs, but every input still takes its own argument: a mask made from the
+    positions alone (DeepSeek-V3.2's indexer) is evaluated on the positions, not on the token ids."""
+
+    class Two(nn.Module):
+        def forward(self, input_ids, position_ids):
+            return input_ids * (position_ids + 100)
+
+    ids, pos = torch.tensor([[7, 8, 9]]), torch.tensor([[0, 1, 2]])
+    gm = torch.export.export(Two(), (ids, pos)).module()
+    add = next(n for n in gm.graph.nodes if short_op(n) == "add")
+    assert torch.equal(record(gm, [add], ids, pos, only_needed=True)[add], pos + 100)
