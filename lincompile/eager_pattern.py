@@ -397,19 +397,22 @@ def _sink_logits(x):
     if shape(column) is None or _int(shape(column)[-1]) != 1:  # one column: the one the slice drops
         return None
     nodes.append(x)
-    sinks, heads_ = column, _int(shape(scores)[1])
-    for _ in range(6):  # back through expand / reshape / casts to one value per head
-        got = shape(sinks)
+    sinks = _per_head_logits(column, _int(shape(scores)[1]), nodes)
+    return None if sinks is None else (scores, sinks, nodes)
+
+
+def _per_head_logits(x, heads_, nodes):
+    """The [heads] value that x broadcasts (through expand / reshape / casts, appended to `nodes`), if it is
+    learned: computed from no input (a value from the tokens would not be the same at every decode step)."""
+    for _ in range(6):
+        got = shape(x)
         if got is not None and heads_ is not None and len(got) == 1 and _int(got[0]) == heads_:
-            # learned: computed from no input (a value from the tokens would not be the same at every decode step)
-            if any(a.op == "placeholder" for a in ancestors(sinks)):
-                return None
-            return scores, sinks, nodes
-        if not (is_op(sinks, *CASTS, "expand", "reshape", "view", "unsqueeze", "_unsafe_view")
-                and isinstance(sinks.args[0], fx.Node)):
-            break
-        nodes.append(sinks)
-        sinks = sinks.args[0]
+            return None if any(a.op == "placeholder" for a in ancestors(x)) else x
+        if not (is_op(x, *CASTS, "expand", "reshape", "view", "unsqueeze", "_unsafe_view")
+                and isinstance(x.args[0], fx.Node)):
+            return None
+        nodes.append(x)
+        x = x.args[0]
     return None
 
 
@@ -428,20 +431,9 @@ def _lse_sinks(scores, output):
     sub = users(lse)[0]
     if not (is_op(sub, "sub") and sub.args[0] is lse and isinstance(sub.args[1], fx.Node)):
         return None
-    nodes, sinks = [lse, sub], sub.args[1]
-    heads_ = _int((shape(scores) or (None, None))[1])
-    for _ in range(6):  # back through views and casts to one value per head, computed from no input
-        got = shape(sinks)
-        if got is not None and len(got) == 1 and heads_ is not None and _int(got[0]) == heads_:
-            break
-        if not (is_op(sinks, *CASTS, "view", "reshape", "unsqueeze", "_unsafe_view", "expand")
-                and isinstance(sinks.args[0], fx.Node)):
-            return None
-        nodes.append(sinks)
-        sinks = sinks.args[0]
-    else:
-        return None
-    if any(a.op == "placeholder" for a in ancestors(sinks)):
+    nodes = [lse, sub]
+    sinks = _per_head_logits(sub.args[1], _int((shape(scores) or (None, None))[1]), nodes)
+    if sinks is None:
         return None
     x = sub
     for _ in range(8):  # forward: casts → sigmoid → unsqueeze(-1) → casts → mul with the output
