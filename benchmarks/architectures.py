@@ -62,9 +62,13 @@ EXTRA = {
                 v_head_dim=16, num_key_value_heads=4, head_dim=8),
     "codegen": dict(rotary_dim=8),
     "gptj": dict(rotary_dim=8),
+    "xlm": dict(causal=True),  # XLM's causal-LM checkpoints (CLM); its default is the masked-LM one
+    # Gemma 3n's last layers reuse the keys and values of the last earlier layer of their kind: two of each kind
+    # (sliding, full, then the two sharing theirs), so that the sharing itself is swept.
+    "gemma3n_text": dict(keep_layers=[0, 4, 5, 9], num_hidden_layers=4, num_kv_shared_layers=2),
 }
 MLA = {"bailing_hybrid", "hy_v4", "deepseek_v2", "deepseek_v3", "deepseek_v32", "minicpm3", "axk1", "axk2",
-       "sarvam_mla", "glm_moe_dsa", "glm4_moe_lite", "longcat_flash", "kimi_linear", "youtu", "mimo_v2_flash"}
+       "sarvam_mla", "glm_moe_dsa", "glm4_moe_lite", "longcat_flash", "kimi_linear", "youtu"}
 T_FULL, T_PREFILL = 40, 17  # tokens: the full forward, and the first prefill before one-token decodes
 TOL = 1e-3  # on logits of ~1 (fp32): a difference above this is a wrong result, not rounding
 
@@ -74,7 +78,7 @@ def _shrink(cfg, extra: dict) -> None:
     from transformers import PretrainedConfig
 
     layers = getattr(cfg, "num_hidden_layers", None)
-    keep = _kept_layers(cfg, layers)
+    keep = extra.get("keep_layers") or _kept_layers(cfg, layers)
     # Gemma 4's per-layer settings are an object keyed by layer that does not shrink: keep its layers (narrow)
     fixed_layers = bool(cfg.to_dict().get("per_layer_config"))
     for key, value in {**TINY, **extra}.items():
@@ -95,8 +99,18 @@ def _shrink(cfg, extra: dict) -> None:
             _set(cfg, key, EXPERTS[key])
         elif key in SIZES and key not in extra and (value is None or type(value) is int):
             _set(cfg, key, SIZES[key])
+        elif key == "is_decoder" and value is False:
+            _set(cfg, key, True)  # encoder types' causal-LM classes (BertLMHeadModel …) ask for it
         elif isinstance(value, bool) or not isinstance(value, int):
             continue
+        elif key in ("pad_token_id", "bos_token_id", "eos_token_id") and value >= TINY["vocab_size"]:
+            _set(cfg, key, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key])  # a sub-config's own ids
+        elif key in TINY or key in extra:
+            continue
+        elif low.endswith("attention_heads"):  # encoder_/decoder_ (encoder-decoder families), swa_ (Inkling) …
+            _set(cfg, key, TINY["num_attention_heads"])
+        elif low.endswith("key_value_heads"):  # … and their kv heads, which must divide them
+            _set(cfg, key, TINY["num_key_value_heads"])
         elif "intermediate" in low or low.endswith("ffn_dim") or low in ("n_inner", "ffn_hidden_size"):
             _set(cfg, key, 32 if ("moe" in low or "expert" in low) else 128)
         elif key in ("decoder_layers", "encoder_layers") and value > TINY["num_hidden_layers"]:

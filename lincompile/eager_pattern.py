@@ -107,9 +107,11 @@ def _match_eager_at(softmax: fx.Node) -> Site:
         scale *= float(alpha)
     else:
         q, kt = x.args[0], x.args[1]
-    k = _untranspose(kt)
+    k, k_perm = _untranspose(kt), None
     if k is None:
-        raise _Miss("scores matmul's second operand is not a transposed key")
+        k_perm = _key_permute(kt)  # GPT-1 permutes [B, T, H, D] keys straight to [B, H, D, T]: k gets its own node
+        if k_perm is None or len(shape(x) or ()) != 4:
+            raise _Miss("scores matmul's second operand is not a transposed key")
     nodes.append(kt)
     # Scores over [batch·heads, T, S] (bmm on 3-D views): bind q, k, v and the output as [B, H, T, D].
     flat = len(shape(x) or ()) == 3
@@ -138,6 +140,8 @@ def _match_eager_at(softmax: fx.Node) -> Site:
             raise _Miss(f"mask {t.value.name} has no recorded value")
     # Everything matched: from here on nodes may be added (4-D views, the site's combined mask).
     graph = softmax.graph
+    if k_perm is not None:
+        k = emit(strip(kt), torch.ops.aten.permute.default, k_perm)
     if flat:
         q, k, v = (_unflatten_heads(t, num_heads) if len(shape(t)) == 3 else t for t in (q, k, v))
         if len(shape(output)) == 3:
@@ -261,6 +265,17 @@ def _walk_scores(x, depth: int = 0) -> _Scores:
             nodes.append(n)
             x = n.args[0]
             continue
+        rowmax = _rowmax_of(n.args[1], n.args[0]) if is_op(n, "sub") and len(n.args) == 2 else None
+        if rowmax is not None:  # scores − their row max (MiMo-V2-Flash): softmax does not see it
+            nodes.extend([n] + rowmax)
+            x = n.args[0]
+            continue
+        select = _arith_select(n)
+        if select is not None:
+            x, m, c, more = select
+            nodes.extend([n] + more)
+            terms.append(_Term("allow", m, c, n))
+            continue
         if is_op(n, "add") and len(n.args) == 2 and n.kwargs.get("alpha", 1) == 1 \
                 and all(isinstance(a, fx.Node) for a in n.args):
             a, b = n.args
@@ -272,10 +287,15 @@ def _walk_scores(x, depth: int = 0) -> _Scores:
             nodes.append(n)
             terms.append(_Term("add", m, 1.0, n))
             continue
-        if is_op(n, "masked_fill") and len(n.args) == 3 and isinstance(n.args[0], fx.Node) \
+        # masked_fill_ in place: its scores are read by nothing else (`_check_contained`), so it is masked_fill
+        if is_op(n, "masked_fill", "masked_fill_") and len(n.args) == 3 and isinstance(n.args[0], fx.Node) \
                 and isinstance(n.args[1], fx.Node) and _blocking(n.args[2]):
             nodes.append(n)
-            terms.append(_Term("block", n.args[1], const_value(n.args[2]), n))
+            cond = n.args[1]
+            if is_op(cond, "expand_as") and cond.args[1] is n.args[0]:  # XLM: the mask expanded to the scores' shape
+                nodes.append(cond)  # (masked_fill broadcasts it anyway; the site's mask must not read its scores)
+                cond = cond.args[0]
+            terms.append(_Term("block", cond, const_value(n.args[2]), n))
             x = n.args[0]
             continue
         if is_op(n, "where") and len(n.args) == 3 and isinstance(n.args[0], fx.Node):
@@ -296,6 +316,28 @@ def _walk_scores(x, depth: int = 0) -> _Scores:
     if not is_op(x, *MATMULS):
         raise _Miss(f"no matmul(q, kᵀ) before softmax (found {short_op(x) if isinstance(x, fx.Node) else x})")
     return _Scores(x, scale, softcap, scale_node, nodes, terms[::-1])
+
+
+def _arith_select(n):
+    """scores · m + c · (1 − m) with c blocking (GPT-1): `where(m, scores, c)` for a 0/1 mask m, written in
+    arithmetic. Returns (scores, m, c, [the nodes of the arithmetic]) or None. m is taken for a 0/1 mask, the
+    idiom's one use; with other values the identity spec's logits would differ from the original's, and verify
+    refuses that."""
+    if not (is_op(n, "add") and len(n.args) == 2 and n.kwargs.get("alpha", 1) == 1):
+        return None
+    for kept, blocked in (n.args, n.args[::-1]):
+        if not (is_op(kept, "mul") and is_op(blocked, "mul") and len(kept.args) == 2 and len(blocked.args) == 2):
+            continue
+        for inv, c in (blocked.args, blocked.args[::-1]):
+            if not _blocking(c):
+                continue
+            m = (inv.args[0] if is_op(inv, "rsub") and len(inv.args) == 2 and const_value(inv.args[1]) == 1.0 else
+                 inv.args[1] if is_op(inv, "sub") and len(inv.args) == 2 and const_value(inv.args[0]) == 1.0 else None)
+            if isinstance(m, fx.Node) and m in kept.args:
+                scores = kept.args[1] if kept.args[0] is m else kept.args[0]
+                if isinstance(scores, fx.Node) and scores is not m:
+                    return scores, m, const_value(c), [kept, blocked, inv]
+    return None
 
 
 def _try_walk(x, depth: int):
@@ -550,3 +592,12 @@ def _untranspose(kt):
     if is_op(kt, "t"):
         return kt.args[0]
     return None
+
+
+def _key_permute(kt):
+    """(source, permutation) that gives the keys [B, H, S, D] where kt is one permute of another layout, or None."""
+    kt = strip(kt)
+    if not is_op(kt, "permute") or len(kt.args[1]) != 4:
+        return None
+    perm = [int(p) % 4 for p in kt.args[1]]
+    return kt.args[0], perm[:2] + [perm[3], perm[2]]

@@ -150,6 +150,7 @@ def save(converted, path, overwrite: bool = False) -> Path:
         if generation is not None:
             generation.save_pretrained(str(tmp))
         meta = {"format_version": FORMAT_VERSION, "model": converted.report.get("model"),
+                "architecture": converted.report.get("architecture"),
                 "attn_implementation": converted.spec.capture.attn_implementation,
                 "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else "float32",
                 "aliases": aliases, "versions": versions}
@@ -218,6 +219,16 @@ def read_outdir(path):
     return root, meta, spec, config
 
 
+def architecture(root: Path, meta: dict) -> str | None:
+    """The converted model's transformers class (lincompile.json; report.json in outputs written before it)."""
+    if meta.get("architecture"):
+        return meta["architecture"]
+    try:
+        return json.loads((Path(root) / "report.json").read_text(encoding="utf-8")).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_weights(gm, root: Path, meta: dict, device: str = "cpu") -> None:
     """Load OUT/model.safetensors into a rebuilt graph module (aliases restored, every tensor must fit)."""
     state = load_tensors(root / "model.safetensors", "convert (and heal) the model again, or restore the file", device)
@@ -247,7 +258,8 @@ def load(path, allow_code: bool = False, device: str = "cpu"):
     from .pipeline import ConvertedModel, convert
 
     root, meta, spec, config = read_outdir(path)
-    model = build_from_config(config, dtype=meta.get("dtype", "float32"), attn_implementation=meta["attn_implementation"])
+    model = build_from_config(config, dtype=meta.get("dtype", "float32"),
+                              attn_implementation=meta["attn_implementation"], architecture=architecture(root, meta))
     # Rebuilt on the target device: tensors the graph creates itself (positions, masks) are placed at capture.
     rebuilt = convert(model.to(device), spec, allow_code=allow_code, source=meta.get("model"), verify=False)
     gm = rebuilt.graph_module

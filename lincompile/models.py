@@ -179,19 +179,39 @@ def _drop_gguf_quantization(model, dtype, attn_implementation):
     return fresh
 
 
-def build_from_config(config, dtype="float32", attn_implementation: str = "sdpa"):
-    """A randomly initialised model of the same architecture (weights are loaded afterwards)."""
-    import torch
+def build_from_config(config, dtype="float32", attn_implementation: str = "sdpa", architecture: str | None = None):
+    """A randomly initialised model of the same architecture (weights are loaded afterwards). `architecture`: the
+    class the model was (`report.json`'s), for configs AutoModelForCausalLM does not map (the text config of
+    Emu3's or Mllama's causal LM)."""
     from transformers import AutoModelForCausalLM
 
+    def build(attn):
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype), attn_implementation=attn)
+        except ValueError as err:
+            cls = _model_class(config, architecture)
+            if "Unrecognized configuration class" not in str(err) or cls is None:
+                raise
+            return cls._from_config(config, dtype=resolve_dtype(dtype), attn_implementation=attn)
+
     try:
-        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype),
-                                                 attn_implementation=attn_implementation)
+        model = build(attn_implementation)
     except ValueError as err:
         if attn_implementation == "eager" or "does not support an attention implementation" not in str(err):
             raise
-        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype), attn_implementation="eager")
+        model = build("eager")
     return model.eval()
+
+
+def _model_class(config, architecture):
+    """The transformers class named `architecture` (or in the config's `architectures`) that takes this config."""
+    import transformers
+
+    for name in [architecture] + list(getattr(config, "architectures", None) or []):
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(cls, type) and isinstance(config, getattr(cls, "config_class", None) or ()):
+            return cls
+    return None
 
 
 def _first_line(err: BaseException) -> str:

@@ -74,7 +74,8 @@ class Runtime(nn.Module):
         source = converted.graph_module
         param = next(iter(source.parameters()))
         skeleton = build_from_config(converted.config, dtype=param.dtype,
-                                     attn_implementation=converted.spec.capture.attn_implementation).to(param.device)
+                                     attn_implementation=converted.spec.capture.attn_implementation,
+                                     architecture=(converted.report or {}).get("architecture")).to(param.device)
         gm = _positions_graph(skeleton, converted.spec, converted.allow_code)
         del skeleton
         _share_tensors(gm, source)
@@ -353,8 +354,78 @@ def _substitute(captured, spec, allow_code):
         # export's shape guards were written for length ≥ 2; the runtime also runs length 1.
         if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
             captured.gm.graph.erase_node(node)
+    align_positions(captured.model, captured.gm)
     captured.gm.recompile()
     return captured.gm
+
+
+def align_positions(model, gm) -> int:
+    """Make the positions graph take the runtime's positions (0 for the first token) where the model numbers them
+    otherwise, and return the shift added (0: none). RoBERTa and its kin number the tokens from padding_idx + 1
+    when they are given no position_ids, and use position_ids as they are otherwise: the runtime's own positions
+    then read other rows of the position table and every logit differed (0.6 on a tiny model). So the model is run
+    on a probe without positions and with 0, 1, 2 …, the indices its position tables are looked up with are
+    compared, and their difference, if it is one constant, is added to the position_ids input. Models without a
+    learned position table (RoPE: only differences of positions count) are left alone and cost nothing."""
+    from .passes.capture import probe_ids
+
+    tables = _position_tables(gm)
+    if not tables:
+        return 0
+    from .graph import ROOT
+
+    try:  # the graph's names are the model's under the capture wrapper's ROOT
+        weights = {id(model.get_parameter(target.removeprefix(ROOT + "."))) for _, target, _ in tables}
+    except AttributeError:  # a table that is no parameter of the model as it is named in the graph
+        return 0
+    cfg = text_config(model.config)
+    device = next(model.parameters()).device
+    ids = probe_ids(cfg.vocab_size, 2, 12, device, seed=1)
+    pad = getattr(cfg, "pad_token_id", None)
+    if isinstance(pad, int):  # the model's own numbering skips pads (RoBERTa): none in the probe
+        ids[ids == pad] = (pad + 1) % cfg.vocab_size
+    numbered = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    seen = []
+    for kwargs in ({}, {"position_ids": numbered}):  # as the capture's two wrappers call it
+        with torch.no_grad(), _Lookups(weights) as lookups:
+            model(input_ids=ids, use_cache=False, **kwargs,
+                  **({"attention_mask": torch.ones_like(ids)} if kwargs else {}))
+        seen.append(lookups.indices)
+    if len(seen[0]) != len(seen[1]) or not seen[0]:
+        return 0
+    try:  # (GPT-2 numbers one row [1, T] for the whole batch)
+        shifts = {int(v) for own, given in zip(*seen) for v in (own - given).unique()}
+    except RuntimeError:  # shapes that do not broadcast: something else than one table lookup per token
+        shifts = set()
+    if len(shifts) != 1:
+        raise LincompileError(f"{type(model).__name__} numbers its positions itself in a way the runtime cannot "
+                              f"feed (its position tables are read at shifts {sorted(shifts)[:4]} from 0, 1, 2 …): "
+                              "it cannot be generated from or exported")
+    shift = shifts.pop()
+    if shift:
+        placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "position_ids")
+        with gm.graph.inserting_after(placeholder):
+            shifted = gm.graph.call_function(torch.ops.aten.add.Tensor, (placeholder, shift))
+        placeholder.replace_all_uses_with(shifted, delete_user_cb=lambda u: u is not shifted)
+        if "val" in placeholder.meta:
+            shifted.meta["val"] = placeholder.meta["val"]
+    return shift
+
+
+class _Lookups(torch.overrides.TorchFunctionMode):
+    """Records the indices of every embedding lookup into the given weights (by identity)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights, self.indices = weights, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.embedding:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if id(weight) in self.weights:
+                self.indices.append(args[0].detach().clone())
+        return func(*args, **kwargs)
 
 
 def _sites(gm, device) -> list[ls.OpSite]:
@@ -401,6 +472,13 @@ def _share_tensors(gm, source) -> None:
         table[leaf] = t
 
 
+# Ops that keep a tensor made from position_ids a position (shifted, cast, reshaped); anything else (a gather of
+# other values at the positions) makes it something else.
+POSITION_OPS = {"add", "sub", "to", "_to_copy", "type_as", "view", "reshape", "_unsafe_view", "unsqueeze",
+                "squeeze", "expand", "expand_as", "slice", "select", "clone", "contiguous", "alias", "detach",
+                "flatten", "lift_fresh_copy"}
+
+
 def position_limit(gm, config) -> int | None:
     """The positions a model can take, where something in it really stops there: learned position embeddings
     (GPT-2's wpe), a table indexed by position. State is no limit (constant for linear operators, a growing
@@ -408,28 +486,49 @@ def position_limit(gm, config) -> int | None:
     worse past its training length), so their config's max_position_embeddings is not applied; nor is the
     spec's capture.max_seq_len, the longest length traced (the runtime's programs drop the shape guards).
 
-    The table is found in the graph: an embedding lookup whose indices come from the position_ids input. Its
-    limit is the config's max_position_embeddings (OPT's table has 2 extra rows for an offset), else its rows.
+    The table is found in the graph (`_position_tables`). Its limit is its rows less the constant added to the
+    positions before the lookup (OPT's 2, RoBERTa's padding_idx + 1: see `align_positions`), and at most the
+    config's max_position_embeddings.
     """
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "position_ids"]
-    if not placeholders:
+    tables = _position_tables(gm)
+    if not tables:
         return None
-    from_positions, rows = set(placeholders), []
-    for node in gm.graph.nodes:  # topological order: a node's inputs come before it
-        if node in from_positions:
-            continue
-        if any(a in from_positions for a in node.all_input_nodes):
-            from_positions.add(node)
-            if node.op != "call_function" or str(node.target) != "aten.embedding.default":
-                continue
-            weight, indices = node.args[:2]
-            if indices in from_positions and isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-                owner, _, leaf = weight.target.rpartition(".")
-                rows.append(int(getattr(gm.get_submodule(owner), leaf).shape[0]))
-    if not rows:
-        return None
+    limits = []
+    for _, target, shift in tables:
+        owner, _, leaf = target.rpartition(".")
+        limits.append(int(getattr(gm.get_submodule(owner), leaf).shape[0]) - shift)
     configured = getattr(text_config(config), "max_position_embeddings", None)
-    return min(rows + ([configured] if isinstance(configured, int) and configured > 0 else []))
+    return min(limits + ([configured] if isinstance(configured, int) and configured > 0 else []))
+
+
+def _position_tables(gm) -> list[tuple]:
+    """[(embedding node, its weight's name, the constant added to the positions before it)]: embedding lookups
+    indexed by the position_ids input itself, shifted, cast or reshaped. (BERT's token-type table is looked up with
+    values gathered at the positions: it has two rows, but no position limit.)"""
+    from .graph import short_op
+    from .walk import const_value
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "position_ids"]
+    shifts, tables = {p: 0 for p in placeholders}, []  # node made from the positions -> constant added so far
+    for node in gm.graph.nodes:  # topological order: a node's inputs come before it
+        if node in shifts or node.op != "call_function":
+            continue
+        source = next((a for a in node.all_input_nodes if a in shifts), None)
+        if source is None:
+            continue
+        op = short_op(node)
+        if str(node.target) == "aten.embedding.default":
+            weight, indices = node.args[:2]
+            if indices in shifts and isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                tables.append((node, weight.target, shifts[indices]))
+        elif op in POSITION_OPS:
+            shift = shifts[source]
+            if op in ("add", "sub") and len(node.all_input_nodes) == 1 and len(node.args) >= 2:
+                c = const_value(node.args[1])
+                shift = shift + int(c) if op == "add" and c is not None and c == int(c) else shift
+                shift = shift - int(c) if op == "sub" and c is not None and c == int(c) else shift
+            shifts[node] = shift
+    return tables
 
 
 def next_token(logits, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -467,14 +566,15 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def load(path, allow_code: bool = False, device: str = "cpu", check: bool = True) -> Runtime:
     """The runtime of a `lincompile apply` output directory, without the original model or network; `check`: refuse
     a model that cannot run from a state (see `Runtime.check_continuation`)."""
-    from .emit import load_tokenizer, load_weights, read_outdir
+    from .emit import architecture, load_tokenizer, load_weights, read_outdir
     from .models import build_from_config
 
     root, meta, spec, config = read_outdir(path)
     for rule in spec.rules:
         if ":" in rule.op and not allow_code:
             raise UsageError(f'{root}: op "{rule.op}" is user Python code: pass --allow-code to load it')
-    model = build_from_config(config, dtype=meta.get("dtype", "float32"), attn_implementation=meta["attn_implementation"])
+    model = build_from_config(config, dtype=meta.get("dtype", "float32"),
+                              attn_implementation=meta["attn_implementation"], architecture=architecture(root, meta))
     gm = _positions_graph(model.to(device), spec, allow_code)  # captured where it will run (see emit.load)
     load_weights(gm, root, meta, device)
     tokenizer, generation = load_tokenizer(root), None

@@ -234,6 +234,12 @@ def _sweep():
     ("deepseek_v32", "converts and decodes"),  # its sparse-attention indexer reads the positions into the mask
     ("granite_swa", "converts and decodes"),  # sinks as an output scale: sigmoid(logsumexp(scores) − sink)
     ("gemma3", "converts and decodes"),  # multimodal: vocabulary and position limit in its text config
+    ("gemma3n_text", "converts and decodes"),  # its last layers attend with an earlier layer's keys and values
+    ("openai-gpt", "converts and decodes"),  # scores·b − 1e4·(1 − b), keys permuted straight to [B, H, D, T]
+    ("xlm", "converts and decodes"),  # an in-place masked_fill_ with the mask expanded to the scores' shape
+    ("mimo_v2_flash", "converts and decodes"),  # its full-attention layers subtract each row's max before softmax
+    ("roberta", "converts and decodes"),  # numbers its positions from padding_idx + 1 unless given them
+    ("mllama", "converts and decodes"),  # a text config AutoModelForCausalLM does not map: rebuilt from its class
     ("bart", "converts; runtime refuses"),  # positions made inside the model: generate would be wrong
     ("qwen3_next", "capture refused"),  # its gated delta rule loops over 64-token chunks: a guard on the length
 ])

@@ -636,3 +636,65 @@ def test_recording_a_value_of_the_second_input_alone_binds_it_right():
     gm = torch.export.export(Two(), (ids, pos)).module()
     add = next(n for n in gm.graph.nodes if short_op(n) == "add")
     assert torch.equal(record(gm, [add], ids, pos, only_needed=True)[add], pos + 100)
+
+
+class _OldStyleMasks(nn.Module):
+    """Masks as GPT-1 and XLM write them: `scores·b + c·(1 − b)` on keys permuted straight to [B, H, D, T]
+    (`kind` "arith"), or an in-place masked_fill_ with the mask expanded to the scores' shape ("inplace").
+    `c` is the blocked value: not blocking, the arithmetic is no mask."""
+
+    def __init__(self, kind, c=-1e4):
+        super().__init__()
+        self.kind, self.c = kind, c
+        self.register_buffer("b", torch.ones(8, 8).tril().view(1, 1, 8, 8))
+
+    def forward(self, q, k, v):  # [B, T, H, D]
+        T = q.shape[1]
+        q, v = q.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        if self.kind == "arith":
+            w = torch.matmul(q, k.permute(0, 2, 3, 1)) / 2.0
+            b = self.b[:, :, :T, :T]
+            w = w * b + self.c * (1 - b)
+        elif self.kind == "inplace":
+            w = torch.matmul(q, k.permute(0, 2, 1, 3).transpose(2, 3)) / 2.0
+            blocked = (self.b[0, 0, :T, :T] == 0).view(1, 1, T, T).expand_as(w)
+            w.masked_fill_(blocked, torch.finfo(w.dtype).min)
+        else:  # "rowmax": MiMo-V2-Flash subtracts each row's max itself
+            w = torch.matmul(q, k.permute(0, 2, 1, 3).transpose(2, 3)) / 2.0
+            w = w.masked_fill(self.b[0, 0, :T, :T] == 0, float("-inf"))
+            w = w - w.max(dim=-1, keepdim=True).values
+        return torch.matmul(w.softmax(-1), v)
+
+
+@pytest.mark.parametrize("kind", ["arith", "inplace", "rowmax"])
+def test_masks_written_the_old_way_bind_causal(kind):
+    """GPT-1's arithmetic select, XLM's in-place fill, MiMo-V2-Flash's own max subtraction: one site each, q, k, v
+    bound as [B, H, T, D], a
+    boolean causal mask, and softmax(q kᵀ/2 + mask)·v from those bindings equals the module (end to end, decodes
+    included: test_architectures). The site keeps none of the scores' nodes outside it."""
+    model = _OldStyleMasks(kind)
+    q, k, v = (torch.randn(2, 6, 3, 4) for _ in range(3))
+    gm = torch.export.export(model, (q, k, v)).module()
+    result = find_sites(gm, ["eager_softmax_attention"])
+    assert len(result.sites) == 1, result.near_misses
+    site = result.sites[0]
+    b = site.bindings
+    got = record(gm, [b["q"], b["k"], b["v"], b["mask"]], q, k, v)
+    mask = got[b["mask"]]
+    assert mask.dtype == torch.bool and classify_mask(mask.expand(2, 3, 6, 6), False) == ("causal", None)
+    assert got[b["k"]].shape == (2, 3, 6, 4) and torch.equal(got[b["k"]], k.permute(0, 2, 1, 3))
+    want = torch.nn.functional.scaled_dot_product_attention(got[b["q"]], got[b["k"]], got[b["v"]], attn_mask=mask,
+                                                            scale=site.attrs["scale"])
+    with torch.no_grad():
+        assert torch.allclose(model(q, k, v), want, atol=1e-6)
+    assert site.attrs["scale"] == 0.5
+    inside = {short_op(n) for n in site.nodes}
+    replaced = {"arith": {"rsub", "mul"}, "inplace": {"masked_fill_", "expand_as"}, "rowmax": {"sub", "max"}}
+    assert replaced[kind] <= inside
+
+
+def test_arithmetic_with_a_value_that_does_not_block_is_no_mask():
+    q = torch.randn(1, 6, 2, 4)
+    gm = torch.export.export(_OldStyleMasks("arith", c=-5.0), (q, q, q)).module()
+    result = find_sites(gm, ["eager_softmax_attention"])
+    assert not result.sites and "neither side leads to matmul" in result.near_misses[0].reason

@@ -23,6 +23,7 @@ import lincompile
 from lincompile import runtime
 from lincompile.cli import main
 from lincompile.errors import UsageError
+from lincompile.graph import short_op
 from lincompile.kernels import registry
 from lincompile.kernels.base import Operator
 from lincompile.passes import lift_state
@@ -205,6 +206,87 @@ def test_generation_stops_at_the_position_limit(gpt2, runtimes):
     _, state = gpt2.prefill(ids_of(1, 512))
     with pytest.raises(UsageError, match="position 512 is past"):
         gpt2.decode(ids_of(1, 1), state=state)
+
+
+def test_a_table_read_at_gathered_values_is_no_position_limit():
+    """BERT as a decoder looks up its two-row token-type table with values gathered at the positions: its limit is
+    the position table's 512 rows, not 2 (it was 2: every decode past the second token was refused)."""
+    import transformers as tf
+
+    cfg = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512, is_decoder=True)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    rt = runtime_of(lincompile.convert(model, make_spec(spec_text("softmax"))))
+    assert rt.position_limit == 512
+    ids = ids_of(1, 12)
+    _, state = rt.prefill(ids[:, :6])
+    step, _ = rt.decode(ids[:, 6:7], state=state)
+    with torch.no_grad():
+        assert torch.allclose(step[:, 0], model(ids[:, :7]).logits[:, 6], atol=1e-4)
+
+
+def test_positions_numbered_from_the_padding_index_are_aligned():
+    """RoBERTa numbers its tokens from padding_idx + 1 when given no positions and takes position_ids as they are:
+    the runtime's positions are shifted by 2 in its graph, so its logits are the converted model's (they were
+    0.6 off), and the limit is the table's rows less the shift."""
+    import transformers as tf
+
+    cfg = tf.RobertaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=40, is_decoder=True, pad_token_id=1)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    converted = lincompile.convert(model, make_spec(spec_text("liger_attention", extra="    params: {window: 4}\n")))
+    rt = runtime_of(converted)  # checks its logits against the converted model's
+    assert rt.position_limit == 38
+    positions = next(n for n in rt.graph_module.graph.nodes if n.target == "position_ids")
+    assert [short_op(u) for u in positions.users] == ["add"]
+    ids = ids_of(2, 12)
+    ids[ids == 1] = 5
+    _, state = rt.prefill(ids[:, :7])
+    step, _ = rt.decode(ids[:, 7:8], state=state)
+    with torch.no_grad():
+        assert torch.allclose(step[:, 0], converted(ids[:, :8])[:, 7], atol=1e-4)
+    with pytest.raises(UsageError, match="past the model's limit of 38 positions"):
+        rt.prefill(ids_of(1, 39))
+
+
+class _Numbered(nn.Module):
+    """A causal LM whose position table is read at `numbering(t)` when given no positions."""
+
+    def __init__(self, numbering):
+        super().__init__()
+        self.numbering = numbering
+        self.config = types.SimpleNamespace(vocab_size=16, pad_token_id=None)
+        self.tok, self.pos, self.head = nn.Embedding(16, 8), nn.Embedding(30, 8), nn.Linear(8, 16)
+
+    def forward(self, input_ids, position_ids=None, use_cache=False, attention_mask=None):
+        if position_ids is None:
+            position_ids = self.numbering(torch.arange(input_ids.shape[1]))[None].expand_as(input_ids)
+        return types.SimpleNamespace(logits=self.head(self.tok(input_ids) + self.pos(position_ids)))
+
+
+@pytest.mark.parametrize("numbering, shift", [(lambda t: t, 0), (lambda t: t + 3, 3), (lambda t: 2 * t, None)])
+def test_position_numbering_is_shifted_or_refused(numbering, shift):
+    """A constant shift between the model's own numbering and 0, 1, 2 … is added to the positions input, and the
+    limit loses it; any other numbering cannot be fed from a state and is refused in one line."""
+    from lincompile.errors import LincompileError
+
+    from lincompile.passes.capture import PositionsWrapper
+
+    model = _Numbered(numbering)
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    gm = torch.export.export(PositionsWrapper(model), example).module()
+    if shift is None:
+        with pytest.raises(LincompileError, match=r"numbers its positions itself .*shifts \[0, 1, 2"):
+            runtime.align_positions(model, gm)
+        return
+    assert runtime.align_positions(model, gm) == shift
+    gm.recompile()
+    assert runtime.position_limit(gm, model.config) == 30 - shift
+    ids = torch.tensor([[3, 1, 4, 1]])  # the length exported
+    with torch.no_grad():
+        assert torch.equal(gm(ids, torch.arange(4)[None]), model(ids).logits)
 
 
 def test_kept_sliding_layers_decode_with_their_window():
