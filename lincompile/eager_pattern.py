@@ -392,7 +392,9 @@ def _build_mask(graph, softmax, terms, num_heads):
                 low = torch.finfo(val(value).dtype).min
                 kind, mask = "add", emit(softmax, aten.where.ScalarOther, (mask, value, low))
             continue
-        # block / allow: a boolean condition
+        # block / allow: a boolean condition (GPT-1's 0/1 float mask is one where it is not 0)
+        if val(value) is not None and val(value).dtype != torch.bool:
+            value = emit(softmax, aten.ne.Scalar, (value, 0))
         if kind == "add":
             if t.kind == "block":
                 mask = emit(softmax, aten.where.ScalarSelf, (value, t.factor, mask))
@@ -400,8 +402,6 @@ def _build_mask(graph, softmax, terms, num_heads):
                 mask = emit(softmax, aten.where.ScalarOther, (value, mask, t.factor))
             continue
         allow = value if t.kind == "allow" else emit(softmax, aten.logical_not.default, (value,))
-        if val(allow) is not None and val(allow).dtype != torch.bool:
-            allow = emit(softmax, aten.ne.Scalar, (allow, 0))
         kind, mask = "bool", allow if mask is None else emit(softmax, aten.logical_and.default, (mask, allow))
     return mask
 

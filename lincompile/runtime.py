@@ -127,9 +127,7 @@ class Runtime(nn.Module):
 
     def check_against(self, converted, tolerance: float | None = None) -> float:
         """Max abs logit difference to `converted` on a probe; raise if the graphs are not the same model."""
-        from .passes.capture import probe_ids
-
-        ids = probe_ids(text_config(self.config).vocab_size, 2, 12, self.device)
+        ids = runtime_probe(self.config, 12, self.device)
         with torch.no_grad():
             want, got = converted(ids).float(), self(ids).logits.float()
         diff = float((want - got).abs().max())
@@ -144,9 +142,9 @@ class Runtime(nn.Module):
         step and a second prefill from the state; raise if they are not the same model. Positions are inputs and
         each operator carries its state, so only something else mixing tokens (a recurrent, convolutional or
         state-space layer that is not an attention site, or positions the model makes itself) can tell them apart."""
-        from .passes.capture import exact_matmul, probe_ids
+        from .passes.capture import exact_matmul
 
-        ids = probe_ids(text_config(self.config).vocab_size, 2, 12, self.device)
+        ids = runtime_probe(self.config, 12, self.device)
         with torch.no_grad(), exact_matmul():  # TF32 noise is not what this looks for
             want = self.prefill(ids)[0].float()
             first, state = self.prefill(ids[:, :5])
@@ -359,6 +357,19 @@ def _substitute(captured, spec, allow_code):
     return captured.gm
 
 
+def runtime_probe(config, length: int, device="cpu") -> torch.Tensor:
+    """[2, length] token ids for the runtime's checks, without the pad id: RoBERTa's own numbering skips pads
+    (unmasked ones too) and the runtime's does not, so a pad in a probe would tell them apart for no fault."""
+    from .passes.capture import probe_ids
+
+    cfg = text_config(config)
+    ids = probe_ids(cfg.vocab_size, 2, length, device)
+    pad = getattr(cfg, "pad_token_id", None)
+    if isinstance(pad, int) and 0 <= pad < cfg.vocab_size:
+        ids[ids == pad] = (pad + 1) % cfg.vocab_size
+    return ids
+
+
 def align_positions(model, gm) -> int:
     """Make the positions graph take the runtime's positions (0 for the first token) where the model numbers them
     otherwise, and return the shift added (0: none). RoBERTa and its kin number the tokens from padding_idx + 1
@@ -367,8 +378,6 @@ def align_positions(model, gm) -> int:
     on a probe without positions and with 0, 1, 2 …, the indices its position tables are looked up with are
     compared, and their difference, if it is one constant, is added to the position_ids input. Models without a
     learned position table (RoPE: only differences of positions count) are left alone and cost nothing."""
-    from .passes.capture import probe_ids
-
     tables = _position_tables(gm)
     if not tables:
         return 0
@@ -378,12 +387,9 @@ def align_positions(model, gm) -> int:
         weights = {id(model.get_parameter(target.removeprefix(ROOT + "."))) for _, target, _ in tables}
     except AttributeError:  # a table that is no parameter of the model as it is named in the graph
         return 0
-    cfg = text_config(model.config)
     device = next(model.parameters()).device
-    ids = probe_ids(cfg.vocab_size, 2, 12, device, seed=1)
-    pad = getattr(cfg, "pad_token_id", None)
-    if isinstance(pad, int):  # the model's own numbering skips pads (RoBERTa): none in the probe
-        ids[ids == pad] = (pad + 1) % cfg.vocab_size
+    rows = min(int(model.get_parameter(target.removeprefix(ROOT + ".")).shape[0]) for _, target, _ in tables)
+    ids = runtime_probe(model.config, max(2, min(12, rows // 2)), device)  # within the table, shifted or not
     numbered = torch.arange(ids.shape[1], device=device).expand_as(ids)
     seen = []
     for kwargs in ({}, {"position_ids": numbered}):  # as the capture's two wrappers call it
@@ -472,11 +478,8 @@ def _share_tensors(gm, source) -> None:
         table[leaf] = t
 
 
-# Ops that keep a tensor made from position_ids a position (shifted, cast, reshaped); anything else (a gather of
-# other values at the positions) makes it something else.
-POSITION_OPS = {"add", "sub", "to", "_to_copy", "type_as", "view", "reshape", "_unsafe_view", "unsqueeze",
-                "squeeze", "expand", "expand_as", "slice", "select", "clone", "contiguous", "alias", "detach",
-                "flatten", "lift_fresh_copy"}
+# Ops that read other values at the positions (positions as their index): what they give is no longer positions.
+INDEXING_OPS = {"gather", "index", "index_select", "take", "take_along_dim", "embedding"}
 
 
 def position_limit(gm, config) -> int | None:
@@ -503,8 +506,9 @@ def position_limit(gm, config) -> int | None:
 
 def _position_tables(gm) -> list[tuple]:
     """[(embedding node, its weight's name, the constant added to the positions before it)]: embedding lookups
-    indexed by the position_ids input itself, shifted, cast or reshaped. (BERT's token-type table is looked up with
-    values gathered at the positions: it has two rows, but no position limit.)"""
+    indexed by what is made from the position_ids input, but not by values read from another tensor at the
+    positions (BERT's token-type table is looked up with values gathered at the positions: it has two rows, but
+    no position limit)."""
     from .graph import short_op
     from .walk import const_value
 
@@ -521,8 +525,8 @@ def _position_tables(gm) -> list[tuple]:
             weight, indices = node.args[:2]
             if indices in shifts and isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
                 tables.append((node, weight.target, shifts[indices]))
-        elif op in POSITION_OPS:
-            shift = shifts[source]
+        elif op not in INDEXING_OPS or (node.args and node.args[0] in shifts):  # (positions indexed: positions)
+            shift = shifts[node.args[0] if node.args and node.args[0] in shifts else source]
             if op in ("add", "sub") and len(node.all_input_nodes) == 1 and len(node.args) >= 2:
                 c = const_value(node.args[1])
                 shift = shift + int(c) if op == "add" and c is not None and c == int(c) else shift

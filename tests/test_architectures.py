@@ -260,6 +260,31 @@ def test_sweep_types_convert_and_decode_or_refuse(model_type, outcome):
         assert got["failed"] == "runtime" and "cannot be run from a state" in got["error"]
 
 
+def test_configs_auto_does_not_map_are_rebuilt_from_their_class(tmp_path):
+    """Mllama's causal LM has a text config that AutoModelForCausalLM does not map: rebuilding it (lincompile.load,
+    the runtime) takes the class named in lincompile.json (or report.json, in outputs written before that), and
+    only a class that takes that config."""
+    import json
+
+    import transformers as tf
+
+    from lincompile.emit import architecture
+    from lincompile.models import build_from_config
+
+    cfg = tf.MllamaTextConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, intermediate_size=64, cross_attention_layers=[], pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2)
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        build_from_config(cfg)
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        build_from_config(cfg, architecture="LlamaForCausalLM")  # a class for another config
+    assert type(build_from_config(cfg, architecture="MllamaForCausalLM")).__name__ == "MllamaForCausalLM"
+    assert architecture(tmp_path, {"architecture": "MllamaForCausalLM"}) == "MllamaForCausalLM"
+    assert architecture(tmp_path, {}) is None
+    (tmp_path / "report.json").write_text(json.dumps({"architecture": "MllamaForCausalLM"}))
+    assert architecture(tmp_path, {}) == "MllamaForCausalLM"
+
+
 def test_runtime_refuses_a_model_whose_tokens_mix_outside_attention(tmp_path):
     """BART's decoder makes its positions from the length, not from position_ids: prefill is right, a decode step
     is not. Loading OUT for generation says so in one line; the converted model itself is right."""

@@ -651,8 +651,10 @@ class _OldStyleMasks(nn.Module):
     def forward(self, q, k, v):  # [B, T, H, D]
         T = q.shape[1]
         q, v = q.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
-        if self.kind == "arith":
+        if self.kind in ("arith", "bias, arith"):
             w = torch.matmul(q, k.permute(0, 2, 3, 1)) / 2.0
+            if self.kind == "bias, arith":  # an additive bias first: the 0/1 mask then selects from a sum
+                w = w + torch.arange(T, dtype=w.dtype) * 0.1
             b = self.b[:, :, :T, :T]
             w = w * b + self.c * (1 - b)
         elif self.kind == "inplace":
@@ -666,7 +668,7 @@ class _OldStyleMasks(nn.Module):
         return torch.matmul(w.softmax(-1), v)
 
 
-@pytest.mark.parametrize("kind", ["arith", "inplace", "rowmax"])
+@pytest.mark.parametrize("kind", ["arith", "bias, arith", "inplace", "rowmax"])
 def test_masks_written_the_old_way_bind_causal(kind):
     """GPT-1's arithmetic select, XLM's in-place fill, MiMo-V2-Flash's own max subtraction: one site each, q, k, v
     bound as [B, H, T, D], a
@@ -681,7 +683,10 @@ def test_masks_written_the_old_way_bind_causal(kind):
     b = site.bindings
     got = record(gm, [b["q"], b["k"], b["v"], b["mask"]], q, k, v)
     mask = got[b["mask"]]
-    assert mask.dtype == torch.bool and classify_mask(mask.expand(2, 3, 6, 6), False) == ("causal", None)
+    if kind == "bias, arith":  # additive: the bias where the 0/1 mask keeps, blocked elsewhere
+        assert classify_mask(mask.expand(2, 3, 6, 6), False) == ("custom", None)
+    else:
+        assert mask.dtype == torch.bool and classify_mask(mask.expand(2, 3, 6, 6), False) == ("causal", None)
     assert got[b["k"]].shape == (2, 3, 6, 4) and torch.equal(got[b["k"]], k.permute(0, 2, 1, 3))
     want = torch.nn.functional.scaled_dot_product_attention(got[b["q"]], got[b["k"]], got[b["v"]], attn_mask=mask,
                                                             scale=site.attrs["scale"])
@@ -689,7 +694,7 @@ def test_masks_written_the_old_way_bind_causal(kind):
         assert torch.allclose(model(q, k, v), want, atol=1e-6)
     assert site.attrs["scale"] == 0.5
     inside = {short_op(n) for n in site.nodes}
-    replaced = {"arith": {"rsub", "mul"}, "inplace": {"masked_fill_", "expand_as"}, "rowmax": {"sub", "max"}}
+    replaced = {"arith": {"rsub", "mul"}, "bias, arith": {"rsub", "mul", "add"}, "inplace": {"masked_fill_", "expand_as"}, "rowmax": {"sub", "max"}}
     assert replaced[kind] <= inside
 
 
