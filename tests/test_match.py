@@ -694,7 +694,8 @@ def test_masks_written_the_old_way_bind_causal(kind):
         assert torch.allclose(model(q, k, v), want, atol=1e-6)
     assert site.attrs["scale"] == 0.5
     inside = {short_op(n) for n in site.nodes}
-    replaced = {"arith": {"rsub", "mul"}, "bias, arith": {"rsub", "mul", "add"}, "inplace": {"masked_fill_", "expand_as"}, "rowmax": {"sub", "max"}}
+    replaced = {"arith": {"rsub", "mul"}, "bias, arith": {"rsub", "mul", "add"},
+                "inplace": {"masked_fill_", "expand_as"}, "rowmax": {"sub", "max"}}
     assert replaced[kind] <= inside
 
 
