@@ -376,8 +376,10 @@ def align_positions(model, gm) -> int:
     when they are given no position_ids, and use position_ids as they are otherwise: the runtime's own positions
     then read other rows of the position table and every logit differed (0.6 on a tiny model). So the model is run
     on a probe without positions and with 0, 1, 2 …, the indices its position tables are looked up with are
-    compared, and their difference, if it is one constant, is added to the position_ids input. Models without a
-    learned position table (RoPE: only differences of positions count) are left alone and cost nothing."""
+    compared, and their difference, if it is one constant, is added to the position_ids input; any other
+    difference is refused. Lookups it cannot watch (a table read other than by `F.embedding`) leave the graph as it
+    is. Models without a learned position table (RoPE: only differences of positions count) are left alone and
+    cost nothing."""
     tables = _position_tables(gm)
     if not tables:
         return 0
