@@ -386,11 +386,11 @@ def align_positions(model, gm) -> int:
     from .graph import ROOT
 
     try:  # the graph's names are the model's under the capture wrapper's ROOT
-        weights = {id(model.get_parameter(target.removeprefix(ROOT + "."))) for _, target, _ in tables}
+        params = [model.get_parameter(target.removeprefix(ROOT + ".")) for _, target, _ in tables]
     except AttributeError:  # a table that is no parameter of the model as it is named in the graph
         return 0
+    weights, rows = {id(p) for p in params}, min(int(p.shape[0]) for p in params)
     device = next(model.parameters()).device
-    rows = min(int(model.get_parameter(target.removeprefix(ROOT + ".")).shape[0]) for _, target, _ in tables)
     ids = runtime_probe(model.config, max(2, min(12, rows // 2)), device)  # within the table, shifted or not
     numbered = torch.arange(ids.shape[1], device=device).expand_as(ids)
     seen = []
